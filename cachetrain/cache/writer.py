@@ -1,0 +1,170 @@
+"""The caching pass: run a frozen stage over a whole split and write its outputs to a zarr store.
+
+The forward pass runs in the calling thread; a background thread owns the store and writes whole
+chunk groups as they arrive, so compression and I/O overlap the next batch's compute. Each chunk has
+exactly one writer and is written exactly once, in full (partial-chunk writes would make zarr read,
+modify and rewrite it). The forward batch is one "group" of whole chunks, always aligned at the same
+sample offsets, so a resumed pass recomputes a missing group bit-identically.
+"""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from cachetrain.cache.manifest import DTYPES, CacheState, Layout, StoreInfo, store_state
+from cachetrain.device import autocast
+from cachetrain.faults import fault_point
+
+Batches = Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # (start, batch_size) -> batches
+
+
+class BackgroundWriter:
+    """A thread that writes (start, array) blocks into a zarr array. `put` blocks when `depth` blocks are
+    pending (bounding memory) and re-raises the thread's error, if any, in the caller's thread."""
+
+    def __init__(self, array: zarr.Array, depth: int = 3):
+        self._array = array
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                start, block = item
+                try:
+                    self._array[start:start + len(block)] = block
+                    fault_point("cache_chunk", str(self._array.store_path))
+                except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                    self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, start: int, block: np.ndarray) -> None:
+        self._raise()
+        self._queue.put((start, block))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+
+
+def _create(path: Path, info: StoreInfo, labels: np.ndarray) -> zarr.Group:
+    if path.exists():
+        shutil.rmtree(path)
+    group = zarr.open_group(str(path), mode="w", attributes={**info.to_attrs(), "complete": False})
+    codecs = [ZstdCodec(level=info.level)] if info.codec == "zstd" else []
+    group.create_array(
+        "features", shape=(info.num_samples, *info.sample_shape), chunks=(info.chunk_samples, *info.sample_shape),
+        dtype=DTYPES[info.dtype][0], fill_value=0, compressors=[*codecs, Crc32cCodec()],
+        # a chunk file must exist for every written chunk, even an all-zero one: file presence is progress
+        config={"write_empty_chunks": True})
+    group.create_array("labels", data=labels.astype(np.int64), chunks=(len(labels),), compressors=[Crc32cCodec()])
+    return group
+
+
+def missing_chunks(path: Path, info: StoreInfo) -> list[int]:
+    array = zarr.open_array(str(path / "features"), mode="r")
+    return [c for c in range(info.num_chunks)
+            if not (path / "features" / array.metadata.encode_chunk_key((c, 0, 0, 0))).exists()]
+
+
+def to_storage(y: torch.Tensor, dtype: str) -> np.ndarray:
+    y = y.to(DTYPES[dtype][1])
+    if dtype == "bfloat16":
+        y = y.view(torch.int16)
+    return y.cpu().numpy().view(DTYPES[dtype][0])
+
+
+def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn.Module, batches: Batches,
+                layout: Layout, device: torch.device, amp: bool = False,
+                on_progress: Callable[[int], None] = lambda n: None) -> int:
+    """Bring the store at `path` to COMPLETE for `info`, computing only the missing chunk groups.
+    `batches(start, size)` must yield the stage's inputs in sample order from `start`. Returns the
+    number of samples computed (0 when the store was already complete)."""
+    state, _ = store_state(path, info.fingerprint)
+    if state is CacheState.COMPLETE:
+        return 0
+    if state is CacheState.WRITING and _layout_matches(path, info):
+        group = zarr.open_group(str(path), mode="r+")
+        if not _labels_match(group, labels):
+            group["labels"][:] = labels.astype(np.int64)
+    else:
+        group = _create(path, info, labels)
+    missing = set(missing_chunks(path, info))
+    group_size = layout.group_chunks * info.chunk_samples
+    todo = [g for g in range(-(-info.num_samples // group_size))
+            if any(c in missing for c in range(g * layout.group_chunks, (g + 1) * layout.group_chunks))]
+
+    stage.eval()
+    writer = BackgroundWriter(group["features"])
+    computed = 0
+    try:
+        with torch.no_grad(), autocast(device, amp):
+            for run_start, run_len in _runs(todo):
+                start, stop = run_start * group_size, min(info.num_samples, (run_start + run_len) * group_size)
+                pending: list[np.ndarray] = []  # outputs of the group being assembled
+                pending_start = start
+                for x, _ in batches(start, layout.forward_batch):
+                    pending.append(to_storage(stage(x), info.dtype))
+                    computed += len(x)
+                    on_progress(len(x))
+                    done = pending_start + sum(len(p) for p in pending)
+                    if done - pending_start == group_size or done == stop:
+                        block = pending[0] if len(pending) == 1 else np.concatenate(pending)
+                        _put_missing(writer, block, pending_start, info.chunk_samples, missing)
+                        pending, pending_start = [], done
+                    if done == stop:
+                        break
+    finally:
+        writer.close()
+    fault_point("cache_finish")
+    group.attrs["complete"] = True  # only now: every chunk file above exists in full
+    return computed
+
+
+def _put_missing(writer: BackgroundWriter, block: np.ndarray, start: int, chunk_samples: int,
+                 missing: set[int]) -> None:
+    """Hand the writer the chunks of `block` that are missing; chunks already on disk are left untouched,
+    so a resumed or repaired store rewrites only what it lacked."""
+    first = start // chunk_samples
+    for c in range(first, first + -(-len(block) // chunk_samples)):
+        if c in missing:
+            lo = (c - first) * chunk_samples
+            writer.put(c * chunk_samples, block[lo:lo + chunk_samples])
+
+
+def _labels_match(group: zarr.Group, labels: np.ndarray) -> bool:
+    try:
+        return bool(np.array_equal(group["labels"][:], labels))
+    except Exception:  # noqa: BLE001 - unreadable (corrupt) labels get rewritten
+        return False
+
+
+def _layout_matches(path: Path, info: StoreInfo) -> bool:
+    _, found = store_state(path, None)
+    return found == info
+
+
+def _runs(groups: list[int]) -> Iterator[tuple[int, int]]:
+    """Consecutive runs of group indices, as (first, length): each run is one pass of the input."""
+    i = 0
+    while i < len(groups):
+        j = i
+        while j + 1 < len(groups) and groups[j + 1] == groups[j] + 1:
+            j += 1
+        yield groups[i], j - i + 1
+        i = j + 1

@@ -1,0 +1,148 @@
+"""`cachetrain` command line: a thin layer over cachetrain.greedy.
+
+Every command takes `--config FILE` (YAML; see configs/) and any number of `--set section.key=value`
+overrides. Errors the user can fix are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from cachetrain.cache import CacheError
+from cachetrain.config import ConfigError, load_config, save_config
+from cachetrain.data import DataError
+from cachetrain.greedy import Greedy, StageError
+from cachetrain.report import status_table
+from cachetrain.rundir import CheckpointError, RunLocked
+
+USER_ERRORS = (ConfigError, DataError, CacheError, StageError, CheckpointError, RunLocked)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cachetrain", description="Greedy layerwise CNN training on cached features.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=help)
+        c.add_argument("--config", help="YAML config (configs/*.yaml)")
+        c.add_argument("--run", help="run directory (default: the config's run_dir, else runs/<config name>)")
+        c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.epochs=3 (repeatable)")
+        return c
+
+    command("train", "train all J stages greedily (train, then cache, each), skipping finished ones")
+    stage = command("stage", "train one stage: by default the first unfinished one, on the cache of the one before")
+    stage.add_argument("--k", type=int, help="auxiliary depth for this stage (default: model.k)")
+    stage.add_argument("--j", type=int, help="train this stage (from scratch if it was already trained)")
+    stage.add_argument("--no-cache", action="store_true", help="do not cache the stage's outputs afterwards")
+    cache = command("cache", "(re)build the cache of a trained stage; only missing chunks are computed")
+    cache.add_argument("--j", type=int, required=True)
+    cache.add_argument("--repair", action="store_true",
+                       help="verify every chunk first and recompute only the corrupt or missing ones")
+    verify = command("verify", "read every chunk of every cache store; exit status 1 if any is corrupt or missing")
+    verify.add_argument("--j", type=int, help="only this stage's stores")
+    command("status", "show each stage: trained epochs, k, accuracy, cache state, size on disk")
+    command("eval", "test accuracy of the assembled network on the raw test images")
+    return p
+
+
+def _config(args: argparse.Namespace):
+    path = args.config
+    if path is None and args.run:
+        path = Path(args.run) / "config.yaml"  # a run directory remembers its resolved config
+    if path is None:
+        raise ConfigError("--config: required (or --run DIR of an existing run)")
+    overrides = list(args.set) + ([f"run_dir={args.run}"] if args.run else [])
+    return load_config(path, overrides), str(args.config or path)
+
+
+def main(argv: list[str] | None = None, console: Console | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # not a terminal (CI logs, pipes): a fixed wide console, so tables do not wrap at 80 columns
+    console = console or Console(width=None if sys.stdout.isatty() else 120, soft_wrap=True)
+    greedy = None
+    try:
+        cfg, config_arg = _config(args)
+        greedy = Greedy(cfg, console, config_arg)
+        if args.command == "status":
+            console.print(status_table(greedy.status(), title=f"{cfg.run_path}"))
+            console.print(f"next: {greedy.next_action()}")
+            return 0
+        if args.command == "verify":
+            return _verify(greedy, args.j, console)
+        greedy.run.lock()
+        save_config(cfg, greedy.run.path / "config.yaml")
+        if args.command == "train":
+            rows = greedy.train_all()
+            console.print(status_table(rows, title=f"{cfg.run_path}: per-stage test accuracy"))
+        elif args.command == "stage":
+            j = args.j if args.j is not None else greedy.next_stage()
+            if j is None:
+                console.print(f"all {greedy.depth} stages are trained; retrain one with --j J")
+                return 0
+            if not 0 <= j < greedy.depth:
+                raise ConfigError(f"--j {j}: expected a stage index in [0, {greedy.depth - 1}]")
+            greedy.train_stage(j, k=args.k, restart=args.j is not None and greedy.stage_state(j) == "trained")
+            if j < greedy.depth - 1 and not args.no_cache:
+                greedy.cache_stage(j)
+            console.print(status_table(greedy.status(), title=f"{cfg.run_path}"))
+        elif args.command == "cache":
+            if not 0 <= args.j < greedy.depth:
+                raise ConfigError(f"--j {args.j}: expected a stage index in [0, {greedy.depth - 1}]")
+            computed = greedy.cache_stage(args.j, repair=args.repair)
+            console.print(f"stage {args.j} cache: computed {computed['train']} train and {computed['test']} test samples")
+        elif args.command == "eval":
+            r = greedy.evaluate_network()
+            table = Table(title=f"{cfg.run_path}: assembled network, stages 0..{r['stages'] - 1}")
+            table.add_column("path")
+            table.add_column("test acc", justify="right")
+            table.add_row("raw test images", f"{100 * r['test_acc']:.2f}%")
+            if r["agreement"] is not None:
+                table.add_row("cached features (last stage)", f"{100 * r['cached_test_acc']:.2f}%")
+                table.add_row("prediction agreement", f"{100 * r['agreement']:.2f}%")
+            console.print(table)
+        return 0
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"error: disk full while writing {e.filename or 'the run directory'}: free some space and rerun the same "
+              f"command; finished checkpoints and cache chunks are kept, nothing half-written is marked complete",
+              file=sys.stderr)
+        return 2
+    finally:
+        if greedy is not None:
+            greedy.run.unlock()
+
+
+def _verify(greedy: Greedy, j: int | None, console: Console) -> int:
+    stages = [j] if j is not None else list(range(greedy.depth))
+    bad = 0
+    for (stage, split), problems in greedy.verify(stages).items():
+        if problems is None:
+            continue
+        for p in problems:
+            console.print(str(p), markup=False, highlight=False)
+        bad += len(problems)
+        if not problems:
+            console.print(f"stage {stage} {split}: every chunk verified", highlight=False)
+    if bad:
+        console.print(f"{bad} corrupt or missing chunks; fix with: cachetrain cache --config {greedy.config_arg} "
+                      f"--j J --repair", markup=False, highlight=False)
+    return 1 if bad else 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,270 @@
+"""Typed run configuration: YAML file -> frozen dataclasses, with `--set key=value` overrides.
+
+Every section is a frozen dataclass whose field types are the schema. `load_config` walks the YAML
+against those types, so an unknown key, a wrong type or an out-of-range value fails at load time
+with one line that names the file, the dotted key and what was expected; nothing downstream ever
+sees an invalid config. The resolved config (file + overrides) is saved into the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased as one line for the user."""
+
+
+def _check(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {got!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # fmnist: torchvision FashionMNIST from the Debian package; imagefolder: <root>/{train,val}/<class>/*;
+    # synthetic: seeded random images with a class-dependent pattern (learnable, for tests and benchmarks).
+    name: Literal["fmnist", "imagefolder", "synthetic"] = "fmnist"
+    root: str | None = None  # None: $CACHETRAIN_DATA, else the dataset's default location
+    train_subset: int = 0  # first N training samples (0 = all); a stratified-enough prefix for tests
+    test_subset: int = 0
+    # stage-0 augmentation on the images (training split only; caching always uses the plain images)
+    crop_padding: int = 2  # random crop with this zero padding (0 = no crop)
+    flip: bool = True
+    image_size: int = 224  # imagefolder: crop size
+    # synthetic data
+    shape: list[int] = field(default_factory=lambda: [3, 32, 32])  # (C, H, W)
+    num_classes: int = 10
+    synthetic_train: int = 2048
+    synthetic_test: int = 512
+
+    def __post_init__(self) -> None:
+        _check(self.train_subset >= 0, "data.train_subset", "an integer >= 0", self.train_subset)
+        _check(self.test_subset >= 0, "data.test_subset", "an integer >= 0", self.test_subset)
+        _check(self.crop_padding >= 0, "data.crop_padding", "an integer >= 0", self.crop_padding)
+        _check(len(self.shape) == 3 and min(self.shape) >= 1, "data.shape", "[C, H, W] of positive integers", self.shape)
+        _check(self.num_classes >= 2, "data.num_classes", "an integer >= 2", self.num_classes)
+        _check(self.synthetic_train >= 1, "data.synthetic_train", "an integer >= 1", self.synthetic_train)
+        _check(self.synthetic_test >= 1, "data.synthetic_test", "an integer >= 1", self.synthetic_test)
+        _check(self.image_size >= 8, "data.image_size", "an integer >= 8", self.image_size)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Literal["layercnn", "vgg", "resnet"] = "layercnn"
+    stages: int = 4  # J
+    width: int = 64  # layercnn: width of stage 0; vgg/resnet: base width (64 in the published nets)
+    k: int = 2  # default auxiliary depth; `cachetrain stage --k` overrides it per stage
+    aux: Literal["conv", "sr"] = "conv"  # conv: Belilovsky's head; sr: DGL-style, reduce space first
+    aux_width: int = 0  # 0: the stage's output width
+    # layercnn only
+    downsample: list[int] = field(default_factory=list)  # stages that start with space-to-depth
+    input_psi: bool = False  # space-to-depth the input image (Belilovsky's ImageNet layout)
+    bn: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.stages >= 1, "model.stages", "an integer >= 1", self.stages)
+        _check(self.width >= 1, "model.width", "an integer >= 1", self.width)
+        _check(1 <= self.k <= 8, "model.k", "an integer in [1, 8]", self.k)
+        _check(self.aux_width >= 0, "model.aux_width", "an integer >= 0", self.aux_width)
+        bad = [j for j in self.downsample if not 0 <= j < self.stages] if self.arch == "layercnn" else []
+        _check(not bad, "model.downsample", f"stage indices in [0, {self.stages - 1}]", self.downsample)
+        # vgg: VGG-11's five pooling-delimited groups; resnet: stem + four residual groups
+        if self.arch in ("vgg", "resnet"):
+            _check(self.stages <= 5, "model.stages", f"an integer in [1, 5] for arch {self.arch}", self.stages)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 2  # per stage
+    batch_size: int = 128
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    step_epochs: int = 15  # step schedule: multiply lr by gamma every step_epochs
+    gamma: float = 0.2
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True  # bf16 autocast, CUDA only
+    channels_last: bool = True  # CUDA only
+    checkpoint_steps: int = 0  # also checkpoint every N optimizer steps within an epoch (0: per epoch only)
+    # feature-space augmentation for stages j > 0, applied per batch on the device (off by default)
+    feature_crop_padding: int = 0
+    feature_flip: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", "an integer >= 1", self.epochs)
+        _check(self.batch_size >= 1, "train.batch_size", "an integer >= 1", self.batch_size)
+        _check(self.lr > 0, "train.lr", "a number > 0", self.lr)
+        _check(0 <= self.momentum < 1, "train.momentum", "a number in [0, 1)", self.momentum)
+        _check(self.weight_decay >= 0, "train.weight_decay", "a number >= 0", self.weight_decay)
+        _check(self.step_epochs >= 1, "train.step_epochs", "an integer >= 1", self.step_epochs)
+        _check(0 < self.gamma <= 1, "train.gamma", "a number in (0, 1]", self.gamma)
+        _check(self.checkpoint_steps >= 0, "train.checkpoint_steps", "an integer >= 0", self.checkpoint_steps)
+        _check(self.feature_crop_padding >= 0, "train.feature_crop_padding", "an integer >= 0",
+               self.feature_crop_padding)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    codec: Literal["zstd", "none"] = "zstd"
+    level: int = 3  # zstd level (3 measured best size/speed for fp16 ReLU maps here)
+    chunk_mib: float = 4.0  # target chunk size; a chunk always holds a whole number of samples
+    batch_size: int = 256  # forward batch of the caching pass, rounded to whole chunks
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.level <= 22, "cache.level", "an integer in [1, 22]", self.level)
+        _check(0.0625 <= self.chunk_mib <= 64, "cache.chunk_mib", "a number in [0.0625, 64]", self.chunk_mib)
+        _check(self.batch_size >= 1, "cache.batch_size", "an integer >= 1", self.batch_size)
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    order: Literal["quasi_random", "random", "sequential"] = "quasi_random"
+    window_chunks: int = 4  # quasi_random: samples are shuffled within this many consecutive chunks
+    workers: int = 1  # processes decoding chunks in the background (0: read in the training process)
+    prefetch_chunks: int = 4  # chunks each worker reads ahead
+
+    def __post_init__(self) -> None:
+        _check(self.window_chunks >= 1, "loader.window_chunks", "an integer >= 1", self.window_chunks)
+        _check(self.workers >= 0, "loader.workers", "an integer >= 0", self.workers)
+        _check(self.prefetch_chunks >= 1, "loader.prefetch_chunks", "an integer >= 1", self.prefetch_chunks)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "run"
+    run_dir: str = ""  # "" -> runs/<name>
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> Config:
+        try:
+            return _build(cls, raw, prefix="")
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Return `value` as type `tp` or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, "a mapping of settings", value)
+        return _build(tp, value, prefix=key + ".")
+    if origin is Literal:
+        _check(value in typing.get_args(tp), key, _type_name(tp), value)
+        return value
+    if origin in (types.UnionType, typing.Union):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        _check(isinstance(value, list), key, _type_name(tp), value)
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        _check(value is None, key, "null", value)
+        return None
+    if tp is bool:
+        _check(isinstance(value, bool), key, "true/false", value)
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, "a string", value)
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this module, not user input
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown key; expected one of {', '.join(names)}")
+    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        # __post_init__ checks name keys relative to the section; they already carry the section name
+        raise ConfigError(str(e)) from None
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `section.key=value` override in place; the value is parsed as YAML (`3`, `true`, `[1, 2]`)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. train.epochs=3")
+    dotted, text = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(text)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    raw: dict[str, Any] = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        raw = loaded or {}
+        raw.setdefault("name", Path(path).stem)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    if overrides:
+        source += " with --set " + " ".join(overrides)
+    return Config.from_dict(raw, source=source)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,140 @@
+"""Stage-0 inputs: the image datasets (Fashion-MNIST, any ImageFolder tree, synthetic).
+
+Each dataset is an `ImageSource`, the same interface the cache loader offers to later stages:
+`train_batches(epoch)` yields augmented, shuffled batches (a pure function of (seed, epoch)) and
+`eval_batches(split)` yields plain batches in sample order, which is what the caching pass reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cachetrain.augment import batch_rng, crop_flip
+from cachetrain.config import DataConfig
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # x (B, C, H, W) float on the device, y (B,) int64
+DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"
+SPLITS = ("train", "test")
+
+
+class DataError(RuntimeError):
+    """Missing or malformed dataset, phrased as one line for the user."""
+
+
+def fingerprint(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_root(cfg: DataConfig) -> Path:
+    return Path(cfg.root or os.environ.get("CACHETRAIN_DATA") or Path.home() / ".cache" / "cachetrain")
+
+
+class TensorImages:
+    """An in-memory uint8 image dataset (Fashion-MNIST, synthetic): batches are gathered, normalised and
+    augmented on the device, with no per-sample Python work."""
+
+    def __init__(self, name: str, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+                 mean: float, std: float, num_classes: int, cfg: DataConfig, seed: int, device: torch.device):
+        self._x = {"train": train[0], "test": test[0]}  # (N, C, H, W) uint8
+        self._y = {"train": train[1].long(), "test": test[1].long()}
+        self.mean, self.std = mean, std
+        self.num_classes = num_classes
+        self.sample_shape = tuple(train[0].shape[1:])
+        self.padding, self.flip = cfg.crop_padding, cfg.flip
+        self.seed, self.device = seed, device
+        # what determines the plain (unaugmented) images the caching pass sees
+        self.fingerprint = fingerprint({"dataset": name, "n": [len(train[1]), len(test[1])], "shape": self.sample_shape,
+                                        "mean": mean, "std": std, "subset": [cfg.train_subset, cfg.test_subset]})
+
+    def num_samples(self, split: str) -> int:
+        return len(self._y[split])
+
+    def labels(self, split: str) -> np.ndarray:
+        return self._y[split].numpy()
+
+    def _batch(self, split: str, idx: torch.Tensor) -> Batch:
+        x = self._x[split][idx].to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)
+        return x, self._y[split][idx].to(self.device, non_blocking=True)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return -(-self.num_samples("train") // batch_size)
+
+    def train_batches(self, epoch: int, batch_size: int, start_batch: int = 0) -> Iterator[Batch]:
+        order = torch.from_numpy(np.random.default_rng([self.seed, epoch]).permutation(self.num_samples("train")))
+        for b in range(start_batch, self.steps_per_epoch(batch_size)):
+            x, y = self._batch("train", order[b * batch_size:(b + 1) * batch_size])
+            yield crop_flip(x, self.padding, self.flip, batch_rng(self.seed, epoch, b)), y
+
+    def eval_batches(self, split: str, batch_size: int, start: int = 0) -> Iterator[Batch]:
+        for i in range(start, self.num_samples(split), batch_size):
+            yield self._batch(split, torch.arange(i, min(i + batch_size, self.num_samples(split))))
+
+
+def _subset(x: torch.Tensor, y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (x[:n], y[:n]) if n else (x, y)
+
+
+def load_fmnist(cfg: DataConfig, seed: int, device: torch.device) -> TensorImages:
+    from torchvision.datasets import FashionMNIST
+    from torchvision.datasets.utils import extract_archive
+
+    root = data_root(cfg)
+    raw = root / "FashionMNIST" / "raw"
+    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    for name in names:
+        if (raw / name).exists():
+            continue
+        gz = next((d / f"{name}.gz" for d in (raw, DEBIAN_FMNIST) if (d / f"{name}.gz").exists()), None)
+        if gz is None:
+            raise DataError(f"Fashion-MNIST file {name}.gz not found in {raw} or {DEBIAN_FMNIST}; "
+                            f"install it with: {FMNIST_INSTALL}")
+        raw.mkdir(parents=True, exist_ok=True)
+        # unpack into a side folder, then rename: an interrupted unpack is never taken for the dataset
+        tmp = raw / ".unpacking"
+        tmp.mkdir(exist_ok=True)
+        extract_archive(str(gz), str(tmp))
+        (tmp / name).rename(raw / name)
+    splits = []
+    for train in (True, False):
+        ds = FashionMNIST(str(root), train=train, download=False)
+        x, y = ds.data.unsqueeze(1), ds.targets  # (N, 1, 28, 28) uint8
+        splits.append(_subset(x, y, cfg.train_subset if train else cfg.test_subset))
+    return TensorImages("fmnist", splits[0], splits[1], mean=0.2860, std=0.3530, num_classes=10,
+                        cfg=cfg, seed=seed, device=device)
+
+
+def make_synthetic(cfg: DataConfig, seed: int, device: torch.device) -> TensorImages:
+    """Noisy images around one smooth random template per class: learnable, so tests can check accuracy.
+    The data depend only on the data config (not the training seed)."""
+    c, h, w = cfg.shape
+    g = torch.Generator().manual_seed(1234)
+    coarse = torch.randn(cfg.num_classes, c, max(1, h // 8), max(1, w // 8), generator=g)
+    templates = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+
+    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, cfg.num_classes, (n,), generator=g)
+        x = 128 + 40 * templates[y] + 50 * torch.randn(n, c, h, w, generator=g)
+        return x.clamp_(0, 255).to(torch.uint8), y
+
+    train, test = split(cfg.synthetic_train), split(cfg.synthetic_test)
+    return TensorImages("synthetic", _subset(*train, cfg.train_subset), _subset(*test, cfg.test_subset),
+                        mean=0.5, std=0.25, num_classes=cfg.num_classes, cfg=cfg, seed=seed, device=device)
+
+
+def open_dataset(cfg: DataConfig, seed: int, device: torch.device, workers: int = 1):
+    if cfg.name == "fmnist":
+        return load_fmnist(cfg, seed, device)
+    if cfg.name == "synthetic":
+        return make_synthetic(cfg, seed, device)
+    if cfg.name == "imagefolder":
+        from cachetrain.folder import FolderImages
+        return FolderImages(cfg, seed, device, workers)
+    raise DataError(f"data.name: unknown dataset {cfg.name!r}; expected fmnist, imagefolder or synthetic")

@@ -1,0 +1,20 @@
+"""Device choice and mixed precision, in one place for the trainer and the caching pass."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device: 'cuda' requested but torch sees no CUDA device; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA when asked; on the CPU, plain fp32 (deterministic, and what the tests pin)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()

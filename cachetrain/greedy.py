@@ -1,0 +1,354 @@
+"""The greedy loop over stages: train stage j on its input, cache its outputs, move on to j+1.
+
+Data flows one way: dataset -> stage 0 -> cache 0 -> loader -> stage 1 -> cache 1 -> ... Stage j's
+input is the images for j = 0 and stage j-1's complete cache otherwise; the frozen stages before it
+are never run while it trains.
+
+Freshness is derived from fingerprints, never stored: stage j is up to date when its checkpoint
+records the fingerprint of the input it would read now (the dataset's, or the output fingerprint
+of stage j-1's finished checkpoint). Retraining a stage therefore makes its cache and every later
+stage stale without touching their files.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+from rich.console import Console
+import zarr
+from torch import nn
+
+from cachetrain.cache import (CacheError, CacheReader, CacheState, StoreInfo, disk_bytes, output_fingerprint,
+                              plan_layout, store_state, weights_hash, write_store)
+from cachetrain.cache.verify import ChunkProblem, verify_store
+from cachetrain.cache.writer import missing_chunks
+from cachetrain.config import Config
+from cachetrain.data import SPLITS, open_dataset
+from cachetrain.device import resolve_device
+from cachetrain.faults import fault_point
+from cachetrain.loader import CacheSource
+from cachetrain.models import Network, build_network, make_head, stage_seed
+from cachetrain.report import StageProgress
+from cachetrain.rundir import RunDir
+from cachetrain.trainer import EpochStats, StageModel, evaluate, make_optimizer, make_scheduler, predict, train_one_epoch
+
+
+class StageError(RuntimeError):
+    """A stage that cannot be trained or cached yet, with the command that fixes it."""
+
+
+@dataclass
+class StageStatus:
+    j: int
+    state: str  # untrained | partial | trained | stale
+    k: int | None
+    epochs_done: int
+    batch: int  # batches done in the epoch after epochs_done (a mid-epoch checkpoint)
+    epochs: int
+    train_acc: float | None
+    test_acc: float | None
+    cache: CacheState | None  # None: the last stage, whose outputs nothing reads
+    cache_bytes: int
+    raw_bytes: int
+    chunks_missing: int = 0  # over both splits, when the cache is being written
+
+
+class Greedy:
+    def __init__(self, cfg: Config, console: Console | None = None, config_path: str = "C"):
+        self.cfg = cfg
+        self.run = RunDir(cfg.run_path)
+        self.device = resolve_device(cfg.train.device)
+        self.console = console or Console()
+        self.config_arg = config_path  # how the user named the config, for the commands we suggest
+        self._ckpts: dict[int, dict | None] = {}
+
+    @cached_property
+    def data(self):
+        return open_dataset(self.cfg.data, stage_seed(self.cfg.train.seed, 0), self.device, self.cfg.loader.workers)
+
+    @cached_property
+    def net(self) -> Network:
+        return build_network(self.cfg.model, self.data.sample_shape, self.cfg.train.seed)
+
+    @property
+    def depth(self) -> int:
+        return self.cfg.model.stages
+
+    def command(self, verb: str, j: int | None = None) -> str:
+        return f"cachetrain {verb} --config {self.config_arg}" + (f" --j {j}" if j is not None else "")
+
+    # -- what is done --------------------------------------------------------------------------
+    def checkpoint(self, j: int) -> dict | None:
+        if j not in self._ckpts:
+            self._ckpts[j] = self.run.load_checkpoint(j, warn=lambda msg: self.console.print(f"warning: {msg}",
+                                                                                            markup=False))
+        return self._ckpts[j]
+
+    def input_fingerprint(self, j: int) -> str | None:
+        """What stage j's input is now: the dataset for j = 0, else stage j-1's outputs (None when stage
+        j-1 is not trained and up to date, so nothing downstream can be either)."""
+        if j == 0:
+            return self.data.fingerprint
+        return self.output_fingerprint(j - 1)
+
+    def output_fingerprint(self, j: int) -> str | None:
+        if self.stage_state(j) != "trained":
+            return None
+        ck = self.checkpoint(j)
+        return output_fingerprint(j, ck["weights_hash"], ck["input_fingerprint"], self.cfg.cache.dtype)
+
+    def stage_state(self, j: int) -> str:
+        ck = self.checkpoint(j)
+        if ck is None:
+            return "untrained"
+        if ck["input_fingerprint"] != self.input_fingerprint(j):
+            return "stale"
+        return "trained" if ck["epoch"] >= ck["epochs"] else "partial"
+
+    def next_stage(self) -> int | None:
+        return next((j for j in range(self.depth) if self.stage_state(j) != "trained"), None)
+
+    def status(self) -> list[StageStatus]:
+        rows = []
+        for j in range(self.depth):
+            ck = self.checkpoint(j)
+            metrics = self.run.read_metrics(j)
+            cache, size, raw, missing = None, 0, 0, 0
+            if j < self.depth - 1 or self.run.store_path(j, "train").exists():
+                cache, infos = self.cache_state(j)
+                size = sum(disk_bytes(self.run.store_path(j, s)) for s in SPLITS)
+                raw = sum(info.num_samples * info.sample_bytes for info in infos.values() if info)
+                if cache is CacheState.WRITING:
+                    missing = sum(len(missing_chunks(self.run.store_path(j, s), info)) if info else 0
+                                  for s, info in infos.items())
+            rows.append(StageStatus(
+                j=j, state=self.stage_state(j), k=ck["k"] if ck else None, epochs_done=ck["epoch"] if ck else 0,
+                batch=ck.get("batch", 0) if ck else 0, epochs=ck["epochs"] if ck else self.cfg.train.epochs,
+                train_acc=metrics[-1]["train_acc"] if metrics else None,
+                test_acc=metrics[-1]["test_acc"] if metrics else None, cache=cache, cache_bytes=size, raw_bytes=raw,
+                chunks_missing=missing))
+        return rows
+
+    def cache_state(self, j: int) -> tuple[CacheState, dict[str, StoreInfo | None]]:
+        """One state for stage j's two stores, judged against stage j's current checkpoint."""
+        fp = self.output_fingerprint(j)
+        found = {s: store_state(self.run.store_path(j, s), fp) for s in SPLITS}
+        states = [st for st, _ in found.values()]
+        infos = {s: info for s, (_, info) in found.items()}
+        if fp is None:  # stage j is not trained: whatever is on disk came from an older stage j
+            return (CacheState.ABSENT if all(st is CacheState.ABSENT for st in states) else CacheState.STALE), infos
+        if CacheState.STALE in states:
+            return CacheState.STALE, infos
+        if all(st is states[0] for st in states):
+            return states[0], infos
+        return CacheState.WRITING, infos
+
+    def next_action(self) -> str:
+        """What `cachetrain train` would do now, in words."""
+        for row in self.status():
+            j = row.j
+            if row.state == "partial":
+                return f"train resumes stage {j} at epoch {row.epochs_done + 1}, batch {row.batch}"
+            if row.state == "stale":
+                return f"train retrains stage {j} from scratch (its input changed since it was trained)"
+            if row.state == "untrained":
+                return f"train trains stage {j}"
+            if row.cache is CacheState.WRITING:
+                return f"train finishes the cache of stage {j} ({row.chunks_missing} chunks left to write)"
+            if row.cache in (CacheState.ABSENT, CacheState.STALE):
+                return f"train builds the cache of stage {j}"
+        return "every stage is trained: cachetrain eval tests the assembled network"
+
+    # -- inputs ----------------------------------------------------------------------------------
+    def input_source(self, j: int):
+        if j == 0:
+            return self.data
+        fp = self.output_fingerprint(j - 1)
+        if fp is None:
+            raise StageError(f"stage {j} needs stage {j - 1} trained first ({self.stage_state(j - 1)}); run: "
+                             f"{self.command('stage', j - 1)}")
+        hint = f"run: {self.command('cache', j - 1)}"
+        readers = [CacheReader(self.run.store_path(j - 1, s), fp, rebuild_hint=hint) for s in SPLITS]
+        t = self.cfg.train
+        return CacheSource(*readers, self.cfg.loader, stage_seed(t.seed, j), self.device,
+                           t.feature_crop_padding, t.feature_flip, num_classes=self.data.num_classes)
+
+    def trained_stage(self, j: int) -> nn.Module:
+        """Stage j with its trained weights, in eval mode (its BN uses running statistics)."""
+        stage = self.net.stages[j]
+        stage.load_state_dict(self.checkpoint(j)["model"])
+        return stage.to(self.device).eval()
+
+    def trained_head(self, j: int) -> nn.Module:
+        ck = self.checkpoint(j)
+        head = make_head(self.cfg.model, self.net, j, ck["k"], self.data.num_classes, self.cfg.train.seed)
+        head.load_state_dict(ck["head"])
+        return head.to(self.device).eval()
+
+    # -- training --------------------------------------------------------------------------------
+    def train_stage(self, j: int, k: int | None = None, restart: bool = False) -> float:
+        """Train stage j, resuming a partial run of it (mid-epoch included) unless `restart` or another k
+        is asked. Resuming on the CPU gives bit-identical weights to an uninterrupted run: the model,
+        optimizer, scheduler and running epoch sums come from the checkpoint, and the sample order and
+        augmentation draws are pure functions of (seed, epoch, batch)."""
+        t = self.cfg.train
+        source = self.input_source(j)
+        ck = self.checkpoint(j)
+        resume = (ck is not None and not restart and self.stage_state(j) == "partial"
+                  and (k is None or k == ck["k"]))
+        k = ck["k"] if resume else (k or self.cfg.model.k)
+        # a fresh network: stage j starts from its seeded initial weights even if this process loaded
+        # trained weights into it earlier
+        self.net = build_network(self.cfg.model, self.data.sample_shape, t.seed)
+        stage = self.net.stages[j]
+        head = make_head(self.cfg.model, self.net, j, k, self.data.num_classes, t.seed)
+        model = StageModel(stage, head).to(self.device)
+        if t.channels_last and self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        steps = source.steps_per_epoch(t.batch_size)
+        optimizer = make_optimizer(model.parameters(), t)
+        scheduler = make_scheduler(optimizer, t, steps)
+        start_epoch, start_batch, epochs, partial = 0, 0, t.epochs, None
+        if resume:
+            stage.load_state_dict(ck["model"])
+            head.load_state_dict(ck["head"])
+            optimizer.load_state_dict(ck["optimizer"])
+            scheduler.load_state_dict(ck["scheduler"])
+            torch.set_rng_state(ck["rng"]["torch"])
+            start_epoch, start_batch, epochs = ck["epoch"], ck.get("batch", 0), ck["epochs"]
+            partial = EpochStats(**ck["stats"]) if start_batch else None
+            self.run.truncate_metrics(j, start_epoch)
+            self.console.print(f"stage {j}: resuming at epoch {start_epoch + 1}, batch {start_batch}/{steps}")
+        else:
+            self.run.metrics_path(j).unlink(missing_ok=True)
+        input_fp = self.input_fingerprint(j)
+
+        def save(epoch: int, batch: int, stats: EpochStats | None, test_acc: float | None = None) -> None:
+            """epoch: finished epochs; batch: batches done in the epoch after them."""
+            checkpoint = {"stage": j, "k": k, "model": stage.state_dict(), "head": head.state_dict(),
+                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "epoch": epoch, "batch": batch, "stats": asdict(stats) if stats else None,
+                          "epochs": epochs, "step": epoch * steps + batch, "rng": {"torch": torch.get_rng_state()},
+                          "input_fingerprint": input_fp, "test_acc": test_acc, "config": self.cfg.to_dict()}
+            if epoch == epochs:
+                checkpoint["weights_hash"] = weights_hash(stage)
+            self.run.save_checkpoint(j, checkpoint)
+            self._ckpts = {}  # stage j changed: every fingerprint derived from it may have too
+
+        test_acc = float("nan")
+        for epoch in range(start_epoch, epochs):
+            first_batch = start_batch if epoch == start_epoch else 0
+            stats = partial if epoch == start_epoch and partial else EpochStats()
+            with StageProgress(self.console, f"stage {j} (k={k}) epoch {epoch + 1}/{epochs}", steps) as bar:
+
+                def on_step(s: EpochStats) -> None:
+                    bar.update(s)
+                    if t.checkpoint_steps and s.batches % t.checkpoint_steps == 0 and s.batches < steps:
+                        save(epoch, s.batches, s)
+
+                t0 = time.perf_counter()
+                train_one_epoch(model, source.train_batches(epoch, t.batch_size, first_batch), optimizer, scheduler,
+                                self.device, t.amp, t.channels_last, stats, on_step=on_step)
+                train_seconds = time.perf_counter() - t0
+                test_acc = evaluate(model, source.eval_batches("test", 2 * t.batch_size), self.device, t.amp)
+            self.run.append_metrics(j, {
+                "stage": j, "k": k, "epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy,
+                "test_acc": test_acc, "samples_per_s": stats.samples_per_s, "data_seconds": stats.data_seconds,
+                "train_seconds": train_seconds, "lr": scheduler.get_last_lr()[0]})
+            self.console.print(f"stage {j} epoch {epoch + 1}/{epochs}: loss {stats.loss:.4f}  train acc "
+                               f"{stats.accuracy:.4f}  test acc {test_acc:.4f}  {stats.samples_per_s:,.0f} samples/s "
+                               f"(data wait {stats.data_seconds:.1f} s)")
+            save(epoch + 1, 0, None, test_acc)
+        fault_point("stage_end")
+        return test_acc
+
+    # -- caching ---------------------------------------------------------------------------------
+    def cache_stage(self, j: int, repair: bool = False) -> dict[str, int]:
+        """Write stage j's outputs over both splits, computing only what is missing. With `repair`, first
+        verify every chunk and drop the corrupt ones, so exactly those are recomputed.
+        Returns samples computed per split."""
+        if self.stage_state(j) != "trained":
+            raise StageError(f"stage {j} is {self.stage_state(j)}, so there is nothing to cache yet; run: "
+                             f"{self.command('stage', j)}")
+        if repair:
+            for problem in self.drop_corrupt_chunks(j):
+                self.console.print(f"repair: {problem}")
+        ck, c = self.checkpoint(j), self.cfg.cache
+        source = self.input_source(j)
+        stage = self.trained_stage(j)
+        shape = self.net.out_shapes[j]
+        computed = {}
+        for split in SPLITS:
+            n = source.num_samples(split)
+            sample_bytes = int(np.prod(shape)) * (4 if c.dtype == "float32" else 2)
+            layout = plan_layout(sample_bytes, c.chunk_mib, n, c.batch_size)
+            info = StoreInfo(stage=j, k=ck["k"], split=split, fingerprint=self.output_fingerprint(j),
+                             weights_hash=ck["weights_hash"], input_fingerprint=ck["input_fingerprint"],
+                             dtype=c.dtype, codec=c.codec, level=c.level, num_samples=n, sample_shape=shape,
+                             chunk_samples=layout.chunk_samples)
+            with StageProgress(self.console, f"cache stage {j} {split}", n) as bar:
+                computed[split] = write_store(
+                    self.run.store_path(j, split), info, source.labels(split), stage,
+                    lambda start, size, split=split: source.eval_batches(split, size, start),
+                    layout, self.device, self.cfg.train.amp, on_progress=bar.advance)
+        return computed
+
+    def verify(self, stages: list[int]) -> dict[tuple[int, str], list[ChunkProblem] | None]:
+        """Problems per (stage, split); None where there is no store."""
+        return {(j, split): verify_store(path) if path.exists() else None
+                for j in stages for split in SPLITS for path in [self.run.store_path(j, split)]}
+
+    def drop_corrupt_chunks(self, j: int) -> list[ChunkProblem]:
+        """Delete the chunk files of stage j's stores that fail verification and mark those stores
+        incomplete, so the next caching pass recomputes exactly them."""
+        dropped = []
+        for (_, split), problems in self.verify([j]).items():
+            if not problems:
+                continue
+            group = zarr.open_group(str(self.run.store_path(j, split)), mode="r+")
+            group.attrs["complete"] = False
+            for p in problems:
+                if p.chunk is not None:
+                    p.file.unlink(missing_ok=True)
+            dropped += problems
+        return dropped
+
+    # -- the whole run ---------------------------------------------------------------------------
+    def train_all(self) -> list[StageStatus]:
+        for j in range(self.depth):
+            if self.stage_state(j) != "trained":
+                self.train_stage(j)
+            if j < self.depth - 1:
+                self.cache_stage(j)
+        return self.status()
+
+    def trained_depth(self) -> int:
+        return next((j for j in range(self.depth) if self.stage_state(j) != "trained"), self.depth)
+
+    def evaluate_network(self) -> dict:
+        """Accuracy of stages 0..J-1 + the last stage's head on the raw test images, and how often it agrees
+        with the cached-feature path (stage J-1 + head on stage J-2's cached test features)."""
+        depth = self.trained_depth()
+        if depth == 0:
+            raise StageError(f"no stage is trained yet; run: {self.command('train')}")
+        model = nn.Sequential(*[self.trained_stage(j) for j in range(depth)], self.trained_head(depth - 1))
+        preds, labels = predict(model, self.data.eval_batches("test", 2 * self.cfg.train.batch_size), self.device,
+                                self.cfg.train.amp)
+        result = {"stages": depth, "test_acc": float((preds == labels).mean()), "agreement": None}
+        if depth > 1:
+            try:
+                source = self.input_source(depth - 1)
+            except (CacheError, StageError):
+                return result
+            cached = StageModel(self.trained_stage(depth - 1), self.trained_head(depth - 1))
+            cached_preds, _ = predict(cached, source.eval_batches("test", 2 * self.cfg.train.batch_size),
+                                      self.device, self.cfg.train.amp)
+            result["agreement"] = float((cached_preds == preds).mean())
+            result["cached_test_acc"] = float((cached_preds == labels).mean())
+        return result
+
+

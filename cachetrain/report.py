@@ -1,0 +1,60 @@
+"""What the user sees: a live progress bar per epoch or caching pass, and the per-stage table."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class StageProgress:
+    """A rich progress bar with live loss and samples/s; silent when the output is not a terminal."""
+
+    def __init__(self, console: Console, description: str, total: int):
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                  console=console, disable=not console.is_terminal, transient=True)
+        self._task = self._progress.add_task(description, total=total, info="")
+
+    def __enter__(self) -> StageProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.stop()
+
+    def update(self, stats) -> None:
+        """Per training step: stats is the running EpochStats."""
+        self._progress.update(self._task, advance=1,
+                              info=f"loss {stats.loss:.3f}  {stats.samples_per_s:,.0f} samples/s")
+
+    def advance(self, n: int) -> None:
+        self._progress.update(self._task, advance=n)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def status_table(rows, title: str = "stages") -> Table:
+    table = Table(title=title)
+    for col in ("j", "k", "state", "epochs", "train acc", "test acc", "cache", "size", "ratio"):
+        table.add_column(col, justify="right" if col not in ("state", "cache") else "left")
+    for r in rows:
+        ratio = f"{r.raw_bytes / r.cache_bytes:.2f}x" if r.cache_bytes and r.raw_bytes else "-"
+        epochs = f"{r.epochs_done}/{r.epochs}" + (f" +{r.batch} batches" if r.batch else "")
+        cache = r.cache.value if r.cache else "(last stage)"
+        if r.chunks_missing:
+            cache += f" ({r.chunks_missing} chunks left)"
+        table.add_row(str(r.j), str(r.k or "-"), r.state, epochs, _pct(r.train_acc),
+                      _pct(r.test_acc), cache,
+                      _size(r.cache_bytes) if r.cache_bytes else "-", ratio)
+    return table

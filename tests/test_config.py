@@ -1,0 +1,63 @@
+"""Config parsing: types are the schema, errors are one line naming file, key and expectation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from cachetrain.cli import main
+from cachetrain.config import Config, ConfigError, load_config, save_config
+from tests.conftest import synthetic_raw, write_config
+
+
+def test_demo_config_loads_and_round_trips(repo_root, tmp_path):
+    cfg = load_config(repo_root / "configs" / "fmnist.yaml")
+    assert cfg.name == "fmnist" and cfg.data.name == "fmnist"
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_set_overrides_parse_yaml_values(tiny_config_file):
+    cfg = load_config(tiny_config_file, ["train.epochs=3", "model.downsample=[0, 2]", "train.nesterov=false"])
+    assert cfg.train.epochs == 3 and cfg.model.downsample == [0, 2] and cfg.train.nesterov is False
+
+
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("train", "epochz", 3, "train.epochz: unknown key"),
+    ("train", "epochs", "three", "train.epochs: expected an integer, got 'three'"),
+    ("train", "epochs", 0, "train.epochs: expected an integer >= 1, got 0"),
+    ("train", "lr", True, "train.lr: expected a number, got True"),
+    ("model", "arch", "vit", "model.arch: expected one of 'layercnn', 'vgg', 'resnet', got 'vit'"),
+    ("cache", "dtype", "int4", "cache.dtype: expected one of"),
+    ("model", "downsample", [7], "model.downsample: expected stage indices in [0, 2], got [7]"),
+])
+def test_bad_values_name_file_key_and_expectation(tmp_path, section, key, value, expected):
+    path = write_config(tmp_path / "bad.yaml", synthetic_raw(tmp_path / "run", **{section: {key: value}}))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    message = str(e.value)
+    assert message.startswith(str(path)) and expected in message and "\n" not in message
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="trian: unknown key; expected one of name, run_dir, data"):
+        Config.from_dict({"trian": {"epochs": 1}})
+
+
+def test_cli_config_error_is_one_line_and_nonzero(tmp_path, capsys):
+    path = write_config(tmp_path / "bad.yaml", synthetic_raw(tmp_path / "run", train={"epochs": "x"}))
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "train.epochs: expected an integer, got 'x'" in err
+    assert not (tmp_path / "run").exists()  # nothing was created for a config that never loaded
+
+
+def test_cli_subprocess_exit_code_for_wrong_type_override(tiny_config_file):
+    proc = subprocess.run([sys.executable, "-m", "cachetrain.cli", "status", "--config", str(tiny_config_file),
+                           "--set", "model.width=wide"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {tiny_config_file} with --set model.width=wide: model.width: expected an integer, got 'wide'"]

@@ -1,0 +1,143 @@
+"""The greedy loop end to end: real Fashion-MNIST subset, cache between stages, eval from raw images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import cachetrain.greedy as greedy_module
+from cachetrain.cache import CacheReader, CacheState
+from cachetrain.cli import main
+from cachetrain.config import Config
+from cachetrain.greedy import Greedy
+from tests.conftest import fmnist_raw, synthetic_raw, write_config
+
+
+@pytest.fixture(scope="module")
+def fmnist_run(tmp_path_factory):
+    """3 stages on 2,000 training / 1,000 test images of the real Fashion-MNIST, trained once for the module."""
+    d = tmp_path_factory.mktemp("fmnist")
+    path = write_config(d / "fmnist-subset.yaml", fmnist_raw(d / "run"))
+    assert main(["train", "--config", str(path)]) == 0
+    return path, Config.from_dict(fmnist_raw(d / "run"))
+
+
+def test_train_reaches_well_above_chance_and_caches_each_stage(fmnist_run):
+    _, cfg = fmnist_run
+    g = Greedy(cfg)
+    rows = g.status()
+    assert [r.state for r in rows] == ["trained"] * 3
+    assert [r.cache for r in rows] == [CacheState.COMPLETE, CacheState.COMPLETE, None]
+    assert rows[-1].test_acc >= 0.70, rows[-1].test_acc
+    assert all(r.cache_bytes > 0 and r.raw_bytes / r.cache_bytes > 1.0 for r in rows[:2])  # zstd did compress
+    lines = (cfg.run_path / "stages" / "stage_2" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3, 4]
+    assert (cfg.run_path / "config.yaml").exists()
+
+
+def test_eval_from_raw_images_agrees_with_cached_path(fmnist_run):
+    _, cfg = fmnist_run
+    result = Greedy(cfg).evaluate_network()
+    assert result["stages"] == 3 and result["test_acc"] >= 0.70
+    assert result["agreement"] >= 0.995, result
+
+
+def test_cached_features_equal_a_fresh_forward_within_fp16_rounding(fmnist_run):
+    _, cfg = fmnist_run
+    g = Greedy(cfg)
+    for j in (0, 1):
+        reader = CacheReader(g.run.store_path(j, "test"), g.output_fingerprint(j))
+        cached = torch.cat([reader.read_chunk(c) for c in range(reader.info.num_chunks)]).float()
+        inputs = g.input_source(j).eval_batches("test", 100)
+        with torch.no_grad():
+            fresh = torch.cat([g.trained_stage(j)(x) for x, _ in inputs])
+        assert cached.shape == fresh.shape
+        # fp16 keeps 11 significant bits: relative error at most 2**-11, plus subnormal slack near zero
+        torch.testing.assert_close(cached, fresh, rtol=2**-10, atol=1e-4)
+
+
+def test_stage_k3_trains_next_stage_from_cache_without_running_stage_0(tmp_path, monkeypatch):
+    path = write_config(tmp_path / "tiny.yaml", synthetic_raw(tmp_path / "run"))
+    assert main(["stage", "--config", str(path)]) == 0  # stage 0, then its cache
+    calls = {0: 0, 1: 0}
+    real_build = greedy_module.build_network
+
+    def counting_build(*args, **kwargs):
+        net = real_build(*args, **kwargs)
+        for j in calls:
+            net.stages[j].register_forward_hook(lambda m, i, o, j=j: calls.__setitem__(j, calls[j] + 1))
+        return net
+
+    monkeypatch.setattr(greedy_module, "build_network", counting_build)
+    assert main(["stage", "--config", str(path), "--k", "3"]) == 0
+    assert calls[0] == 0 and calls[1] > 0
+    g = Greedy(Config.from_dict(synthetic_raw(tmp_path / "run")))
+    assert g.checkpoint(1)["k"] == 3 and g.stage_state(1) == "trained"
+    assert g.status()[1].cache is CacheState.COMPLETE
+
+
+def test_stage_j_without_its_input_cache_names_the_command(tmp_path, capsys):
+    path = write_config(tmp_path / "tiny.yaml", synthetic_raw(tmp_path / "run"))
+    assert main(["stage", "--config", str(path), "--no-cache"]) == 0
+    assert main(["stage", "--config", str(path), "--j", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"run: cachetrain cache --config {path} --j 0" in err
+    assert main(["stage", "--config", str(path), "--j", "2"]) == 2
+    assert f"stage 2 needs stage 1 trained first (untrained); run: cachetrain stage --config {path} --j 1" in \
+        capsys.readouterr().err
+
+
+def test_retraining_a_stage_marks_later_stages_and_caches_stale(tmp_path):
+    path = write_config(tmp_path / "tiny.yaml", synthetic_raw(tmp_path / "run"))
+    assert main(["train", "--config", str(path)]) == 0
+    cfg = Config.from_dict(synthetic_raw(tmp_path / "run"))
+    assert [r.state for r in Greedy(cfg).status()] == ["trained"] * 3
+    assert main(["stage", "--config", str(path), "--j", "0", "--no-cache", "--set", "train.lr=0.01"]) == 0
+    rows = Greedy(cfg).status()
+    assert [r.state for r in rows] == ["trained", "stale", "stale"]
+    assert rows[0].cache is CacheState.STALE and rows[1].cache is CacheState.STALE
+    assert main(["train", "--config", str(path)]) == 0  # rebuilds cache 0, retrains 1 and 2
+    assert [r.state for r in Greedy(cfg).status()] == ["trained"] * 3
+
+
+def test_cpu_training_is_deterministic_for_a_seed(tmp_path):
+    weights = []
+    for name in ("a", "b"):
+        cfg = Config.from_dict(synthetic_raw(tmp_path / name))
+        Greedy(cfg).train_all()
+        weights.append([torch.load(tmp_path / name / "stages" / f"stage_{j}" / "checkpoint.pt")["model"]
+                        for j in range(3)])
+    for a, b in zip(*weights):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("arch, stages", [("vgg", 3), ("resnet", 3)])
+def test_other_architectures_train_greedily(tmp_path, arch, stages):
+    cfg = Config.from_dict(synthetic_raw(tmp_path / "run", model={"arch": arch, "stages": stages, "width": 8,
+                                                                  "downsample": []}))
+    rows = Greedy(cfg).train_all()
+    assert [r.state for r in rows] == ["trained"] * stages
+    assert rows[-1].test_acc > 1 / 4  # above chance on 4 classes
+
+
+def test_missing_fmnist_names_the_install_command(tmp_path, monkeypatch, capsys):
+    import cachetrain.data as data
+
+    monkeypatch.setattr(data, "DEBIAN_FMNIST", tmp_path / "nowhere")
+    raw = fmnist_raw(tmp_path / "run")
+    raw["data"]["root"] = str(tmp_path / "empty")
+    path = write_config(tmp_path / "f.yaml", raw)
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "apt-get install -y dataset-fashion-mnist" in err
+
+
+def test_status_prints_table_without_touching_the_run(tmp_path, capsys):
+    path = write_config(tmp_path / "tiny.yaml", synthetic_raw(tmp_path / "run"))
+    assert main(["status", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "untrained" in out and not (tmp_path / "run" / "stages").exists()
+    np.testing.assert_equal((tmp_path / "run" / "config.yaml").exists(), False)

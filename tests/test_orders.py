@@ -1,0 +1,36 @@
+"""Traversal orders are permutations and pure functions of (seed, epoch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cachetrain.orders import ORDERS, QuasiRandom
+
+
+@pytest.mark.parametrize("name", sorted(ORDERS))
+def test_every_order_is_a_permutation(name):
+    order = ORDERS[name](1000, 64, 3, seed=1)
+    for epoch in range(3):
+        idx = order.indices(epoch)
+        assert idx.dtype == np.int64 and np.array_equal(np.sort(idx), np.arange(1000))
+
+
+@pytest.mark.parametrize("name", ["random", "quasi_random"])
+def test_shuffled_orders_differ_across_epochs_and_repeat_for_same_seed(name):
+    a, b = ORDERS[name](1000, 64, 3, seed=1), ORDERS[name](1000, 64, 3, seed=1)
+    assert np.array_equal(a.indices(4), b.indices(4))
+    assert not np.array_equal(a.indices(4), a.indices(5))
+    assert not np.array_equal(a.indices(4), ORDERS[name](1000, 64, 3, seed=2).indices(4))
+
+
+def test_quasi_random_windows_hold_whole_chunks():
+    order = QuasiRandom(960, chunk_samples=64, window_chunks=3, seed=0)
+    idx = order.indices(0)
+    window = 64 * 3
+    for start in range(0, 960, window):
+        chunks = sorted(set((idx[start:start + window] // 64).tolist()))
+        assert len(chunks) == 3  # a window draws from 3 chunks...
+        members = np.concatenate([np.arange(c * 64, c * 64 + 64) for c in chunks])
+        assert np.array_equal(np.sort(idx[start:start + window]), members)  # ...and holds them whole
+        assert not np.array_equal(idx[start:start + window], members)  # shuffled inside the window

@@ -1,0 +1,119 @@
+"""Crash safety with real processes: SIGKILL at many points, rerun, and compare bit for bit.
+
+Kills are real `kill -9`s: either the process sends SIGKILL to itself at a named point
+(CACHETRAIN_FAULT, see cachetrain/faults.py), or the test kills it from outside at a moment it
+observes on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from tests.conftest import synthetic_raw, write_config
+
+KILL_CHAIN = [  # each entry: the fault that kills one run; every run resumes the one before
+    "train_step:5",        # stage 0, epoch 1, after step 5 (a mid-epoch checkpoint exists at step 3)
+    "checkpoint_write:2",  # the second checkpoint of the resumed run: temp file written, not renamed
+    "train_step:14",       # stage 0, epoch 2
+    "stage_end:1",         # stage 0 trained, its cache not started
+    "cache_chunk:9",       # stage 0's cache half written
+    "cache_finish:1",      # a store with every chunk written, its complete flag not yet set
+    "train_step:4",        # stage 1, epoch 1
+    "cache_chunk:3",       # stage 1's cache being written
+]
+
+
+def raw_config(run_dir: Path) -> dict:
+    return synthetic_raw(run_dir, model={"stages": 3}, train={"epochs": 2, "checkpoint_steps": 3})
+
+
+def cli(args: list[str], fault: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "CACHETRAIN_FAULT"}
+    if fault:
+        env["CACHETRAIN_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "cachetrain.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def snapshot(run_dir: Path, depth: int = 3) -> dict[str, np.ndarray]:
+    """Every stage's trained weights and every cache array, as numpy arrays keyed by name."""
+    out = {}
+    for j in range(depth):
+        ck = torch.load(run_dir / "stages" / f"stage_{j}" / "checkpoint.pt", weights_only=False)
+        assert ck["epoch"] == ck["epochs"]
+        for part in ("model", "head"):
+            for name, tensor in ck[part].items():
+                out[f"stage{j}.{part}.{name}"] = tensor.numpy()
+        for split in ("train", "test"):
+            store = run_dir / "cache" / f"stage_{j}" / f"{split}.zarr"
+            if store.exists():
+                group = zarr.open_group(str(store), mode="r")
+                assert group.attrs["complete"] is True
+                out[f"cache{j}.{split}.features"] = group["features"][:]
+                out[f"cache{j}.{split}.labels"] = group["labels"][:]
+    return out
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].tobytes() == b[key].tobytes(), key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("reference")
+    path = write_config(d / "c.yaml", raw_config(d / "run"))
+    proc = cli(["train", "--config", str(path)])
+    assert proc.returncode == 0, proc.stderr
+    return snapshot(d / "run")
+
+
+def test_sigkill_chain_resumes_bit_identically(reference, tmp_path):
+    path = write_config(tmp_path / "c.yaml", raw_config(tmp_path / "run"))
+    killed = 0
+    for fault in KILL_CHAIN:
+        proc = cli(["train", "--config", str(path)], fault=fault)
+        assert proc.returncode == -signal.SIGKILL, (fault, proc.returncode, proc.stderr[-2000:])
+        killed += 1
+    status = cli(["status", "--config", str(path)])
+    assert status.returncode == 0 and "next: train finishes the cache of stage 1" in status.stdout
+    proc = cli(["train", "--config", str(path)])
+    assert proc.returncode == 0, proc.stderr
+    assert killed == len(KILL_CHAIN)
+    assert_identical(snapshot(tmp_path / "run"), reference)
+
+
+def test_kill_from_outside_mid_epoch_resumes_bit_identically(reference, tmp_path):
+    path = write_config(tmp_path / "c.yaml", raw_config(tmp_path / "run"))
+    env = {k: v for k, v in os.environ.items() if k != "CACHETRAIN_FAULT"}
+    proc = subprocess.Popen([sys.executable, "-m", "cachetrain.cli", "train", "--config", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "run" / "stages" / "stage_1" / "checkpoint.pt"
+    deadline = time.time() + 240
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # somewhere in stage 1, after its first mid-epoch checkpoint
+    assert proc.wait() == -signal.SIGKILL
+    status = cli(["status", "--config", str(path)])
+    assert "next: train resumes stage 1" in status.stdout, status.stdout
+    assert cli(["train", "--config", str(path)]).returncode == 0
+    assert_identical(snapshot(tmp_path / "run"), reference)
+
+
+def test_status_names_a_stage_interrupted_mid_training(tmp_path):
+    path = write_config(tmp_path / "c.yaml", raw_config(tmp_path / "run"))
+    assert cli(["train", "--config", str(path)], fault="train_step:8").returncode == -signal.SIGKILL
+    out = cli(["status", "--config", str(path)]).stdout
+    assert "partial" in out and "0/2 +6 batches" in out
+    assert "next: train resumes stage 0 at epoch 1, batch 6" in out
