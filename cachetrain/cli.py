@@ -16,12 +16,13 @@ from rich.table import Table
 
 from cachetrain.cache import CacheError
 from cachetrain.config import ConfigError, load_config, save_config
+from cachetrain.dali import DaliMissing
 from cachetrain.data import DataError
 from cachetrain.greedy import Greedy, StageError
 from cachetrain.report import status_table
 from cachetrain.rundir import CheckpointError, RunLocked
 
-USER_ERRORS = (ConfigError, DataError, CacheError, StageError, CheckpointError, RunLocked)
+USER_ERRORS = (ConfigError, DataError, CacheError, StageError, CheckpointError, RunLocked, DaliMissing)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -131,6 +131,9 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class LoaderConfig:
+    # auto: caches through the numpy loader; image folders through DALI on CUDA when it is installed,
+    # else torchvision. numpy: never DALI. dali: DALI for cache training batches and image folders.
+    backend: Literal["auto", "numpy", "dali"] = "auto"
     order: Literal["quasi_random", "random", "sequential"] = "quasi_random"
     window_chunks: int = 4  # quasi_random: samples are shuffled within this many consecutive chunks
     workers: int = 1  # processes decoding chunks in the background (0: read in the training process)

@@ -129,12 +129,12 @@ def make_synthetic(cfg: DataConfig, seed: int, device: torch.device) -> TensorIm
                         mean=0.5, std=0.25, num_classes=cfg.num_classes, cfg=cfg, seed=seed, device=device)
 
 
-def open_dataset(cfg: DataConfig, seed: int, device: torch.device, workers: int = 1):
+def open_dataset(cfg: DataConfig, seed: int, device: torch.device, workers: int = 1, backend: str = "auto"):
     if cfg.name == "fmnist":
         return load_fmnist(cfg, seed, device)
     if cfg.name == "synthetic":
         return make_synthetic(cfg, seed, device)
     if cfg.name == "imagefolder":
         from cachetrain.folder import FolderImages
-        return FolderImages(cfg, seed, device, workers)
+        return FolderImages(cfg, seed, device, workers, backend)
     raise DataError(f"data.name: unknown dataset {cfg.name!r}; expected fmnist, imagefolder or synthetic")

@@ -22,7 +22,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class FolderImages:
-    def __init__(self, cfg: DataConfig, seed: int, device: torch.device, workers: int):
+    def __init__(self, cfg: DataConfig, seed: int, device: torch.device, workers: int, backend: str = "auto"):
         from torchvision import datasets, transforms as T
 
         root = Path(data_root(cfg))
@@ -49,6 +49,11 @@ class FolderImages:
         self.num_classes = len(self._sets["train"].classes)
         self.sample_shape = (3, size, size)
         self.seed, self.device, self.workers = seed, device, workers
+        self.size, self.flip_aug = size, cfg.flip
+        from cachetrain.dali import dali_available, require_dali
+        if backend == "dali":
+            require_dali()
+        self.use_dali = backend == "dali" or (backend == "auto" and device.type == "cuda" and dali_available())
         files = [str(Path(p).relative_to(root)) for p, _ in self._sets["train"].samples + self._sets["test"].samples]
         self.fingerprint = fingerprint({"dataset": "imagefolder", "files": fingerprint(files), "size": size,
                                         "eval": "resize8/7-centercrop", "mean": MEAN, "std": STD})
@@ -69,7 +74,16 @@ class FolderImages:
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
+    def _dali(self, name: str, train: bool, batch_size: int, epoch: int, start: int) -> Iterator[Batch]:
+        from cachetrain.dali import folder_files, image_batches
+        files, labels = folder_files(self._sets[name])
+        return image_batches(files, labels, self.size, train, batch_size, self.seed, epoch, start, self.device,
+                             self.workers, self.flip_aug, MEAN, STD)
+
     def train_batches(self, epoch: int, batch_size: int, start_batch: int = 0) -> Iterator[Batch]:
+        if self.use_dali:
+            yield from self._dali("train", True, batch_size, epoch, start_batch * batch_size)
+            return
         order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples("train")).tolist()
         # the workers' augmentation seeds come from (seed, epoch, start_batch): resuming mid-epoch
         # repeats the order exactly; the random crops after the resume point are fresh draws
@@ -77,5 +91,9 @@ class FolderImages:
                               seed=hash((self.seed, epoch, start_batch)) & 0x7FFFFFFF)
 
     def eval_batches(self, split: str, batch_size: int, start: int = 0) -> Iterator[Batch]:
-        ds = self._sets["train_eval" if split == "train" else "test"]
+        name = "train_eval" if split == "train" else "test"
+        if self.use_dali:
+            yield from self._dali(name, False, batch_size, 0, start)
+            return
+        ds = self._sets[name]
         yield from self._load(ds, list(range(start, len(ds))), batch_size, seed=0)

@@ -68,7 +68,8 @@ class Greedy:
 
     @cached_property
     def data(self):
-        return open_dataset(self.cfg.data, stage_seed(self.cfg.train.seed, 0), self.device, self.cfg.loader.workers)
+        return open_dataset(self.cfg.data, stage_seed(self.cfg.train.seed, 0), self.device, self.cfg.loader.workers,
+                            self.cfg.loader.backend)
 
     @cached_property
     def net(self) -> Network:

@@ -1,10 +1,17 @@
 """The cache loader: batches of cached features in any traversal order, from whole-chunk reads.
 
-Chunks are read (and decompressed) by worker processes of a torch DataLoader, in the order the
-epoch first needs them, and kept only until their last sample has gone into a batch. Batches are
-gathered from the resident chunks into one tensor, moved to the device (pinned + non-blocking on
-CUDA) and converted to float32 there. With the quasi-random order, memory holds about a window of
-chunks plus the prefetch; any order works, a fully random one just keeps more chunks resident.
+Where chunks come from (a `ChunkFeed`):
+- uncompressed stores are memory-mapped chunk file by chunk file: no decode, no copy until the gather;
+- compressed stores are decoded by the worker processes of a torch DataLoader, in the order the epoch
+  first needs each chunk, and each decoded chunk is dropped after the batch holding its last sample
+  (zarr's own thread pool did not scale on this machine; processes did).
+
+A background thread assembles batches ahead of the training step: each batch's samples are sorted,
+so the samples of one chunk are one contiguous run and each run is a single `index_select` into a
+reused (pinned, on CUDA) buffer. Batches are then converted to float32 on their device; on CUDA the
+host-to-device copy of the next batch is issued before the current one is handed out, so it overlaps
+the step. A batch is a set of samples: which samples form batch b is a pure function of
+(seed, epoch, b); within a batch they come in index order.
 
 Resume state is (seed, epoch, start_batch): `train_batches(epoch, bs, start_batch)` yields exactly
 the batches an uninterrupted epoch would have yielded from that point on.
@@ -12,6 +19,8 @@ the batches an uninterrupted epoch would have yielded from that point on.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -24,6 +33,24 @@ from cachetrain.config import LoaderConfig
 from cachetrain.orders import ORDERS
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def batch_plan(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """The samples of each batch, sorted (so each chunk's samples are one contiguous run)."""
+    return [np.sort(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
+
+
+def gather(feed, idx: np.ndarray, chunk_samples: int, out: torch.Tensor) -> list[int]:
+    """Copy samples `idx` (sorted) into `out`, one index_select per chunk run; returns the chunks used."""
+    chunks = idx // chunk_samples
+    local = torch.from_numpy(idx % chunk_samples)
+    bounds = (np.flatnonzero(np.diff(chunks)) + 1).tolist()
+    used = []
+    for lo, hi in zip([0, *bounds], [*bounds, len(idx)]):
+        c = int(chunks[lo])
+        torch.index_select(feed.get(c), 0, local[lo:hi], out=out[lo:hi])
+        used.append(c)
+    return used
 
 
 class _Chunks(Dataset):
@@ -39,38 +66,154 @@ class _Chunks(Dataset):
         return c, self.reader.read_chunk(c)
 
 
+class MemmapFeed:
+    """Chunks of an uncompressed store, mapped on demand; the page cache is the only buffer."""
+
+    def __init__(self, reader: CacheReader):
+        self.reader = reader
+
+    def get(self, c: int) -> torch.Tensor:
+        return self.reader.chunk_view(c)
+
+    def release(self, c: int) -> None:
+        pass
+
+
+class RecentFeed:
+    """Decoded chunks in the calling process, keeping the `keep` most recently used: for readers that
+    get batches in an order they do not control (DALI's parallel workers)."""
+
+    def __init__(self, reader: CacheReader, keep: int = 8):
+        self.reader, self.keep = reader, keep
+        self._recent: dict[int, torch.Tensor] = {}
+
+    def get(self, c: int) -> torch.Tensor:
+        if c in self._recent:
+            self._recent[c] = self._recent.pop(c)  # most recent last
+        else:
+            self._recent[c] = self.reader.chunk_view(c)
+            while len(self._recent) > self.keep:
+                self._recent.pop(next(iter(self._recent)))
+        return self._recent[c]
+
+    def release(self, c: int) -> None:
+        pass
+
+
+class WorkerFeed:
+    """Decoded chunks from DataLoader worker processes, arriving in first-use order."""
+
+    def __init__(self, reader: CacheReader, batches: list[np.ndarray], workers: int, prefetch: int):
+        cs = reader.info.chunk_samples
+        need: list[int] = []
+        seen: set[int] = set()
+        for b in batches:
+            for c in np.unique(b // cs).tolist():
+                if c not in seen:
+                    seen.add(c)
+                    need.append(c)
+        self._stream = iter(DataLoader(_Chunks(reader), sampler=need, batch_size=None, num_workers=workers,
+                                       prefetch_factor=prefetch if workers else None))
+        self._resident: dict[int, torch.Tensor] = {}
+
+    def get(self, c: int) -> torch.Tensor:
+        while c not in self._resident:
+            got, data = next(self._stream)
+            self._resident[got] = data
+        return self._resident[c]
+
+    def release(self, c: int) -> None:
+        self._resident.pop(c, None)
+
+
 class CacheLoader:
-    def __init__(self, reader: CacheReader, device: torch.device, workers: int = 1, prefetch_chunks: int = 4):
+    def __init__(self, reader: CacheReader, device: torch.device, workers: int = 1, prefetch_chunks: int = 4,
+                 prefetch_batches: int = 2):
         self.reader, self.device = reader, device
         self.workers, self.prefetch = workers, prefetch_chunks
+        self.depth = prefetch_batches
         self.labels = torch.from_numpy(reader.labels)
 
-    def batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Batch]:
-        """Yield (x float32 (B, C, H, W), y int64 (B,)) on the device for `indices` taken batch_size at a time."""
+    def _feed(self, batches: list[np.ndarray]):
+        if self.reader.memmappable:
+            return MemmapFeed(self.reader)
+        return WorkerFeed(self.reader, batches, self.workers, self.prefetch)
+
+    def host_batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Batch]:
+        """(x in the storage dtype, y) on the host, assembled in a background thread into a ring of reused
+        buffers: a yielded x is valid until the next batch is drawn (copy it, or move it to the device,
+        before then; on CUDA the copy only has to be issued)."""
+        plan = batch_plan(indices, batch_size)
+        if not plan:
+            return
         cs = self.reader.info.chunk_samples
-        chunk_of = indices // cs
-        # chunks in order of first use; each is evicted after the batch holding its last use
-        first_use = np.unique(chunk_of, return_index=True)[1]
-        need = chunk_of[np.sort(first_use)]
-        last_batch = np.zeros(self.reader.info.num_chunks, dtype=np.int64)
-        last_batch[chunk_of] = np.arange(len(indices)) // batch_size  # later positions overwrite earlier ones
-        stream = iter(DataLoader(_Chunks(self.reader), sampler=need.tolist(), batch_size=None,
-                                 num_workers=self.workers, prefetch_factor=self.prefetch if self.workers else None))
-        resident: dict[int, torch.Tensor] = {}
+        last_use = {}
+        for b, idx in enumerate(plan):
+            for c in np.unique(idx // cs).tolist():
+                last_use[c] = b
+        feed = self._feed(plan)
         pin = self.device.type == "cuda"
-        for b, start in enumerate(range(0, len(indices), batch_size)):
-            idx, chunks = indices[start:start + batch_size], chunk_of[start:start + batch_size]
-            while not all(int(c) in resident for c in np.unique(chunks)):
-                c, data = next(stream)
-                resident[c] = data
-            x = torch.empty((len(idx), *self.reader.info.sample_shape), dtype=self.reader.torch_dtype, pin_memory=pin)
-            for c in np.unique(chunks):
-                rows = np.nonzero(chunks == c)[0]
-                x[torch.from_numpy(rows)] = resident[int(c)][torch.from_numpy(idx[rows] - c * cs)]
-                if last_batch[c] == b:
-                    del resident[int(c)]
-            y = self.labels[torch.from_numpy(idx)]
-            yield (x.to(self.device, non_blocking=True).float(), y.to(self.device, non_blocking=True))
+        ring = [torch.empty((batch_size, *self.reader.info.sample_shape), dtype=self.reader.torch_dtype,
+                            pin_memory=pin) for _ in range(self.depth + 2)]
+        copied: dict[int, torch.cuda.Event] = {}  # slot -> event after its host-to-device copy (CUDA)
+        out: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+
+        def assemble() -> None:
+            try:
+                for b, idx in enumerate(plan):
+                    slot = b % len(ring)
+                    if slot in copied:
+                        copied.pop(slot).synchronize()  # the async copy out of this buffer has finished
+                    x = ring[slot][: len(idx)]
+                    for c in gather(feed, idx, cs, x):
+                        if last_use[c] == b:
+                            feed.release(c)
+                    item = (slot, x, self.labels[torch.from_numpy(idx)])
+                    while not stop.is_set():
+                        try:
+                            out.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                out.put(None)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer's thread
+                out.put(e)
+
+        thread = threading.Thread(target=assemble, name="cache-loader", daemon=True)
+        thread.start()
+        try:
+            while (item := out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                slot, x, y = item
+                yield x, y
+                if pin:
+                    copied[slot] = torch.cuda.Event()
+                    copied[slot].record()  # after the consumer issued its copy of x
+        finally:
+            stop.set()
+            thread.join()
+
+    def batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Batch]:
+        """(x float32 (B, C, H, W), y int64 (B,)) on the device, for `indices` taken batch_size at a time."""
+        host = self.host_batches(indices, batch_size)
+        if self.device.type != "cuda":
+            for x, y in host:
+                # a new tensor either way: the ring buffer it came from gets refilled
+                yield (x.float() if x.dtype != torch.float32 else x.clone()), y
+            return
+        pending = None
+        for x, y in host:
+            # issue the next copy before handing out the current batch, so it overlaps the step
+            nxt = (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            if pending is not None:
+                yield pending[0].float(), pending[1]
+            pending = nxt
+        if pending is not None:
+            yield pending[0].float(), pending[1]
 
 
 class CacheSource:
@@ -86,6 +229,10 @@ class CacheSource:
         self.fingerprint = info.fingerprint
         self.num_classes = num_classes or int(train.labels.max()) + 1
         self.seed, self.padding, self.flip = seed, crop_padding, flip
+        self.dali = None
+        if cfg.backend == "dali":
+            from cachetrain.dali import DaliFeatureLoader
+            self.dali = DaliFeatureLoader(train, self.order, device, cfg.workers, seed, crop_padding, flip)
 
     def num_samples(self, split: str) -> int:
         return self.readers[split].info.num_samples
@@ -96,8 +243,14 @@ class CacheSource:
     def steps_per_epoch(self, batch_size: int) -> int:
         return -(-self.num_samples("train") // batch_size)
 
+    def train_indices(self, epoch: int, batch_size: int, start_batch: int = 0) -> np.ndarray:
+        return self.order.indices(epoch)[start_batch * batch_size:]
+
     def train_batches(self, epoch: int, batch_size: int, start_batch: int = 0) -> Iterator[Batch]:
-        indices = self.order.indices(epoch)[start_batch * batch_size:]
+        if self.dali is not None:
+            yield from self.dali.train_batches(epoch, batch_size, start_batch)
+            return
+        indices = self.train_indices(epoch, batch_size, start_batch)
         for b, (x, y) in enumerate(self.loaders["train"].batches(indices, batch_size), start=start_batch):
             yield crop_flip(x, self.padding, self.flip, batch_rng(self.seed, epoch, b)), y
 

@@ -32,6 +32,7 @@ class CacheReader:
                              f"checkpoint ({expected_fingerprint}){hint}")
         self.info: StoreInfo = info
         self._features: zarr.Array | None = None
+        self._maps: dict[int, torch.Tensor] = {}  # chunk -> tensor over its memory map
         self.labels = zarr.open_array(str(self.path / "labels"), mode="r")[:]  # (N,) int64, small
 
     @property
@@ -42,7 +43,7 @@ class CacheReader:
         return self._features
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_features": None}
+        return {**self.__dict__, "_features": None, "_maps": {}}
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -52,10 +53,35 @@ class CacheReader:
         cs = self.info.chunk_samples
         return c * cs, min((c + 1) * cs, self.info.num_samples)
 
+    @property
+    def memmappable(self) -> bool:
+        """Uncompressed chunk files are the raw C-order bytes of the (padded) chunk followed by the 4-byte
+        crc32c, so they can be mapped instead of decoded (checksums are then checked by `verify` only)."""
+        return self.info.codec == "none"
+
+    def chunk_path(self, c: int) -> Path:
+        return self.path / "features" / self.features.metadata.encode_chunk_key((c, 0, 0, 0))
+
+    def chunk_view(self, c: int) -> torch.Tensor:
+        """Chunk c as a tensor: a zero-copy memory map for uncompressed stores, else decoded."""
+        if not self.memmappable:
+            return self.read_chunk(c)
+        view = self._maps.get(c)
+        if view is None:
+            start, stop = self.chunk_bounds(c)
+            # mode "c" (copy-on-write) gives torch a writable view without copying; nothing writes to it
+            mm = np.memmap(self.chunk_path(c), dtype=DTYPES[self.info.dtype][0], mode="c",
+                           shape=(self.info.chunk_samples, *self.info.sample_shape))
+            view = self._maps[c] = _as_tensor(mm[: stop - start], self.info.dtype)
+        return view
+
     def read_chunk(self, c: int) -> torch.Tensor:
         """Chunk c as a (n_c, C, H, W) tensor of the storage dtype."""
         start, stop = self.chunk_bounds(c)
-        block = np.ascontiguousarray(self.features[start:stop])
-        if self.info.dtype == "bfloat16":
-            return torch.from_numpy(block.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(block)
+        return _as_tensor(np.ascontiguousarray(self.features[start:stop]), self.info.dtype)
+
+
+def _as_tensor(block: np.ndarray, dtype: str) -> torch.Tensor:
+    if dtype == "bfloat16":
+        return torch.from_numpy(block.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(block)

@@ -1,0 +1,173 @@
+"""Cache loader throughput vs the local limit (a numpy memmap read at random batch indices).
+
+Features are real ReLU maps: a randomly initialised layercnn stage (conv3x3-BN-ReLU) run over
+Fashion-MNIST images, stored as fp16 (N, C, 28, 28). The same bytes are written three ways, an .npy
+file, an uncompressed cache store and a zstd cache store, then read with a warm page cache:
+
+- memmap: `mm[sorted(random batch of indices)]`, the fastest a process can gather random samples;
+- cache loader, uncompressed: memory-mapped chunk files, quasi-random and fully random orders;
+- cache loader, zstd: chunks decoded by 0, 1, 2 worker processes; plus raw zstd decode speed of
+  one core (numcodecs) and zarr's own chunk read, to show what limits it;
+- the training step of the next stage (its block + a k=2 head, forward + backward + SGD step) at the
+  same batch size, so a reader sees whether the loader or the model is the bottleneck.
+
+    python benchmarks/loader_bench.py [--samples 10000] [--width 32] [--batch 256] [--out bench/loader]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cachetrain.cache import CacheReader, StoreInfo, plan_layout, write_store
+from cachetrain.config import DataConfig, ModelConfig
+from cachetrain.data import load_fmnist
+from cachetrain.loader import CacheLoader
+from cachetrain.models import build_network, make_head
+from cachetrain.orders import ORDERS
+
+
+def make_features(n: int, width: int) -> torch.Tensor:
+    data = load_fmnist(DataConfig(train_subset=n), seed=0, device=torch.device("cpu"))
+    net = build_network(ModelConfig(stages=2, width=width, downsample=[1]), data.sample_shape, seed=0)
+    stage = net.stages[0].eval()
+    with torch.no_grad():
+        return torch.cat([stage(x).half() for x, _ in data.eval_batches("train", 1000)])  # (N, C, 28, 28)
+
+
+def write(path: Path, x: torch.Tensor, codec: str) -> CacheReader:
+    shape = tuple(x.shape[1:])
+    info0 = StoreInfo(0, 2, "train", "fp", "w", "i", "float16", codec, 3, len(x), shape, 1)
+    layout = plan_layout(info0.sample_bytes, 4.0, len(x), 256)
+    info = StoreInfo(0, 2, "train", "fp", "w", "i", "float16", codec, 3, len(x), shape, layout.chunk_samples)
+
+    def batches(start, size):
+        for i in range(start, len(x), size):
+            yield x[i:i + size].float(), None
+
+    write_store(path, info, np.zeros(len(x), dtype=np.int64), torch.nn.Identity(), batches, layout,
+                torch.device("cpu"))
+    return CacheReader(path, "fp")
+
+
+def rate(fn, n_samples: int, repeats: int = 2) -> float:
+    fn()  # warm the page cache and any lazily opened maps
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return n_samples / best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=10000)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--out", default="bench/loader")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+
+    x = make_features(args.samples, args.width)
+    n, sample_bytes = len(x), x[0].numel() * 2
+    mb = n * sample_bytes / 1e6
+    rows: list[dict] = []
+
+    def record(name: str, samples_per_s: float, note: str = "") -> None:
+        rows.append({"reader": name, "samples_per_s": samples_per_s, "MB_per_s": samples_per_s * sample_bytes / 1e6,
+                     "note": note})
+        print(f"{name:<44} {samples_per_s:>10,.0f} samples/s {samples_per_s * sample_bytes / 1e6:>8,.0f} MB/s  {note}",
+              flush=True)
+
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        tmp = Path(tmp)
+        np.save(tmp / "x.npy", x.numpy())
+        mm = np.load(tmp / "x.npy", mmap_mode="r")
+        perm = np.random.default_rng(0).permutation(n)
+
+        def memmap_epoch():
+            for i in range(0, n, args.batch):
+                mm[np.sort(perm[i:i + args.batch])]
+
+        limit = rate(memmap_epoch, n)
+        record("numpy memmap, random batches (the limit)", limit)
+
+        raw = write(tmp / "raw.zarr", x, "none")
+        zst = write(tmp / "zstd.zarr", x, "zstd")
+        chunk = raw.info.chunk_samples
+
+        def loader_epoch(reader, order, workers):
+            loader = CacheLoader(reader, torch.device("cpu"), workers=workers)
+            idx = ORDERS[order](n, reader.info.chunk_samples, 4, seed=0).indices(0)
+            return lambda: [None for _ in loader.host_batches(idx, args.batch)]
+
+        for order in ("quasi_random", "random"):
+            r = rate(loader_epoch(raw, order, 0), n)
+            record(f"cache loader, uncompressed, {order}", r, f"{r / limit:.2f}x memmap")
+        zstd_rates = {}
+        for workers in (0, 1, 2):
+            r = rate(loader_epoch(zst, "quasi_random", workers), n)
+            zstd_rates[workers] = r
+            record(f"cache loader, zstd, {workers} worker process(es)", r, f"{r / limit:.2f}x memmap")
+
+        import numcodecs
+        files = sorted((tmp / "zstd.zarr" / "features" / "c").rglob("*"))
+        blobs = [f.read_bytes()[:-4] for f in files if f.is_file()]  # without the crc32c trailer
+        codec = numcodecs.Zstd()
+        raw_zstd = rate(lambda: [codec.decode(b) for b in blobs], n)
+        record("zstd decode alone, 1 core (numcodecs)", raw_zstd)
+        zarr_read = rate(lambda: [zst.read_chunk(c) for c in range(zst.info.num_chunks)], n)
+        record("zarr chunk reads, 1 core", zarr_read)
+        ratio = n * sample_bytes / sum(f.stat().st_size for f in files if f.is_file())
+
+    # the next stage's training step on these features, at the same batch size
+    cfg = ModelConfig(stages=2, width=args.width, downsample=[1], k=2)
+    net = build_network(cfg, (1, 28, 28), seed=0)
+    model = torch.nn.Sequential(net.stages[1], make_head(cfg, net, 1, 2, 10, seed=0)).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    xb, yb = x[: args.batch].float(), torch.randint(0, 10, (args.batch,))
+
+    def steps():
+        for _ in range(5):
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    step_rate = rate(steps, 5 * args.batch, repeats=1)
+    record("next stage's training step (compute only)", step_rate, "fwd+bwd+SGD, k=2 head")
+
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+                   f"torch {torch.__version__}",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": time.strftime("%Y-%m-%d"),
+        "samples": n, "sample_shape": list(x.shape[1:]), "sample_bytes": sample_bytes, "dataset_MB": mb,
+        "chunk_samples": chunk, "batch": args.batch, "zstd_ratio": ratio, "rows": rows,
+        "uncompressed_vs_memmap": rows[1]["samples_per_s"] / limit,
+        "zstd_MB_per_s_per_worker": {w: r * sample_bytes / 1e6 / max(1, w) for w, r in zstd_rates.items()},
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    lines = [f"Machine: {result['machine']}; {result['date']}; `{result['command']}`", "",
+             f"{n} samples of {tuple(x.shape[1:])} fp16 ({sample_bytes / 1024:.1f} KiB each, {mb:.0f} MB), chunks of "
+             f"{chunk} samples, batch {args.batch}, zstd-3 ratio {ratio:.2f}x, warm page cache.", "",
+             "| reader | samples/s | MB/s | note |", "|---|---:|---:|---|"]
+    lines += [f"| {r['reader']} | {r['samples_per_s']:,.0f} | {r['MB_per_s']:,.0f} | {r['note']} |" for r in rows]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print(f"\nwrote {out / 'results.json'} and {out / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""NVIDIA DALI loaders (`loader.backend: dali`, extra `cachetrain[dali]`).
+
+Cached features: `fn.external_source` in batch mode with parallel (spawned) worker processes, whose callback is
+a pure function of (epoch, batch index): it gathers batch b of the epoch's plan (the same
+`batch_plan` the numpy loader uses, so both backends yield the same samples per batch) from memory-
+mapped or decoded chunks. DALI places the batch on the GPU and runs the feature-space augmentation
+there: one `crop_mirror_normalize` pads by p on every side (a crop window larger than the map, out of
+bounds filled with zeros), a second takes a random window and mirrors it (both handle fp16 CHW).
+
+Image folders (stage 0 at ImageNet scale): the callback reads the JPEG bytes of batch b,
+`fn.decoders.image` decodes them (on the GPU with device "mixed"), then random resized crop + flip +
+normalize for training, or resize + center crop for evaluation and caching.
+
+Without a GPU, pipelines run CPU-only (`device_id=None`), which is how the test suite exercises them.
+DALI draws its augmentation randomness from the pipeline's seed, not from (seed, epoch, batch): a
+run resumed mid-epoch sees the same samples in the same batches, with different random crops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cachetrain.cache.reader import CacheReader
+from cachetrain.loader import RecentFeed, batch_plan, gather
+
+INSTALL = "pip install 'cachetrain[dali]'"
+
+
+class DaliMissing(RuntimeError):
+    pass
+
+
+def require_dali():
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        raise DaliMissing(f"loader.backend: 'dali' needs NVIDIA DALI, which is not installed; install it with: "
+                          f"{INSTALL}") from None
+    import nvidia.dali as dali
+    return dali
+
+
+def dali_available() -> bool:
+    try:
+        require_dali()
+        return True
+    except DaliMissing:
+        return False
+
+
+def _device_id(device: torch.device) -> int | None:
+    return (device.index or 0) if device.type == "cuda" else None
+
+
+class FeatureBatches:
+    """The external_source callback: batch `info.iteration` of epoch `first_epoch + info.epoch_idx`
+    (the first epoch starting at `start_batch`), as (x (B, C, H, W) storage dtype, y (B,))."""
+
+    def __init__(self, reader: CacheReader, order, batch_size: int, first_epoch: int, start_batch: int):
+        self.reader, self.order, self.batch_size = reader, order, batch_size
+        self.first_epoch, self.start_batch = first_epoch, start_batch
+        self._plans: dict[int, list[np.ndarray]] = {}
+        self._feed: RecentFeed | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_plans": {}, "_feed": None}
+
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        if epoch not in self._plans:
+            self._plans = {epoch: batch_plan(self.order.indices(epoch), self.batch_size)}
+        return self._plans[epoch]
+
+    def __call__(self, info):
+        epoch = self.first_epoch + info.epoch_idx
+        b = info.iteration + (self.start_batch if info.epoch_idx == 0 else 0)
+        plan = self.plan(epoch)
+        if b >= len(plan):
+            raise StopIteration
+        idx = plan[b]
+        if self._feed is None:
+            self._feed = RecentFeed(self.reader)
+        info_ = self.reader.info
+        x = torch.empty((len(idx), *info_.sample_shape), dtype=self.reader.torch_dtype)
+        gather(self._feed, idx, info_.chunk_samples, x)
+        return x.numpy(), self.reader.labels[idx]
+
+
+class DaliFeatureLoader:
+    """Training batches of a cache through a DALI pipeline. The pipeline lives across epochs; asking
+    for an epoch other than the next one (or a mid-epoch start) builds a new one."""
+
+    def __init__(self, reader: CacheReader, order, device: torch.device, workers: int, seed: int,
+                 crop_padding: int, flip: bool):
+        require_dali()
+        if reader.info.dtype not in ("float16", "float32"):
+            raise DaliMissing(f"loader.backend: 'dali' reads float16 or float32 caches; {reader.path} is "
+                              f"{reader.info.dtype} (use loader.backend: numpy)")
+        self.reader, self.order, self.device = reader, order, device
+        self.workers, self.seed, self.padding, self.flip = max(1, workers), seed, crop_padding, flip
+        self._iter, self._next = None, None
+
+    def _build(self, batch_size: int, epoch: int, start_batch: int):
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        dtype = types.FLOAT16 if self.reader.info.dtype == "float16" else types.FLOAT
+        _, h, w = self.reader.info.sample_shape
+        p, flip, gpu = self.padding, self.flip, self.device.type == "cuda"
+        source = FeatureBatches(self.reader, self.order, batch_size, epoch, start_batch)
+
+        # spawned workers: forking a process that runs CUDA, zarr's event loop and other pipelines' threads
+        # can deadlock the child; the callback is a picklable module-level class for that reason
+        @pipeline_def(batch_size=batch_size, num_threads=2, py_num_workers=self.workers, py_start_method="spawn",
+                      seed=self.seed * 7919 + epoch, prefetch_queue_depth=2, device_id=_device_id(self.device))
+        def pipeline():
+            x, y = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True, parallel=True,
+                                      layout=["CHW", ""])
+            if gpu:
+                x = x.gpu()
+            if p:
+                x = fn.crop_mirror_normalize(x, crop=(h + 2 * p, w + 2 * p), crop_pos_x=0.5, crop_pos_y=0.5,
+                                             out_of_bounds_policy="pad", fill_values=0.0, dtype=dtype,
+                                             output_layout="CHW")
+            if p or flip:
+                x = fn.crop_mirror_normalize(
+                    x, crop=(h, w), crop_pos_x=fn.random.uniform(range=(0, 1)) if p else 0.5,
+                    crop_pos_y=fn.random.uniform(range=(0, 1)) if p else 0.5,
+                    mirror=fn.random.coin_flip() if flip else 0, dtype=dtype, output_layout="CHW")
+            return x, y
+
+        pipe = pipeline()
+        pipe.build()
+        return DALIGenericIterator(pipe, ["x", "y"], last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+
+    def train_batches(self, epoch: int, batch_size: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._iter is None or self._next != (epoch, start_batch, batch_size):
+            self._iter = self._build(batch_size, epoch, start_batch)
+        self._next = None  # an epoch abandoned half way leaves the pipeline mid-epoch: rebuild next time
+        for data in self._iter:
+            x, y = data[0]["x"], data[0]["y"].reshape(-1)
+            yield x.to(self.device, non_blocking=True).float(), y.to(self.device, non_blocking=True).long()
+        self._next = (epoch + 1, 0, batch_size)
+
+
+class ImageBatches:
+    """The external_source callback for image folders: encoded bytes and labels of batch b."""
+
+    def __init__(self, files: list[str], labels: list[int], batch_size: int, seed: int, shuffle: bool,
+                 first_epoch: int, start: int):
+        self.files, self.labels, self.batch_size = files, np.asarray(labels, dtype=np.int64), batch_size
+        self.seed, self.shuffle, self.first_epoch, self.start = seed, shuffle, first_epoch, start
+
+    def __call__(self, info):
+        epoch = self.first_epoch + info.epoch_idx
+        n = len(self.files)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        first = (self.start if info.epoch_idx == 0 else 0) + info.iteration * self.batch_size
+        if first >= n:
+            raise StopIteration
+        idx = order[first:first + self.batch_size]
+        return [np.fromfile(self.files[i], dtype=np.uint8) for i in idx], self.labels[idx]
+
+
+def image_batches(files: list[str], labels: list[int], size: int, train: bool, batch_size: int, seed: int,
+                  epoch: int, start: int, device: torch.device, workers: int, flip: bool,
+                  mean: tuple[float, ...], std: tuple[float, ...]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One pass over an image folder split through DALI: decode (GPU 'mixed' on CUDA), then random
+    resized crop + flip (train) or resize + center crop (eval), normalize, CHW float32."""
+    require_dali()
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    gpu = device.type == "cuda"
+    source = ImageBatches(files, labels, batch_size, seed, train, epoch, start)
+
+    # reading encoded bytes is cheap next to decoding (DALI's own threads, or nvJPEG on the GPU), so the
+    # callback runs in this process and needs no worker start per pass
+    @pipeline_def(batch_size=batch_size, num_threads=max(2, workers), seed=seed * 7919 + epoch,
+                  prefetch_queue_depth=2, device_id=_device_id(device))
+    def pipeline():
+        jpegs, y = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True)
+        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        if train:
+            images = fn.random_resized_crop(images, size=(size, size))
+            crop, mirror = (size, size), fn.random.coin_flip() if flip else 0
+        else:
+            images = fn.resize(images, resize_shorter=size * 8 // 7)
+            crop, mirror = (size, size), 0
+        x = fn.crop_mirror_normalize(images, crop=crop, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
+                                     mean=[255 * m for m in mean], std=[255 * s for s in std])
+        return x, y
+
+    pipe = pipeline()
+    pipe.build()
+    for data in DALIGenericIterator(pipe, ["x", "y"], last_batch_policy=LastBatchPolicy.PARTIAL):
+        yield (data[0]["x"].to(device, non_blocking=True),
+               data[0]["y"].reshape(-1).to(device, non_blocking=True).long())
+
+
+def folder_files(dataset) -> tuple[list[str], list[int]]:
+    """(paths, labels) of a torchvision ImageFolder, in its own (sorted) order."""
+    return [str(Path(p)) for p, _ in dataset.samples], [int(t) for _, t in dataset.samples]
