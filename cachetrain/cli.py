@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--j", type=int, help="only this stage's stores")
     command("status", "show each stage: trained epochs, k, accuracy, cache state, size on disk")
     command("eval", "test accuracy of the assembled network on the raw test images")
+    command("e2e", "train the same network end to end with backprop (the baseline); resumes like a stage")
+    bench = command("bench", "greedy-cached vs greedy-recompute vs end-to-end: time, memory, accuracy, plots")
+    bench.add_argument("--quick", action="store_true", help="small subsets and one epoch per stage (a smoke test)")
+    bench.add_argument("--out", help="output folder (default: bench/<config name>)")
     return p
 
 
@@ -77,6 +81,12 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
             return 0
         if args.command == "verify":
             return _verify(greedy, args.j, console)
+        if args.command == "bench":
+            from cachetrain.bench import run_bench
+            out = Path(args.out or f"bench/{cfg.name}")
+            results = run_bench(cfg, out, console, quick=args.quick)
+            console.print(results_markdown_note(out))
+            return 0
         greedy.run.lock()
         save_config(cfg, greedy.run.path / "config.yaml")
         if args.command == "train":
@@ -90,7 +100,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
             if not 0 <= j < greedy.depth:
                 raise ConfigError(f"--j {j}: expected a stage index in [0, {greedy.depth - 1}]")
             greedy.train_stage(j, k=args.k, restart=args.j is not None and greedy.stage_state(j) == "trained")
-            if j < greedy.depth - 1 and not args.no_cache:
+            if j in greedy.cached_stages() and not args.no_cache:
                 greedy.cache_stage(j)
             console.print(status_table(greedy.status(), title=f"{cfg.run_path}"))
         elif args.command == "cache":
@@ -98,6 +108,10 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
                 raise ConfigError(f"--j {args.j}: expected a stage index in [0, {greedy.depth - 1}]")
             computed = greedy.cache_stage(args.j, repair=args.repair)
             console.print(f"stage {args.j} cache: computed {computed['train']} train and {computed['test']} test samples")
+        elif args.command == "e2e":
+            from cachetrain.e2e import train_e2e
+            acc = train_e2e(cfg, console, data=greedy.data)
+            console.print(f"end-to-end test accuracy: {100 * acc:.2f}%")
         elif args.command == "eval":
             r = greedy.evaluate_network()
             table = Table(title=f"{cfg.run_path}: assembled network, stages 0..{r['stages'] - 1}")
@@ -122,6 +136,11 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     finally:
         if greedy is not None:
             greedy.run.unlock()
+
+
+def results_markdown_note(out: Path) -> str:
+    return (out / "results.md").read_text() + f"\nwrote {out}/results.json, results.md, accuracy.png, memory.png, " \
+        f"throughput.png"
 
 
 def _verify(greedy: Greedy, j: int | None, console: Console) -> int:

@@ -97,6 +97,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 autocast, CUDA only
     channels_last: bool = True  # CUDA only
+    e2e_epochs: int = 0  # `cachetrain e2e`: epochs of end-to-end training (0: the same as one greedy stage)
     checkpoint_steps: int = 0  # also checkpoint every N optimizer steps within an epoch (0: per epoch only)
     # feature-space augmentation for stages j > 0, applied per batch on the device (off by default)
     feature_crop_padding: int = 0
@@ -110,6 +111,7 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay", "a number >= 0", self.weight_decay)
         _check(self.step_epochs >= 1, "train.step_epochs", "an integer >= 1", self.step_epochs)
         _check(0 < self.gamma <= 1, "train.gamma", "a number in (0, 1]", self.gamma)
+        _check(self.e2e_epochs >= 0, "train.e2e_epochs", "an integer >= 0", self.e2e_epochs)
         _check(self.checkpoint_steps >= 0, "train.checkpoint_steps", "an integer >= 0", self.checkpoint_steps)
         _check(self.feature_crop_padding >= 0, "train.feature_crop_padding", "an integer >= 0",
                self.feature_crop_padding)
@@ -117,6 +119,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
+    # which stage outputs are cached: all (stages 0..J-2); none (every stage recomputes its input from the
+    # images through the frozen stages before it, as the published code does); plan (`cachetrain plan`)
+    mode: Literal["all", "none", "plan"] = "all"
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     codec: Literal["zstd", "none"] = "zstd"
     level: int = 3  # zstd level (3 measured best size/speed for fp16 ReLU maps here)

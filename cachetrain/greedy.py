@@ -12,6 +12,7 @@ stage stale without touching their files.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -32,9 +33,11 @@ from cachetrain.device import resolve_device
 from cachetrain.faults import fault_point
 from cachetrain.loader import CacheSource
 from cachetrain.models import Network, build_network, make_head, stage_seed
+from cachetrain.recompute import RecomputeSource
 from cachetrain.report import StageProgress
 from cachetrain.rundir import RunDir
-from cachetrain.trainer import EpochStats, StageModel, evaluate, make_optimizer, make_scheduler, predict, train_one_epoch
+from cachetrain.trainer import (EpochStats, Position, StageModel, fit, make_optimizer, make_scheduler,
+                                predict)
 
 
 class StageError(RuntimeError):
@@ -51,7 +54,7 @@ class StageStatus:
     epochs: int
     train_acc: float | None
     test_acc: float | None
-    cache: CacheState | None  # None: the last stage, whose outputs nothing reads
+    cache: CacheState | None  # None: not cached (the last stage, or recomputed by the stages after it)
     cache_bytes: int
     raw_bytes: int
     chunks_missing: int = 0  # over both splits, when the cache is being written
@@ -89,18 +92,31 @@ class Greedy:
                                                                                             markup=False))
         return self._ckpts[j]
 
+    def cached_stages(self) -> set[int]:
+        """The stages whose outputs are cached (cache.mode); the others' consumers recompute them."""
+        mode = self.cfg.cache.mode
+        if mode == "all":
+            return set(range(self.depth - 1))
+        if mode == "none":
+            return set()
+        plan = self.run.path / "plan.json"
+        if not plan.exists():
+            raise StageError(f"cache.mode: 'plan' needs {plan}; make one with: {self.command('plan')}")
+        return set(json.loads(plan.read_text())["cached"])
+
     def input_fingerprint(self, j: int) -> str | None:
-        """What stage j's input is now: the dataset for j = 0, else stage j-1's outputs (None when stage
-        j-1 is not trained and up to date, so nothing downstream can be either)."""
+        """What stage j's input is now: the dataset for j = 0, else stage j-1's outputs, cached or computed
+        on the fly (None when stage j-1 is not trained and up to date, so nothing after it can be)."""
         if j == 0:
             return self.data.fingerprint
-        return self.output_fingerprint(j - 1)
+        dtype = self.cfg.cache.dtype if j - 1 in self.cached_stages() else "recomputed"
+        return self.output_fingerprint(j - 1, dtype)
 
-    def output_fingerprint(self, j: int) -> str | None:
+    def output_fingerprint(self, j: int, dtype: str | None = None) -> str | None:
         if self.stage_state(j) != "trained":
             return None
         ck = self.checkpoint(j)
-        return output_fingerprint(j, ck["weights_hash"], ck["input_fingerprint"], self.cfg.cache.dtype)
+        return output_fingerprint(j, ck["weights_hash"], ck["input_fingerprint"], dtype or self.cfg.cache.dtype)
 
     def stage_state(self, j: int) -> str:
         ck = self.checkpoint(j)
@@ -119,7 +135,7 @@ class Greedy:
             ck = self.checkpoint(j)
             metrics = self.run.read_metrics(j)
             cache, size, raw, missing = None, 0, 0, 0
-            if j < self.depth - 1 or self.run.store_path(j, "train").exists():
+            if j in self.cached_stages() or self.run.store_path(j, "train").exists():
                 cache, infos = self.cache_state(j)
                 size = sum(disk_bytes(self.run.store_path(j, s)) for s in SPLITS)
                 raw = sum(info.num_samples * info.sample_bytes for info in infos.values() if info)
@@ -166,17 +182,32 @@ class Greedy:
 
     # -- inputs ----------------------------------------------------------------------------------
     def input_source(self, j: int):
+        """Stage j's input: the images (j = 0), stage j-1's cache, or the nearest cached stage's outputs
+        (or the images) forwarded through the frozen stages in between."""
         if j == 0:
             return self.data
-        fp = self.output_fingerprint(j - 1)
-        if fp is None:
-            raise StageError(f"stage {j} needs stage {j - 1} trained first ({self.stage_state(j - 1)}); run: "
-                             f"{self.command('stage', j - 1)}")
-        hint = f"run: {self.command('cache', j - 1)}"
-        readers = [CacheReader(self.run.store_path(j - 1, s), fp, rebuild_hint=hint) for s in SPLITS]
+        for i in range(j):
+            if self.stage_state(i) != "trained":
+                raise StageError(f"stage {j} needs stage {i} trained first ({self.stage_state(i)}); run: "
+                                 f"{self.command('stage', i)}")
         t = self.cfg.train
-        return CacheSource(*readers, self.cfg.loader, stage_seed(t.seed, j), self.device,
-                           t.feature_crop_padding, t.feature_flip, num_classes=self.data.num_classes)
+        cached = self.cached_stages()
+        a = max((i for i in cached if i < j), default=-1)  # nearest cached ancestor
+        seed = stage_seed(t.seed, j)
+        aug = (t.feature_crop_padding, t.feature_flip) if a == j - 1 else (0, False)
+        base = self.data if a < 0 else self.cache_source(a, seed, *aug)
+        if a == j - 1:
+            return base
+        frozen = [self.trained_stage(i) for i in range(a + 1, j)]
+        return RecomputeSource(base, frozen, self.net.out_shapes[j - 1], self.input_fingerprint(j), self.device,
+                               t.amp, seed, t.feature_crop_padding, t.feature_flip)
+
+    def cache_source(self, a: int, seed: int, crop_padding: int = 0, flip: bool = False) -> CacheSource:
+        fp = self.output_fingerprint(a)
+        hint = f"run: {self.command('cache', a)}"
+        readers = [CacheReader(self.run.store_path(a, s), fp, rebuild_hint=hint) for s in SPLITS]
+        return CacheSource(*readers, self.cfg.loader, seed, self.device, crop_padding, flip,
+                           num_classes=self.data.num_classes)
 
     def trained_stage(self, j: int) -> nn.Module:
         """Stage j with its trained weights, in eval mode (its BN uses running statistics)."""
@@ -213,57 +244,36 @@ class Greedy:
         steps = source.steps_per_epoch(t.batch_size)
         optimizer = make_optimizer(model.parameters(), t)
         scheduler = make_scheduler(optimizer, t, steps)
-        start_epoch, start_batch, epochs, partial = 0, 0, t.epochs, None
+        start, epochs = Position(), t.epochs
         if resume:
             stage.load_state_dict(ck["model"])
             head.load_state_dict(ck["head"])
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
             torch.set_rng_state(ck["rng"]["torch"])
-            start_epoch, start_batch, epochs = ck["epoch"], ck.get("batch", 0), ck["epochs"]
-            partial = EpochStats(**ck["stats"]) if start_batch else None
-            self.run.truncate_metrics(j, start_epoch)
-            self.console.print(f"stage {j}: resuming at epoch {start_epoch + 1}, batch {start_batch}/{steps}")
+            start = Position(ck["epoch"], ck.get("batch", 0), EpochStats(**ck["stats"]) if ck.get("stats") else None)
+            epochs = ck["epochs"]
+            self.run.truncate_metrics(j, start.epoch)
+            self.console.print(f"stage {j}: resuming at epoch {start.epoch + 1}, batch {start.batch}/{steps}")
         else:
             self.run.metrics_path(j).unlink(missing_ok=True)
         input_fp = self.input_fingerprint(j)
 
-        def save(epoch: int, batch: int, stats: EpochStats | None, test_acc: float | None = None) -> None:
-            """epoch: finished epochs; batch: batches done in the epoch after them."""
+        def save(at: Position, test_acc: float | None) -> None:
             checkpoint = {"stage": j, "k": k, "model": stage.state_dict(), "head": head.state_dict(),
                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "epoch": epoch, "batch": batch, "stats": asdict(stats) if stats else None,
-                          "epochs": epochs, "step": epoch * steps + batch, "rng": {"torch": torch.get_rng_state()},
-                          "input_fingerprint": input_fp, "test_acc": test_acc, "config": self.cfg.to_dict()}
-            if epoch == epochs:
+                          "epoch": at.epoch, "batch": at.batch, "stats": asdict(at.stats) if at.stats else None,
+                          "epochs": epochs, "step": at.epoch * steps + at.batch,
+                          "rng": {"torch": torch.get_rng_state()}, "input_fingerprint": input_fp,
+                          "test_acc": test_acc, "config": self.cfg.to_dict()}
+            if at.epoch == epochs:
                 checkpoint["weights_hash"] = weights_hash(stage)
             self.run.save_checkpoint(j, checkpoint)
             self._ckpts = {}  # stage j changed: every fingerprint derived from it may have too
 
-        test_acc = float("nan")
-        for epoch in range(start_epoch, epochs):
-            first_batch = start_batch if epoch == start_epoch else 0
-            stats = partial if epoch == start_epoch and partial else EpochStats()
-            with StageProgress(self.console, f"stage {j} (k={k}) epoch {epoch + 1}/{epochs}", steps) as bar:
-
-                def on_step(s: EpochStats) -> None:
-                    bar.update(s)
-                    if t.checkpoint_steps and s.batches % t.checkpoint_steps == 0 and s.batches < steps:
-                        save(epoch, s.batches, s)
-
-                t0 = time.perf_counter()
-                train_one_epoch(model, source.train_batches(epoch, t.batch_size, first_batch), optimizer, scheduler,
-                                self.device, t.amp, t.channels_last, stats, on_step=on_step)
-                train_seconds = time.perf_counter() - t0
-                test_acc = evaluate(model, source.eval_batches("test", 2 * t.batch_size), self.device, t.amp)
-            self.run.append_metrics(j, {
-                "stage": j, "k": k, "epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy,
-                "test_acc": test_acc, "samples_per_s": stats.samples_per_s, "data_seconds": stats.data_seconds,
-                "train_seconds": train_seconds, "lr": scheduler.get_last_lr()[0]})
-            self.console.print(f"stage {j} epoch {epoch + 1}/{epochs}: loss {stats.loss:.4f}  train acc "
-                               f"{stats.accuracy:.4f}  test acc {test_acc:.4f}  {stats.samples_per_s:,.0f} samples/s "
-                               f"(data wait {stats.data_seconds:.1f} s)")
-            save(epoch + 1, 0, None, test_acc)
+        test_acc = fit(model, source, t, self.device, optimizer, scheduler, epochs, start, save,
+                       log=lambda row: self.run.append_metrics(j, {"stage": j, "k": k, **row}),
+                       console=self.console, title=f"stage {j} (k={k})")
         fault_point("stage_end")
         return test_acc
 
@@ -323,7 +333,7 @@ class Greedy:
         for j in range(self.depth):
             if self.stage_state(j) != "trained":
                 self.train_stage(j)
-            if j < self.depth - 1:
+            if j in self.cached_stages():
                 self.cache_stage(j)
         return self.status()
 

@@ -51,7 +51,7 @@ def status_table(rows, title: str = "stages") -> Table:
     for r in rows:
         ratio = f"{r.raw_bytes / r.cache_bytes:.2f}x" if r.cache_bytes and r.raw_bytes else "-"
         epochs = f"{r.epochs_done}/{r.epochs}" + (f" +{r.batch} batches" if r.batch else "")
-        cache = r.cache.value if r.cache else "(last stage)"
+        cache = r.cache.value if r.cache else "not cached"
         if r.chunks_missing:
             cache += f" ({r.chunks_missing} chunks left)"
         table.add_row(str(r.j), str(r.k or "-"), r.state, epochs, _pct(r.train_acc),

@@ -4,6 +4,7 @@
     <run>/stages/stage_<j>/checkpoint.pt     one plain dict (see `checkpoint` below)
     <run>/stages/stage_<j>/metrics.jsonl     one JSON object per finished epoch
     <run>/cache/stage_<j>/{train,test}.zarr  stage j's outputs (see cachetrain.cache.manifest)
+    <run>/e2e/{checkpoint.pt,metrics.jsonl}   the end-to-end baseline (cachetrain.e2e)
     <run>/.lock                              held (flock) by the process working on the run
 
 Everything a command needs to decide what to do next is derived from these files; there is no
@@ -36,8 +37,9 @@ class RunDir:
         self.path = Path(path)
         self._unreadable: set[int] = set()  # stages whose checkpoint.pt failed to load (prev.pt was used)
 
-    def stage_dir(self, j: int) -> Path:
-        return self.path / "stages" / f"stage_{j}"
+    def stage_dir(self, j: int | str) -> Path:
+        """Stage j's folder; j = "e2e" is the end-to-end baseline's, which is kept the same way."""
+        return self.path / "e2e" if j == "e2e" else self.path / "stages" / f"stage_{j}"
 
     def checkpoint_path(self, j: int) -> Path:
         return self.stage_dir(j) / "checkpoint.pt"

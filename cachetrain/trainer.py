@@ -61,6 +61,9 @@ class EpochStats:
     samples: int = 0
     step_seconds: float = 0.0
     data_seconds: float = 0.0
+    # after the first WARMUP batches of the epoch (allocator, thread pools, page cache warm): steady state
+    steady_samples: int = 0
+    steady_seconds: float = 0.0
 
     @property
     def loss(self) -> float:
@@ -73,6 +76,13 @@ class EpochStats:
     @property
     def samples_per_s(self) -> float:
         return self.samples / max(1e-9, self.step_seconds + self.data_seconds)
+
+    @property
+    def steady_samples_per_s(self) -> float:
+        return self.steady_samples / self.steady_seconds if self.steady_seconds else self.samples_per_s
+
+
+WARMUP = 5
 
 
 def timed(batches: Iterable, stats: EpochStats) -> Iterator:
@@ -95,8 +105,10 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     stats = stats or EpochStats()
     model.train()
     loss_fn = nn.CrossEntropyLoss()
+    data_before = stats.data_seconds
     for x, y in timed(batches, stats):
         t0 = time.perf_counter()
+        waited = stats.data_seconds - data_before
         if channels_last and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
@@ -111,10 +123,59 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         stats.correct += int((logits.argmax(1) == y).sum())
         stats.samples += len(y)
         stats.batches += 1
-        stats.step_seconds += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        stats.step_seconds += elapsed
+        if stats.batches > WARMUP:
+            stats.steady_samples += len(y)
+            stats.steady_seconds += elapsed + waited
+        data_before = stats.data_seconds
         fault_point("train_step")
         on_step(stats)
     return stats
+
+
+@dataclass
+class Position:
+    """Where a fit stands: `epoch` finished epochs, then `batch` batches of the next one, with that
+    epoch's running sums in `stats` (None at an epoch boundary)."""
+
+    epoch: int = 0
+    batch: int = 0
+    stats: EpochStats | None = None
+
+
+def fit(model: nn.Module, source, cfg: TrainConfig, device: torch.device, optimizer, scheduler, epochs: int,
+        start: Position, save: Callable[[Position, float | None], None], log: Callable[[dict], None],
+        console, title: str) -> float:
+    """Train for epochs start.epoch..epochs-1 (the first from start.batch), evaluating on the test split and
+    calling `save` after every epoch and every cfg.checkpoint_steps steps; returns the last test accuracy."""
+    from cachetrain.report import StageProgress  # the UI stays out of the numeric core's imports
+
+    steps = source.steps_per_epoch(cfg.batch_size)
+    test_acc = float("nan")
+    for epoch in range(start.epoch, epochs):
+        resumed = epoch == start.epoch
+        stats = start.stats if resumed and start.stats else EpochStats()
+        with StageProgress(console, f"{title} epoch {epoch + 1}/{epochs}", steps) as bar:
+
+            def on_step(s: EpochStats) -> None:
+                bar.update(s)
+                if cfg.checkpoint_steps and s.batches % cfg.checkpoint_steps == 0 and s.batches < steps:
+                    save(Position(epoch, s.batches, s), None)
+
+            t0 = time.perf_counter()
+            batches = source.train_batches(epoch, cfg.batch_size, start.batch if resumed else 0)
+            train_one_epoch(model, batches, optimizer, scheduler, device, cfg.amp, cfg.channels_last, stats, on_step)
+            train_seconds = time.perf_counter() - t0
+            test_acc = evaluate(model, source.eval_batches("test", 2 * cfg.batch_size), device, cfg.amp)
+        log({"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy, "test_acc": test_acc,
+             "samples_per_s": stats.samples_per_s, "steady_samples_per_s": stats.steady_samples_per_s,
+             "data_seconds": stats.data_seconds, "train_seconds": train_seconds, "lr": scheduler.get_last_lr()[0]})
+        console.print(f"{title} epoch {epoch + 1}/{epochs}: loss {stats.loss:.4f}  train acc {stats.accuracy:.4f}  "
+                      f"test acc {test_acc:.4f}  {stats.samples_per_s:,.0f} samples/s "
+                      f"(data wait {stats.data_seconds:.1f} s)")
+        save(Position(epoch + 1, 0, None), test_acc)
+    return test_acc
 
 
 @torch.no_grad()

@@ -1,0 +1,238 @@
+"""`cachetrain bench`: greedy-cached vs greedy-recompute vs end-to-end, side by side in one process.
+
+Each regime trains the same network on the same data in its own run directory under
+`bench/<name>/`; the results (`results.json`, `results.md`, PNG plots) hold, per stage and in total:
+steady-state training samples/s, wall time per epoch, cache build time next to a bare forward pass
+over the same data, cache bytes and compression ratio, the memory one training step holds, test
+accuracy; and the ratios the product is judged by, with the greedy-cached / greedy-recompute time
+ratio that a FLOP count predicts for the same configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from cachetrain.config import Config
+from cachetrain.data import SPLITS
+from cachetrain.e2e import E2E, e2e_network, train_e2e
+from cachetrain.greedy import Greedy
+from cachetrain.models import make_head
+from cachetrain.profile import forward_flops, peak_rss_bytes, step_memory, train_step_flops
+from cachetrain.trainer import StageModel, make_optimizer
+
+REGIMES = ("cached", "recompute", "e2e")
+
+
+def quick_config(cfg: Config) -> Config:
+    """A smoke-test version: small subsets, one epoch per stage."""
+    d = cfg.data
+    data = replace(d, train_subset=min(d.train_subset or 512, 512), test_subset=min(d.test_subset or 256, 256),
+                   synthetic_train=min(d.synthetic_train, 512), synthetic_test=min(d.synthetic_test, 256))
+    return replace(cfg, data=data, train=replace(cfg.train, epochs=1, e2e_epochs=1))
+
+
+def regime_config(cfg: Config, out: Path, regime: str) -> Config:
+    mode = {"cached": "all", "recompute": "none", "e2e": cfg.cache.mode}[regime]
+    return replace(cfg, run_dir=str(out / regime), cache=replace(cfg.cache, mode=mode))
+
+
+def _epoch_figures(rows: list[dict]) -> dict:
+    return {"epochs": len(rows), "train_seconds": sum(r["train_seconds"] for r in rows),
+            "seconds_per_epoch": float(np.mean([r["train_seconds"] for r in rows])),
+            "steady_samples_per_s": float(np.mean([r["steady_samples_per_s"] for r in rows])),
+            "test_acc": rows[-1]["test_acc"], "train_acc": rows[-1]["train_acc"]}
+
+
+def _bare_forward_seconds(g: Greedy, j: int) -> float:
+    """A forward pass of trained stage j over both splits of its input, writing nothing."""
+    source, stage = g.input_source(j), g.trained_stage(j)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for split in SPLITS:
+            for x, _ in source.eval_batches(split, g.cfg.cache.batch_size):
+                stage(x)
+    return time.perf_counter() - t0
+
+
+def run_greedy(cfg: Config, console: Console, cached: bool) -> dict:
+    g = Greedy(cfg, console)
+    stages = []
+    for j in range(g.depth):
+        t0 = time.perf_counter()
+        g.train_stage(j)
+        figures = {"stage": j, "wall_seconds": time.perf_counter() - t0, **_epoch_figures(g.run.read_metrics(j))}
+        if cached and j in g.cached_stages():
+            t0 = time.perf_counter()
+            g.cache_stage(j)
+            figures["cache_seconds"] = time.perf_counter() - t0
+            figures["bare_forward_seconds"] = _bare_forward_seconds(g, j)
+            row = g.status()[j]
+            figures["cache_bytes"], figures["raw_bytes"] = row.cache_bytes, row.raw_bytes
+        stages.append(figures)
+    total = sum(s["wall_seconds"] + s.get("cache_seconds", 0.0) for s in stages)
+    return {"stages": stages, "total_seconds": total, "test_acc": stages[-1]["test_acc"], "greedy": g}
+
+
+def architecture(g: Greedy) -> list[dict]:
+    return [{"stage": j, "in_shape": list(g.net.in_shapes[j]), "out_shape": list(g.net.out_shapes[j]),
+             "params": sum(p.numel() for p in g.net.stages[j].parameters())} for j in range(g.depth)]
+
+
+def memory_and_flops(g: Greedy, batch: int) -> dict:
+    """Per stage (block + its head on its input) and end to end (all stages + last head on images):
+    the memory of one training step at `batch`, training-step FLOPs and forward FLOPs per sample."""
+    cfg, dev = g.cfg, g.device
+    num_classes = g.data.num_classes
+    y = torch.randint(0, num_classes, (batch,), device=dev)
+    out = {"stages": []}
+    for j in range(g.depth):
+        ck = g.checkpoint(j)
+        k = ck["k"] if ck else cfg.model.k
+        model = StageModel(g.net.stages[j], make_head(cfg.model, g.net, j, k, num_classes, 0)).to(dev)
+        x = torch.randn(batch, *g.net.in_shapes[j], device=dev)
+        mem = step_memory(model, x, y, make_optimizer(model.parameters(), cfg.train), cfg.train.amp)
+        out["stages"].append({"stage": j, "k": k, "memory": mem.to_dict(),
+                              "train_flops_per_sample": train_step_flops(model, x, y) / batch,
+                              "eval_flops_per_sample": forward_flops(model, x) / batch,
+                              "block_flops_per_sample": forward_flops(g.net.stages[j], x) / batch})
+    e2e = e2e_network(cfg, g.data).to(dev)
+    x = torch.randn(batch, *g.data.sample_shape, device=dev)
+    mem = step_memory(e2e, x, y, make_optimizer(e2e.parameters(), cfg.train), cfg.train.amp)
+    out["e2e"] = {"memory": mem.to_dict(), "train_flops_per_sample": train_step_flops(e2e, x, y) / batch,
+                  "eval_flops_per_sample": forward_flops(e2e, x) / batch}
+    return out
+
+
+def predicted_time_ratio(costs: dict, n_train: int, n_test: int, epochs: int, cached: set[int]) -> float:
+    """greedy-cached / greedy-recompute total FLOPs, counting training steps, test evaluations, caching
+    passes and (for recompute) the frozen forwards every batch needs."""
+    st = costs["stages"]
+    block = [s["block_flops_per_sample"] for s in st]
+    own = [epochs * (n_train * s["train_flops_per_sample"] + n_test * s["eval_flops_per_sample"]) for s in st]
+    caching = sum((n_train + n_test) * block[j] for j in cached)
+    recompute = sum(epochs * (n_train + n_test) * sum(block[:j]) for j in range(len(st)))
+    return (sum(own) + caching) / (sum(own) + recompute)
+
+
+def run_bench(cfg: Config, out: Path, console: Console, quick: bool = False) -> dict:
+    if quick:
+        cfg = quick_config(cfg)
+    for regime in REGIMES:
+        shutil.rmtree(out / regime, ignore_errors=True)  # fresh runs: timings of resumed work mean nothing
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"name": cfg.name, "quick": quick, "date": time.strftime("%Y-%m-%d %H:%M"),
+                     "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+                                f"torch {torch.__version__}",
+                     "device": str(Greedy(cfg, console).device), "config": cfg.to_dict()}
+    console.print("[bold]greedy, cached[/bold]")
+    cached = run_greedy(regime_config(cfg, out, "cached"), console, cached=True)
+    console.print("[bold]greedy, recomputing frozen stages[/bold]")
+    recompute = run_greedy(regime_config(cfg, out, "recompute"), console, cached=False)
+    console.print("[bold]end to end[/bold]")
+    e2e_cfg = regime_config(cfg, out, "e2e")
+    t0 = time.perf_counter()
+    e2e_acc = train_e2e(e2e_cfg, console, data=cached["greedy"].data)
+    e2e_rows = Greedy(e2e_cfg, console).run.read_metrics(E2E)
+    e2e = {"total_seconds": time.perf_counter() - t0, "test_acc": e2e_acc, **_epoch_figures(e2e_rows)}
+
+    g = cached["greedy"]
+    costs = memory_and_flops(g, min(cfg.train.batch_size, 32 if g.device.type == "cpu" else cfg.train.batch_size))
+    n_train, n_test = g.data.num_samples("train"), g.data.num_samples("test")
+    for regime, r in (("cached", cached), ("recompute", recompute)):
+        results[regime] = {k: v for k, v in r.items() if k != "greedy"}
+        results[regime]["architecture"] = architecture(r["greedy"])
+    results["e2e"] = e2e
+    results["costs"] = costs
+    largest = max(s["memory"]["total_bytes"] for s in costs["stages"])
+    cache_stages = [s for s in cached["stages"] if "cache_seconds" in s]
+    results["ratios"] = {
+        "cached_over_recompute_time": cached["total_seconds"] / recompute["total_seconds"],
+        "flop_predicted_cached_over_recompute": predicted_time_ratio(costs, n_train, n_test, cfg.train.epochs,
+                                                                     g.cached_stages()),
+        "largest_stage_over_e2e_memory": largest / costs["e2e"]["memory"]["total_bytes"],
+        "cache_build_over_bare_forward": (sum(s["cache_seconds"] for s in cache_stages) /
+                                          max(1e-9, sum(s["bare_forward_seconds"] for s in cache_stages))),
+        "greedy_minus_e2e_accuracy": cached["test_acc"] - e2e_acc,
+    }
+    results["peak_rss_bytes"] = peak_rss_bytes()
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown(results))
+    plot(results, out)
+    return results
+
+
+def markdown(r: dict) -> str:
+    mib = 2**20
+    lines = [f"Machine: {r['machine']}, device {r['device']}; {r['date']}" + (" (quick mode)" if r["quick"] else ""),
+             "", "| stage | cached: samples/s | s/epoch | cache build s (bare fwd s) | cache MiB (ratio) | "
+             "recompute: samples/s | s/epoch | test acc cached / recompute | step memory MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c, p, m in zip(r["cached"]["stages"], r["recompute"]["stages"], r["costs"]["stages"]):
+        build = f"{c['cache_seconds']:.1f} ({c['bare_forward_seconds']:.1f})" if "cache_seconds" in c else "-"
+        size = f"{c['cache_bytes'] / mib:.0f} ({c['raw_bytes'] / c['cache_bytes']:.2f}x)" if c.get("cache_bytes") else "-"
+        lines.append(f"| {c['stage']} | {c['steady_samples_per_s']:,.0f} | {c['seconds_per_epoch']:.1f} | {build} | "
+                     f"{size} | {p['steady_samples_per_s']:,.0f} | {p['seconds_per_epoch']:.1f} | "
+                     f"{100 * c['test_acc']:.2f}% / {100 * p['test_acc']:.2f}% | "
+                     f"{m['memory']['total_bytes'] / mib:.1f} |")
+    e = r["e2e"]
+    lines.append(f"| end to end | {e['steady_samples_per_s']:,.0f} | {e['seconds_per_epoch']:.1f} | - | - | - | - | "
+                 f"{100 * e['test_acc']:.2f}% | {r['costs']['e2e']['memory']['total_bytes'] / mib:.1f} |")
+    q = r["ratios"]
+    lines += ["", f"Total wall time: greedy-cached {r['cached']['total_seconds']:.0f} s, greedy-recompute "
+                  f"{r['recompute']['total_seconds']:.0f} s, end to end {e['total_seconds']:.0f} s.", "",
+              "| ratio | value |", "|---|---:|",
+              f"| greedy-cached / greedy-recompute total time | {q['cached_over_recompute_time']:.3f} |",
+              f"| same, predicted by FLOP count | {q['flop_predicted_cached_over_recompute']:.3f} |",
+              f"| largest greedy stage / end-to-end step memory | {q['largest_stage_over_e2e_memory']:.3f} |",
+              f"| cache build / bare forward pass | {q['cache_build_over_bare_forward']:.3f} |",
+              f"| greedy - end-to-end test accuracy (points) | {100 * q['greedy_minus_e2e_accuracy']:+.2f} |"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [s["stage"] for s in r["cached"]["stages"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(stages, [100 * s["test_acc"] for s in r["cached"]["stages"]], "o-", label="greedy, cached")
+    ax.plot(stages, [100 * s["test_acc"] for s in r["recompute"]["stages"]], "s--", label="greedy, recompute")
+    ax.axhline(100 * r["e2e"]["test_acc"], color="k", linestyle=":", label="end to end")
+    ax.set(xlabel="stage j", ylabel="test accuracy (%)", title="Layerwise test accuracy", xticks=stages)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=120)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    mem = [s["memory"]["total_bytes"] / 2**20 for s in r["costs"]["stages"]]
+    ax.bar([f"stage {j}" for j in stages] + ["end to end"], mem + [r["costs"]["e2e"]["memory"]["total_bytes"] / 2**20],
+           color=["tab:blue"] * len(stages) + ["tab:gray"])
+    ax.set(ylabel="MiB per training step", title="Training-step memory (saved tensors + params + grads + optimizer)")
+    fig.tight_layout()
+    fig.savefig(out / "memory.png", dpi=120)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.4
+    xs = np.arange(len(stages))
+    ax.bar(xs - width / 2, [s["steady_samples_per_s"] for s in r["cached"]["stages"]], width, label="greedy, cached")
+    ax.bar(xs + width / 2, [s["steady_samples_per_s"] for s in r["recompute"]["stages"]], width,
+           label="greedy, recompute")
+    ax.axhline(r["e2e"]["steady_samples_per_s"], color="k", linestyle=":", label="end to end")
+    ax.set(xticks=xs, xticklabels=[f"stage {j}" for j in stages], ylabel="training samples/s",
+           title="Steady-state training throughput")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=120)
+    plt.close("all")

@@ -1,0 +1,67 @@
+"""The end-to-end baseline: the same stages plus the last stage's auxiliary head, trained jointly with
+backprop on the same data, augmentation, optimizer and schedule family as a greedy stage.
+
+Run directory: `<run>/e2e/{checkpoint.pt, metrics.jsonl}`, with the same atomic checkpoints, mid-epoch
+resume and metrics rows as a greedy stage, so the benchmark can put the two side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from cachetrain.config import Config
+from cachetrain.data import open_dataset
+from cachetrain.device import resolve_device
+from cachetrain.models import build_network, make_head, stage_seed
+from cachetrain.rundir import RunDir
+from cachetrain.trainer import EpochStats, Position, fit, make_optimizer, make_scheduler
+
+E2E = "e2e"  # the run directory's unit for the baseline: <run>/e2e/
+
+
+def e2e_network(cfg: Config, data) -> nn.Sequential:
+    net = build_network(cfg.model, data.sample_shape, cfg.train.seed)
+    head = make_head(cfg.model, net, net.depth - 1, cfg.model.k, data.num_classes, cfg.train.seed)
+    return nn.Sequential(*net.stages, head)
+
+
+def train_e2e(cfg: Config, console: Console, data=None) -> float:
+    t = cfg.train
+    device = resolve_device(t.device)
+    data = data or open_dataset(cfg.data, stage_seed(t.seed, 0), device, cfg.loader.workers, cfg.loader.backend)
+    run = RunDir(cfg.run_path)
+    model = e2e_network(cfg, data).to(device)
+    if t.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    epochs = t.e2e_epochs or t.epochs
+    steps = data.steps_per_epoch(t.batch_size)
+    optimizer = make_optimizer(model.parameters(), t)
+    scheduler = make_scheduler(optimizer, replace(t, epochs=epochs), steps)
+    ck = run.load_checkpoint(E2E, warn=lambda m: console.print(f"warning: {m}", markup=False))
+    start = Position()
+    if ck is not None and ck.get("data") == data.fingerprint and ck["epoch"] < ck["epochs"]:
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        start = Position(ck["epoch"], ck.get("batch", 0), EpochStats(**ck["stats"]) if ck.get("stats") else None)
+        run.truncate_metrics(E2E, start.epoch)
+        console.print(f"e2e: resuming at epoch {start.epoch + 1}, batch {start.batch}/{steps}")
+    elif ck is not None and ck.get("data") == data.fingerprint:
+        console.print(f"e2e: already trained ({ck['epoch']} epochs, test acc {ck['test_acc']:.4f})")
+        return ck["test_acc"]
+    else:
+        run.metrics_path(E2E).unlink(missing_ok=True)
+
+    def save(at: Position, test_acc: float | None) -> None:
+        run.save_checkpoint(E2E, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(), "epoch": at.epoch, "batch": at.batch,
+                                "stats": asdict(at.stats) if at.stats else None, "epochs": epochs,
+                                "step": at.epoch * steps + at.batch, "data": data.fingerprint,
+                                "test_acc": test_acc, "config": cfg.to_dict()})
+
+    return fit(model, data, t, device, optimizer, scheduler, epochs, start, save,
+               log=lambda row: run.append_metrics(E2E, row), console=console, title="e2e")
