@@ -51,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     command("status", "show each stage: trained epochs, k, accuracy, cache state, size on disk")
     command("eval", "test accuracy of the assembled network on the raw test images")
     command("e2e", "train the same network end to end with backprop (the baseline); resumes like a stage")
+    plan = command("plan", "choose which stage outputs to cache under a disk budget; saves <run>/plan.json")
+    plan.add_argument("--samples", type=int, help="training samples (default: the configured dataset's)")
+    plan.add_argument("--test-samples", type=int, help="test samples (default: the configured dataset's, or 0 "
+                      "with --samples)")
+    plan.add_argument("--image-size", type=int, help="input height = width (default: the configured data's)")
+    plan.add_argument("--disk-budget", default="inf", help="e.g. 2TB, 500GB, 1.5TiB (default: unlimited)")
+    plan.add_argument("--dtype", choices=["float16", "bfloat16", "float32", "uint8"],
+                      help="storage dtype (default: cache.dtype)")
     bench = command("bench", "greedy-cached vs greedy-recompute vs end-to-end: time, memory, accuracy, plots")
     bench.add_argument("--quick", action="store_true", help="small subsets and one epoch per stage (a smoke test)")
     bench.add_argument("--out", help="output folder (default: bench/<config name>)")
@@ -87,6 +95,8 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
             results = run_bench(cfg, out, console, quick=args.quick)
             console.print(results_markdown_note(out))
             return 0
+        if args.command == "plan":
+            return _plan(greedy, args, console)
         greedy.run.lock()
         save_config(cfg, greedy.run.path / "config.yaml")
         if args.command == "train":
@@ -141,6 +151,42 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
 def results_markdown_note(out: Path) -> str:
     return (out / "results.md").read_text() + f"\nwrote {out}/results.json, results.md, accuracy.png, memory.png, " \
         f"throughput.png"
+
+
+def _plan(greedy: Greedy, args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from cachetrain import planner
+    from cachetrain.report import plan_table
+
+    cfg = greedy.cfg
+    if args.samples is None:
+        n_train, n_test = greedy.data.num_samples("train"), greedy.data.num_samples("test")
+        num_classes = greedy.data.num_classes
+    else:
+        n_train, n_test = args.samples, args.test_samples or 0
+        num_classes = cfg.data.num_classes if cfg.data.name == "synthetic" else 1000 if n_train > 10**6 else 10
+    budget = (2**63 - 1) if args.disk_budget == "inf" else _size(args.disk_budget)
+    dtype = args.dtype or cfg.cache.dtype
+    workload = planner.Workload(n_train, n_test, cfg.train.epochs, cfg.cache.views)
+    costs = planner.stage_costs(cfg, planner.input_shape(cfg, args.image_size), num_classes)
+    chosen = planner.plan(costs, workload, budget, dtype)
+    result = {**planner.describe(costs, workload, chosen, dtype), "budget_bytes": budget}
+    console.print(plan_table(result, title=f"{cfg.name}: cache plan for {n_train:,} + {n_test:,} samples, "
+                                           f"budget {args.disk_budget}, {dtype}"))
+    greedy.run.path.mkdir(parents=True, exist_ok=True)
+    (greedy.run.path / "plan.json").write_text(json.dumps(result, indent=2))
+    console.print(f"saved {greedy.run.path / 'plan.json'}; train with it: --set cache.mode=plan")
+    return 0
+
+
+def _size(text: str) -> int:
+    from cachetrain.planner import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _verify(greedy: Greedy, j: int | None, console: Console) -> int:

@@ -122,7 +122,15 @@ class CacheConfig:
     # which stage outputs are cached: all (stages 0..J-2); none (every stage recomputes its input from the
     # images through the frozen stages before it, as the published code does); plan (`cachetrain plan`)
     mode: Literal["all", "none", "plan"] = "all"
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    # uint8: affine per-channel quantisation, scale from a calibration pass (quant_percentile of each
+    # channel's values; 100 = the max), dequantised by the loader on the device
+    dtype: Literal["float16", "bfloat16", "float32", "uint8"] = "float16"
+    quant_percentile: float = 100.0
+    quant_batches: int = 8  # calibration batches spread over the training split (0: all of it, one extra pass)
+    bitround: int = 0  # float16 only: keep this many mantissa bits (numcodecs BitRound; 0 = off, max 10)
+    # training-set views: view 0 is the plain pass, views 1..V-1 are passes with stage-0 augmentation;
+    # the loader draws one view per chunk of samples per epoch
+    views: int = 1
     codec: Literal["zstd", "none"] = "zstd"
     level: int = 3  # zstd level (3 measured best size/speed for fp16 ReLU maps here)
     chunk_mib: float = 4.0  # target chunk size; a chunk always holds a whole number of samples
@@ -130,6 +138,14 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         _check(1 <= self.level <= 22, "cache.level", "an integer in [1, 22]", self.level)
+        _check(50 <= self.quant_percentile <= 100, "cache.quant_percentile", "a number in [50, 100]",
+               self.quant_percentile)
+        _check(self.quant_batches >= 0, "cache.quant_batches", "an integer >= 0", self.quant_batches)
+        _check(0 <= self.bitround <= 10, "cache.bitround", "an integer in [0, 10] (mantissa bits kept)", self.bitround)
+        _check(not self.bitround or self.dtype == "float16", "cache.bitround", "0 unless cache.dtype is float16",
+               self.bitround)
+        _check(1 <= self.views <= 64, "cache.views", "an integer in [1, 64]", self.views)
+        _check(self.views == 1 or self.mode == "all", "cache.views", "1 unless cache.mode is 'all'", self.views)
         _check(0.0625 <= self.chunk_mib <= 64, "cache.chunk_mib", "a number in [0.0625, 64]", self.chunk_mib)
         _check(self.batch_size >= 1, "cache.batch_size", "an integer >= 1", self.batch_size)
 

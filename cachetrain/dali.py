@@ -167,7 +167,8 @@ class ImageBatches:
 
 def image_batches(files: list[str], labels: list[int], size: int, train: bool, batch_size: int, seed: int,
                   epoch: int, start: int, device: torch.device, workers: int, flip: bool,
-                  mean: tuple[float, ...], std: tuple[float, ...]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  mean: tuple[float, ...], std: tuple[float, ...],
+                  shuffle: bool | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One pass over an image folder split through DALI: decode (GPU 'mixed' on CUDA), then random
     resized crop + flip (train) or resize + center crop (eval), normalize, CHW float32."""
     require_dali()
@@ -175,7 +176,7 @@ def image_batches(files: list[str], labels: list[int], size: int, train: bool, b
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
     gpu = device.type == "cuda"
-    source = ImageBatches(files, labels, batch_size, seed, train, epoch, start)
+    source = ImageBatches(files, labels, batch_size, seed, train if shuffle is None else shuffle, epoch, start)
 
     # reading encoded bytes is cheap next to decoding (DALI's own threads, or nvJPEG on the GPU), so the
     # callback runs in this process and needs no worker start per pass

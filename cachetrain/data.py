@@ -77,6 +77,13 @@ class TensorImages:
         for i in range(start, self.num_samples(split), batch_size):
             yield self._batch(split, torch.arange(i, min(i + batch_size, self.num_samples(split))))
 
+    def augmented_batches(self, batch_size: int, start: int, view: int) -> Iterator[Batch]:
+        """The training split in sample order under stage-0 augmentation: view `view` of a cache. Draws
+        depend on (seed, view, position), so a resumed caching pass repeats them."""
+        for i in range(start, self.num_samples("train"), batch_size):
+            x, y = self._batch("train", torch.arange(i, min(i + batch_size, self.num_samples("train"))))
+            yield crop_flip(x, self.padding, self.flip, batch_rng(self.seed, 1_000_000 + view, i)), y
+
 
 def _subset(x: torch.Tensor, y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (x[:n], y[:n]) if n else (x, y)

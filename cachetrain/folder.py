@@ -90,6 +90,17 @@ class FolderImages:
         yield from self._load(self._sets["train"], order[start_batch * batch_size:], batch_size,
                               seed=hash((self.seed, epoch, start_batch)) & 0x7FFFFFFF)
 
+    def augmented_batches(self, batch_size: int, start: int, view: int) -> Iterator[Batch]:
+        """The training split in sample order under the training transforms (a cache view)."""
+        if self.use_dali:
+            from cachetrain.dali import folder_files, image_batches
+            files, labels = folder_files(self._sets["train"])
+            yield from image_batches(files, labels, self.size, True, batch_size, self.seed + view, 0, start,
+                                     self.device, self.workers, self.flip_aug, MEAN, STD, shuffle=False)
+            return
+        yield from self._load(self._sets["train"], list(range(start, self.num_samples("train"))), batch_size,
+                              seed=hash((self.seed, view, start)) & 0x7FFFFFFF)
+
     def eval_batches(self, split: str, batch_size: int, start: int = 0) -> Iterator[Batch]:
         name = "train_eval" if split == "train" else "test"
         if self.use_dali:

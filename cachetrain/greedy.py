@@ -16,17 +16,18 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import torch
 from rich.console import Console
-import zarr
 from torch import nn
 
 from cachetrain.cache import (CacheError, CacheReader, CacheState, StoreInfo, disk_bytes, output_fingerprint,
-                              plan_layout, store_state, weights_hash, write_store)
-from cachetrain.cache.verify import ChunkProblem, verify_store
+                              store_state, weights_hash)
+from cachetrain.cache.verify import ChunkProblem
 from cachetrain.cache.writer import missing_chunks
+from cachetrain import caching
 from cachetrain.config import Config
 from cachetrain.data import SPLITS, open_dataset
 from cachetrain.device import resolve_device
@@ -34,7 +35,6 @@ from cachetrain.faults import fault_point
 from cachetrain.loader import CacheSource
 from cachetrain.models import Network, build_network, make_head, stage_seed
 from cachetrain.recompute import RecomputeSource
-from cachetrain.report import StageProgress
 from cachetrain.rundir import RunDir
 from cachetrain.trainer import (EpochStats, Position, StageModel, fit, make_optimizer, make_scheduler,
                                 predict)
@@ -137,11 +137,11 @@ class Greedy:
             cache, size, raw, missing = None, 0, 0, 0
             if j in self.cached_stages() or self.run.store_path(j, "train").exists():
                 cache, infos = self.cache_state(j)
-                size = sum(disk_bytes(self.run.store_path(j, s)) for s in SPLITS)
+                size = sum(disk_bytes(path) for _, _, path in self.stores(j))
                 raw = sum(info.num_samples * info.sample_bytes for info in infos.values() if info)
                 if cache is CacheState.WRITING:
-                    missing = sum(len(missing_chunks(self.run.store_path(j, s), info)) if info else 0
-                                  for s, info in infos.items())
+                    missing = sum(len(missing_chunks(path, infos[path])) for _, _, path in self.stores(j)
+                                  if infos[path])
             rows.append(StageStatus(
                 j=j, state=self.stage_state(j), k=ck["k"] if ck else None, epochs_done=ck["epoch"] if ck else 0,
                 batch=ck.get("batch", 0) if ck else 0, epochs=ck["epochs"] if ck else self.cfg.train.epochs,
@@ -150,12 +150,12 @@ class Greedy:
                 chunks_missing=missing))
         return rows
 
-    def cache_state(self, j: int) -> tuple[CacheState, dict[str, StoreInfo | None]]:
-        """One state for stage j's two stores, judged against stage j's current checkpoint."""
+    def cache_state(self, j: int) -> tuple[CacheState, dict[Path, StoreInfo | None]]:
+        """One state for all of stage j's stores, judged against stage j's current checkpoint."""
         fp = self.output_fingerprint(j)
-        found = {s: store_state(self.run.store_path(j, s), fp) for s in SPLITS}
+        found = {path: store_state(path, fp) for _, _, path in self.stores(j)}
         states = [st for st, _ in found.values()]
-        infos = {s: info for s, (_, info) in found.items()}
+        infos = {path: info for path, (_, info) in found.items()}
         if fp is None:  # stage j is not trained: whatever is on disk came from an older stage j
             return (CacheState.ABSENT if all(st is CacheState.ABSENT for st in states) else CacheState.STALE), infos
         if CacheState.STALE in states:
@@ -205,8 +205,9 @@ class Greedy:
     def cache_source(self, a: int, seed: int, crop_padding: int = 0, flip: bool = False) -> CacheSource:
         fp = self.output_fingerprint(a)
         hint = f"run: {self.command('cache', a)}"
-        readers = [CacheReader(self.run.store_path(a, s), fp, rebuild_hint=hint) for s in SPLITS]
-        return CacheSource(*readers, self.cfg.loader, seed, self.device, crop_padding, flip,
+        readers = {(split, v): CacheReader(path, fp, rebuild_hint=hint) for split, v, path in self.stores(a)}
+        views = [readers["train", v] for v in range(self.cfg.cache.views)]
+        return CacheSource(views, readers["test", 0], self.cfg.loader, seed, self.device, crop_padding, flip,
                            num_classes=self.data.num_classes)
 
     def trained_stage(self, j: int) -> nn.Module:
@@ -277,56 +278,17 @@ class Greedy:
         fault_point("stage_end")
         return test_acc
 
-    # -- caching ---------------------------------------------------------------------------------
+    # -- caching (cachetrain.caching does the work) ----------------------------------------------
+    def stores(self, j: int) -> list[tuple[str, int, Path]]:
+        """(split, view, path) of every store stage j's cache consists of."""
+        views = {"train": self.cfg.cache.views, "test": 1}
+        return [(split, v, self.run.store_path(j, split, v)) for split in SPLITS for v in range(views[split])]
+
     def cache_stage(self, j: int, repair: bool = False) -> dict[str, int]:
-        """Write stage j's outputs over both splits, computing only what is missing. With `repair`, first
-        verify every chunk and drop the corrupt ones, so exactly those are recomputed.
-        Returns samples computed per split."""
-        if self.stage_state(j) != "trained":
-            raise StageError(f"stage {j} is {self.stage_state(j)}, so there is nothing to cache yet; run: "
-                             f"{self.command('stage', j)}")
-        if repair:
-            for problem in self.drop_corrupt_chunks(j):
-                self.console.print(f"repair: {problem}")
-        ck, c = self.checkpoint(j), self.cfg.cache
-        source = self.input_source(j)
-        stage = self.trained_stage(j)
-        shape = self.net.out_shapes[j]
-        computed = {}
-        for split in SPLITS:
-            n = source.num_samples(split)
-            sample_bytes = int(np.prod(shape)) * (4 if c.dtype == "float32" else 2)
-            layout = plan_layout(sample_bytes, c.chunk_mib, n, c.batch_size)
-            info = StoreInfo(stage=j, k=ck["k"], split=split, fingerprint=self.output_fingerprint(j),
-                             weights_hash=ck["weights_hash"], input_fingerprint=ck["input_fingerprint"],
-                             dtype=c.dtype, codec=c.codec, level=c.level, num_samples=n, sample_shape=shape,
-                             chunk_samples=layout.chunk_samples)
-            with StageProgress(self.console, f"cache stage {j} {split}", n) as bar:
-                computed[split] = write_store(
-                    self.run.store_path(j, split), info, source.labels(split), stage,
-                    lambda start, size, split=split: source.eval_batches(split, size, start),
-                    layout, self.device, self.cfg.train.amp, on_progress=bar.advance)
-        return computed
+        return caching.cache_stage(self, j, repair)
 
     def verify(self, stages: list[int]) -> dict[tuple[int, str], list[ChunkProblem] | None]:
-        """Problems per (stage, split); None where there is no store."""
-        return {(j, split): verify_store(path) if path.exists() else None
-                for j in stages for split in SPLITS for path in [self.run.store_path(j, split)]}
-
-    def drop_corrupt_chunks(self, j: int) -> list[ChunkProblem]:
-        """Delete the chunk files of stage j's stores that fail verification and mark those stores
-        incomplete, so the next caching pass recomputes exactly them."""
-        dropped = []
-        for (_, split), problems in self.verify([j]).items():
-            if not problems:
-                continue
-            group = zarr.open_group(str(self.run.store_path(j, split)), mode="r+")
-            group.attrs["complete"] = False
-            for p in problems:
-                if p.chunk is not None:
-                    p.file.unlink(missing_ok=True)
-            dropped += problems
-        return dropped
+        return caching.verify(self, stages)
 
     # -- the whole run ---------------------------------------------------------------------------
     def train_all(self) -> list[StageStatus]:

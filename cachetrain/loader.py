@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cachetrain.augment import batch_rng, crop_flip
 from cachetrain.cache.reader import CacheReader
-from cachetrain.config import LoaderConfig
+from cachetrain.config import ConfigError, LoaderConfig
 from cachetrain.orders import ORDERS
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -54,26 +54,27 @@ def gather(feed, idx: np.ndarray, chunk_samples: int, out: torch.Tensor) -> list
 
 
 class _Chunks(Dataset):
-    """Item c is (c, chunk c decoded): what one worker process produces at a time."""
+    """Item (v, c) is (c, chunk c of view v, decoded): what one worker process produces at a time."""
 
-    def __init__(self, reader: CacheReader):
-        self.reader = reader
+    def __init__(self, readers: list[CacheReader]):
+        self.readers = readers
 
     def __len__(self) -> int:
-        return self.reader.info.num_chunks
+        return self.readers[0].info.num_chunks
 
-    def __getitem__(self, c: int) -> tuple[int, torch.Tensor]:
-        return c, self.reader.read_chunk(c)
+    def __getitem__(self, item: tuple[int, int]) -> tuple[int, torch.Tensor]:
+        v, c = item
+        return c, self.readers[v].read_chunk(c)
 
 
 class MemmapFeed:
-    """Chunks of an uncompressed store, mapped on demand; the page cache is the only buffer."""
+    """Chunks of uncompressed stores, mapped on demand; the page cache is the only buffer."""
 
-    def __init__(self, reader: CacheReader):
-        self.reader = reader
+    def __init__(self, readers: list[CacheReader], view_of: np.ndarray):
+        self.readers, self.view_of = readers, view_of
 
     def get(self, c: int) -> torch.Tensor:
-        return self.reader.chunk_view(c)
+        return self.readers[self.view_of[c]].chunk_view(c)
 
     def release(self, c: int) -> None:
         pass
@@ -103,16 +104,17 @@ class RecentFeed:
 class WorkerFeed:
     """Decoded chunks from DataLoader worker processes, arriving in first-use order."""
 
-    def __init__(self, reader: CacheReader, batches: list[np.ndarray], workers: int, prefetch: int):
-        cs = reader.info.chunk_samples
-        need: list[int] = []
+    def __init__(self, readers: list[CacheReader], view_of: np.ndarray, batches: list[np.ndarray], workers: int,
+                 prefetch: int):
+        cs = readers[0].info.chunk_samples
+        need: list[tuple[int, int]] = []
         seen: set[int] = set()
         for b in batches:
             for c in np.unique(b // cs).tolist():
                 if c not in seen:
                     seen.add(c)
-                    need.append(c)
-        self._stream = iter(DataLoader(_Chunks(reader), sampler=need, batch_size=None, num_workers=workers,
+                    need.append((int(view_of[c]), c))
+        self._stream = iter(DataLoader(_Chunks(readers), sampler=need, batch_size=None, num_workers=workers,
                                        prefetch_factor=prefetch if workers else None))
         self._resident: dict[int, torch.Tensor] = {}
 
@@ -127,19 +129,23 @@ class WorkerFeed:
 
 
 class CacheLoader:
-    def __init__(self, reader: CacheReader, device: torch.device, workers: int = 1, prefetch_chunks: int = 4,
-                 prefetch_batches: int = 2):
-        self.reader, self.device = reader, device
+    """Batches from one store, or from V views of the same samples (stores of identical layout), in
+    which case `views_of` picks the view each chunk is read from."""
+
+    def __init__(self, readers: CacheReader | list[CacheReader], device: torch.device, workers: int = 1,
+                 prefetch_chunks: int = 4, prefetch_batches: int = 2):
+        self.readers = readers if isinstance(readers, list) else [readers]
+        self.reader, self.device = self.readers[0], device
         self.workers, self.prefetch = workers, prefetch_chunks
         self.depth = prefetch_batches
-        self.labels = torch.from_numpy(reader.labels)
+        self.labels = torch.from_numpy(self.reader.labels)
 
-    def _feed(self, batches: list[np.ndarray]):
+    def _feed(self, batches: list[np.ndarray], view_of: np.ndarray):
         if self.reader.memmappable:
-            return MemmapFeed(self.reader)
-        return WorkerFeed(self.reader, batches, self.workers, self.prefetch)
+            return MemmapFeed(self.readers, view_of)
+        return WorkerFeed(self.readers, view_of, batches, self.workers, self.prefetch)
 
-    def host_batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Batch]:
+    def host_batches(self, indices: np.ndarray, batch_size: int, view_of: np.ndarray | None = None) -> Iterator[Batch]:
         """(x in the storage dtype, y) on the host, assembled in a background thread into a ring of reused
         buffers: a yielded x is valid until the next batch is drawn (copy it, or move it to the device,
         before then; on CUDA the copy only has to be issued)."""
@@ -151,7 +157,9 @@ class CacheLoader:
         for b, idx in enumerate(plan):
             for c in np.unique(idx // cs).tolist():
                 last_use[c] = b
-        feed = self._feed(plan)
+        if view_of is None:
+            view_of = np.zeros(self.reader.info.num_chunks, dtype=np.int64)
+        feed = self._feed(plan, view_of)
         pin = self.device.type == "cuda"
         ring = [torch.empty((batch_size, *self.reader.info.sample_shape), dtype=self.reader.torch_dtype,
                             pin_memory=pin) for _ in range(self.depth + 2)]
@@ -197,32 +205,39 @@ class CacheLoader:
             stop.set()
             thread.join()
 
-    def batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Batch]:
+    def batches(self, indices: np.ndarray, batch_size: int, view_of: np.ndarray | None = None) -> Iterator[Batch]:
         """(x float32 (B, C, H, W), y int64 (B,)) on the device, for `indices` taken batch_size at a time."""
-        host = self.host_batches(indices, batch_size)
+        host = self.host_batches(indices, batch_size, view_of)
+        to_float = self.reader.to_float
         if self.device.type != "cuda":
             for x, y in host:
                 # a new tensor either way: the ring buffer it came from gets refilled
-                yield (x.float() if x.dtype != torch.float32 else x.clone()), y
+                yield (to_float(x) if x.dtype != torch.float32 else x.clone()), y
             return
         pending = None
         for x, y in host:
             # issue the next copy before handing out the current batch, so it overlaps the step
             nxt = (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
             if pending is not None:
-                yield pending[0].float(), pending[1]
+                yield to_float(pending[0]), pending[1]
             pending = nxt
         if pending is not None:
-            yield pending[0].float(), pending[1]
+            yield to_float(pending[0]), pending[1]
 
 
 class CacheSource:
-    """Stage j's input when it is stage j-1's cache: the same interface as the image datasets."""
+    """Stage j's input when it is stage j-1's cache: the same interface as the image datasets.
+    `train` may be a list of V views of the training split; each epoch reads every chunk of samples
+    from one view, drawn from (seed, epoch)."""
 
-    def __init__(self, train: CacheReader, test: CacheReader, cfg: LoaderConfig, seed: int, device: torch.device,
-                 crop_padding: int = 0, flip: bool = False, num_classes: int | None = None):
+    def __init__(self, train: CacheReader | list[CacheReader], test: CacheReader, cfg: LoaderConfig, seed: int,
+                 device: torch.device, crop_padding: int = 0, flip: bool = False, num_classes: int | None = None):
+        views = train if isinstance(train, list) else [train]
+        train = views[0]
+        self.views = len(views)
         self.readers = {"train": train, "test": test}
-        self.loaders = {s: CacheLoader(r, device, cfg.workers, cfg.prefetch_chunks) for s, r in self.readers.items()}
+        self.loaders = {"train": CacheLoader(views, device, cfg.workers, cfg.prefetch_chunks),
+                        "test": CacheLoader(test, device, cfg.workers, cfg.prefetch_chunks)}
         info = train.info
         self.order = ORDERS[cfg.order](info.num_samples, info.chunk_samples, cfg.window_chunks, seed)
         self.sample_shape = info.sample_shape
@@ -232,6 +247,9 @@ class CacheSource:
         self.dali = None
         if cfg.backend == "dali":
             from cachetrain.dali import DaliFeatureLoader
+            if self.views > 1:
+                raise ConfigError("loader.backend: expected 'numpy' or 'auto' with cache.views > 1 (the DALI loader "
+                                  "reads one view), got 'dali'")
             self.dali = DaliFeatureLoader(train, self.order, device, cfg.workers, seed, crop_padding, flip)
 
     def num_samples(self, split: str) -> int:
@@ -251,8 +269,17 @@ class CacheSource:
             yield from self.dali.train_batches(epoch, batch_size, start_batch)
             return
         indices = self.train_indices(epoch, batch_size, start_batch)
-        for b, (x, y) in enumerate(self.loaders["train"].batches(indices, batch_size), start=start_batch):
+        view_of = self.view_of(epoch)
+        for b, (x, y) in enumerate(self.loaders["train"].batches(indices, batch_size, view_of), start=start_batch):
             yield crop_flip(x, self.padding, self.flip, batch_rng(self.seed, epoch, b)), y
 
+    def view_of(self, epoch: int) -> np.ndarray:
+        """The view each chunk is read from in this epoch (all 0 with one view)."""
+        n = self.readers["train"].info.num_chunks
+        if self.views == 1:
+            return np.zeros(n, dtype=np.int64)
+        return np.random.default_rng([self.seed, epoch, 0x71E]).integers(0, self.views, size=n)
+
     def eval_batches(self, split: str, batch_size: int, start: int = 0) -> Iterator[Batch]:
+        """Plain batches in sample order (training split: view 0, the unaugmented pass)."""
         yield from self.loaders[split].batches(np.arange(start, self.num_samples(split)), batch_size)

@@ -58,3 +58,24 @@ def status_table(rows, title: str = "stages") -> Table:
                       _pct(r.test_acc), cache,
                       _size(r.cache_bytes) if r.cache_bytes else "-", ratio)
     return table
+
+
+def plan_table(plan: dict, title: str) -> Table:
+    """Per stage: output shape, store size per dtype, FLOPs, and where its input comes from."""
+    table = Table(title=title)
+    for col in ("j", "output", "bytes/sample", "fp32 store", "fp16 store", "uint8 store", "GFLOP/sample",
+                "cached", "input of stage j"):
+        table.add_column(col, justify="left" if col in ("output", "input of stage j") else "right")
+    for s in plan["stages"]:
+        through = s["recompute_through"]
+        span = "" if not through else f"{through[0]}" if len(through) == 1 else f"{through[0]}..{through[-1]}"
+        source = s["input"] + (f" + recompute {span}" if through else "")
+        table.add_row(str(s["stage"]), "x".join(map(str, s["out_shape"])), _size(s["sample_bytes"][plan["dtype"]]),
+                      _size(s["store_bytes"]["float32"]), _size(s["store_bytes"]["float16"]),
+                      _size(s["store_bytes"]["uint8"]), f"{s['forward_flops'] / 1e9:.2f}",
+                      "yes" if s["cached"] else "-", source)
+    table.caption = (f"cache {plan['cached'] or 'nothing'}: {_size(plan['disk_bytes'])} on disk; recompute + caching "
+                     f"{plan['flops_plan'] / 1e15:,.1f} PFLOP vs {plan['flops_recompute_everything'] / 1e15:,.1f} "
+                     f"PFLOP recomputing everything (saves {plan['flops_saved'] / 1e15:,.1f}); whole run incl. "
+                     f"training {100 * plan['total_vs_recompute_everything']:.0f}% of the recompute-everything run")
+    return table

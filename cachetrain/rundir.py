@@ -50,8 +50,8 @@ class RunDir:
     def cache_dir(self, j: int) -> Path:
         return self.path / "cache" / f"stage_{j}"
 
-    def store_path(self, j: int, split: str) -> Path:
-        return self.cache_dir(j) / f"{split}.zarr"
+    def store_path(self, j: int, split: str, view: int = 0) -> Path:
+        return self.cache_dir(j) / (f"{split}.zarr" if view == 0 else f"{split}_v{view}.zarr")
 
     # -- checkpoints ---------------------------------------------------------------------------
     def previous_checkpoint_path(self, j: int) -> Path:

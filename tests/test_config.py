@@ -61,3 +61,10 @@ def test_cli_subprocess_exit_code_for_wrong_type_override(tiny_config_file):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: {tiny_config_file} with --set model.width=wide: model.width: expected an integer, got 'wide'"]
+
+
+def test_every_shipped_config_loads(repo_root):
+    paths = sorted((repo_root / "configs").glob("*.yaml"))
+    assert len(paths) >= 4
+    for path in paths:
+        assert load_config(path).name == path.stem

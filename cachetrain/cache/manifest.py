@@ -34,6 +34,7 @@ DTYPES = {
     "float16": (np.float16, torch.float16),
     "float32": (np.float32, torch.float32),
     "bfloat16": (np.uint16, torch.bfloat16),  # numpy has no bfloat16: raw bits in uint16
+    "uint8": (np.uint8, torch.uint8),  # with per-channel scale and offset (StoreInfo.quant)
 }
 
 
@@ -65,15 +66,22 @@ class StoreInfo:
     num_samples: int
     sample_shape: tuple[int, int, int]
     chunk_samples: int
+    bitround: int = 0
+    view: int = 0  # training-set view (0: plain pass; v > 0: pass v with stage-0 augmentation)
+    quant: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # uint8: per-channel (scale, offset)
     format_version: int = FORMAT_VERSION
 
     def to_attrs(self) -> dict:
-        return {**asdict(self), "sample_shape": list(self.sample_shape)}
+        attrs = {**asdict(self), "sample_shape": list(self.sample_shape)}
+        attrs["quant"] = [list(q) for q in self.quant] if self.quant else None
+        return attrs
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> StoreInfo:
         fields = {k: attrs[k] for k in cls.__dataclass_fields__ if k in attrs}
         fields["sample_shape"] = tuple(fields["sample_shape"])
+        if fields.get("quant"):
+            fields["quant"] = tuple(tuple(q) for q in fields["quant"])
         return cls(**fields)
 
     @property
@@ -86,7 +94,8 @@ class StoreInfo:
 
 
 def output_fingerprint(stage: int, weights_hash: str, input_fingerprint: str, dtype: str) -> str:
-    """The fingerprint of stage j's cached outputs: a function of everything that determines them."""
+    """The fingerprint of stage j's outputs as the next stage sees them: a function of everything that
+    determines them (`dtype` names the storage, with its rounding options, or "recomputed")."""
     blob = json.dumps([FORMAT_VERSION, stage, weights_hash, input_fingerprint, dtype])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

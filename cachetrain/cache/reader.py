@@ -13,6 +13,7 @@ import torch
 import zarr
 
 from cachetrain.cache.manifest import DTYPES, CacheError, CacheState, StoreInfo, store_state
+from cachetrain.cache.quant import dequantize
 
 
 class CacheReader:
@@ -48,6 +49,10 @@ class CacheReader:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.info.dtype][1]
+
+    def to_float(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch in the storage dtype -> float32 features, on x's device (dequantising uint8)."""
+        return dequantize(x, self.info.quant) if self.info.quant else x.float()
 
     def chunk_bounds(self, c: int) -> tuple[int, int]:
         cs = self.info.chunk_samples

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.codecs import BitRound, Crc32cCodec, ZstdCodec
 
 from cachetrain.cache.manifest import DTYPES, CacheState, Layout, StoreInfo, store_state
+from cachetrain.cache.quant import quantize
 from cachetrain.device import autocast
 from cachetrain.faults import fault_point
 
@@ -67,9 +68,10 @@ def _create(path: Path, info: StoreInfo, labels: np.ndarray) -> zarr.Group:
         shutil.rmtree(path)
     group = zarr.open_group(str(path), mode="w", attributes={**info.to_attrs(), "complete": False})
     codecs = [ZstdCodec(level=info.level)] if info.codec == "zstd" else []
+    filters = [BitRound(keepbits=info.bitround)] if info.bitround else []
     group.create_array(
         "features", shape=(info.num_samples, *info.sample_shape), chunks=(info.chunk_samples, *info.sample_shape),
-        dtype=DTYPES[info.dtype][0], fill_value=0, compressors=[*codecs, Crc32cCodec()],
+        dtype=DTYPES[info.dtype][0], fill_value=0, filters=filters, compressors=[*codecs, Crc32cCodec()],
         # a chunk file must exist for every written chunk, even an all-zero one: file presence is progress
         config={"write_empty_chunks": True})
     group.create_array("labels", data=labels.astype(np.int64), chunks=(len(labels),), compressors=[Crc32cCodec()])
@@ -82,11 +84,14 @@ def missing_chunks(path: Path, info: StoreInfo) -> list[int]:
             if not (path / "features" / array.metadata.encode_chunk_key((c, 0, 0, 0))).exists()]
 
 
-def to_storage(y: torch.Tensor, dtype: str) -> np.ndarray:
-    y = y.to(DTYPES[dtype][1])
-    if dtype == "bfloat16":
+def to_storage(y: torch.Tensor, info: StoreInfo) -> np.ndarray:
+    """Stage outputs (B, C, H, W) as the store's dtype, on the host."""
+    if info.dtype == "uint8":
+        return quantize(y, info.quant).cpu().numpy()
+    y = y.to(DTYPES[info.dtype][1])
+    if info.dtype == "bfloat16":
         y = y.view(torch.int16)
-    return y.cpu().numpy().view(DTYPES[dtype][0])
+    return y.cpu().numpy().view(DTYPES[info.dtype][0])
 
 
 def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn.Module, batches: Batches,
@@ -119,7 +124,7 @@ def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn
                 pending: list[np.ndarray] = []  # outputs of the group being assembled
                 pending_start = start
                 for x, _ in batches(start, layout.forward_batch):
-                    pending.append(to_storage(stage(x), info.dtype))
+                    pending.append(to_storage(stage(x), info))
                     computed += len(x)
                     on_progress(len(x))
                     done = pending_start + sum(len(p) for p in pending)
