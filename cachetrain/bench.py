@@ -24,6 +24,7 @@ from rich.console import Console
 
 from cachetrain.config import Config
 from cachetrain.data import SPLITS
+from cachetrain.device import autocast
 from cachetrain.e2e import E2E, e2e_network, train_e2e
 from cachetrain.greedy import Greedy
 from cachetrain.models import make_head
@@ -57,10 +58,12 @@ def _bare_forward_seconds(g: Greedy, j: int) -> float:
     """A forward pass of trained stage j over both splits of its input, writing nothing."""
     source, stage = g.input_source(j), g.trained_stage(j)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(g.device, g.cfg.train.amp):  # as the caching pass runs it
         for split in SPLITS:
             for x, _ in source.eval_batches(split, g.cfg.cache.batch_size):
                 stage(x)
+    if g.device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 

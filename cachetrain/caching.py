@@ -97,11 +97,17 @@ def _current_infos(g, j: int) -> list[StoreInfo]:
 
 
 def verify(g, stages: list[int]) -> dict[tuple[int, str], list[ChunkProblem] | None]:
-    """Problems per (stage, store name); None where there is no store."""
+    """Problems per (stage, store name); None where there is no store and none is expected (a stage not
+    cached, or not trained yet); a missing store that should exist is a problem."""
     out = {}
     for j in stages:
+        expected = j in g.cached_stages() and g.stage_state(j) == "trained"
         for split, view, path in g.stores(j):
-            out[j, split if view == 0 else f"{split} view {view}"] = verify_store(path) if path.exists() else None
+            name = split if view == 0 else f"{split} view {view}"
+            if path.exists():
+                out[j, name] = verify_store(path)
+            else:
+                out[j, name] = [ChunkProblem(path, None, 0, 0, "store missing")] if expected else None
     return out
 
 
@@ -110,11 +116,11 @@ def drop_corrupt_chunks(g, j: int) -> list[ChunkProblem]:
     so the next caching pass recomputes exactly them."""
     dropped = []
     for problems in verify(g, [j]).values():
-        if not problems:
+        if not problems or problems[0].problem == "store missing":  # the caching pass rebuilds it anyway
             continue
         zarr.open_group(str(problems[0].store), mode="r+").attrs["complete"] = False
         for p in problems:
-            if p.chunk is not None:
+            if p.file is not None:
                 p.file.unlink(missing_ok=True)
         dropped += problems
     return dropped

@@ -190,6 +190,8 @@ def _size(text: str) -> int:
 
 
 def _verify(greedy: Greedy, j: int | None, console: Console) -> int:
+    if j is not None and not 0 <= j < greedy.depth:
+        raise ConfigError(f"--j {j}: expected a stage index in [0, {greedy.depth - 1}]")
     stages = [j] if j is not None else list(range(greedy.depth))
     bad = 0
     for (stage, split), problems in greedy.verify(stages).items():

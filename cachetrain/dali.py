@@ -4,8 +4,9 @@ Cached features: `fn.external_source` in batch mode with parallel (spawned) work
 a pure function of (epoch, batch index): it gathers batch b of the epoch's plan (the same
 `batch_plan` the numpy loader uses, so both backends yield the same samples per batch) from memory-
 mapped or decoded chunks. DALI places the batch on the GPU and runs the feature-space augmentation
-there: one `crop_mirror_normalize` pads by p on every side (a crop window larger than the map, out of
-bounds filled with zeros), a second takes a random window and mirrors it (both handle fp16 CHW).
+there: `fn.slice` takes a window shifted by a random integer in [-p, p] per axis, zero-filled where it
+leaves the map (random crop with padding p), then `crop_mirror_normalize` mirrors it (it handles fp16
+CHW; `fn.flip` on the CPU does not).
 
 Image folders (stage 0 at ImageNet scale): the callback reads the JPEG bytes of batch b,
 `fn.decoders.image` decodes them (on the GPU with device "mixed"), then random resized crop + flip +
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from cachetrain.cache.reader import CacheReader
+from cachetrain.config import ConfigError
 from cachetrain.loader import RecentFeed, batch_plan, gather
 
 INSTALL = "pip install 'cachetrain[dali]'"
@@ -97,8 +99,8 @@ class DaliFeatureLoader:
                  crop_padding: int, flip: bool):
         require_dali()
         if reader.info.dtype not in ("float16", "float32"):
-            raise DaliMissing(f"loader.backend: 'dali' reads float16 or float32 caches; {reader.path} is "
-                              f"{reader.info.dtype} (use loader.backend: numpy)")
+            raise ConfigError(f"loader.backend: expected 'numpy' for a {reader.info.dtype} cache ({reader.path}); "
+                              f"the DALI loader reads float16 or float32, got 'dali'")
         self.reader, self.order, self.device = reader, order, device
         self.workers, self.seed, self.padding, self.flip = max(1, workers), seed, crop_padding, flip
         self._iter, self._next = None, None
@@ -121,15 +123,11 @@ class DaliFeatureLoader:
                                       layout=["CHW", ""])
             if gpu:
                 x = x.gpu()
-            if p:
-                x = fn.crop_mirror_normalize(x, crop=(h + 2 * p, w + 2 * p), crop_pos_x=0.5, crop_pos_y=0.5,
-                                             out_of_bounds_policy="pad", fill_values=0.0, dtype=dtype,
-                                             output_layout="CHW")
-            if p or flip:
-                x = fn.crop_mirror_normalize(
-                    x, crop=(h, w), crop_pos_x=fn.random.uniform(range=(0, 1)) if p else 0.5,
-                    crop_pos_y=fn.random.uniform(range=(0, 1)) if p else 0.5,
-                    mirror=fn.random.coin_flip() if flip else 0, dtype=dtype, output_layout="CHW")
+            if p:  # a window shifted by an integer in [-p, p] on each axis, zeros where it leaves the map
+                anchor = fn.random.uniform(values=list(range(-p, p + 1)), shape=[2], dtype=types.INT32)
+                x = fn.slice(x, start=anchor, shape=[h, w], axes=[1, 2], out_of_bounds_policy="pad", fill_values=0)
+            if flip:
+                x = fn.crop_mirror_normalize(x, mirror=fn.random.coin_flip(), dtype=dtype, output_layout="CHW")
             return x, y
 
         pipe = pipeline()

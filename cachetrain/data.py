@@ -43,6 +43,9 @@ class TensorImages:
 
     def __init__(self, name: str, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
                  mean: float, std: float, num_classes: int, cfg: DataConfig, seed: int, device: torch.device):
+        for split, (_, y) in (("train", train), ("test", test)):
+            if len(y) == 0:
+                raise DataError(f"data: the {name} {split} split has no samples")
         self._x = {"train": train[0], "test": test[0]}  # (N, C, H, W) uint8
         self._y = {"train": train[1].long(), "test": test[1].long()}
         self.mean, self.std = mean, std
@@ -67,11 +70,11 @@ class TensorImages:
     def steps_per_epoch(self, batch_size: int) -> int:
         return -(-self.num_samples("train") // batch_size)
 
-    def train_batches(self, epoch: int, batch_size: int, start_batch: int = 0) -> Iterator[Batch]:
+    def train_batches(self, epoch: int, batch_size: int, start_batch: int = 0, augment: bool = True) -> Iterator[Batch]:
         order = torch.from_numpy(np.random.default_rng([self.seed, epoch]).permutation(self.num_samples("train")))
         for b in range(start_batch, self.steps_per_epoch(batch_size)):
             x, y = self._batch("train", order[b * batch_size:(b + 1) * batch_size])
-            yield crop_flip(x, self.padding, self.flip, batch_rng(self.seed, epoch, b)), y
+            yield (crop_flip(x, self.padding, self.flip, batch_rng(self.seed, epoch, b)) if augment else x), y
 
     def eval_batches(self, split: str, batch_size: int, start: int = 0) -> Iterator[Batch]:
         for i in range(start, self.num_samples(split), batch_size):

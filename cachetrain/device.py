@@ -6,12 +6,15 @@ from contextlib import nullcontext
 
 import torch
 
+from cachetrain.config import ConfigError
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device: 'cuda' requested but torch sees no CUDA device; use 'auto' or 'cpu'")
+        raise ConfigError("train.device: expected 'auto' or 'cpu' on this machine (torch sees no CUDA device), "
+                          "got 'cuda'")
     return torch.device(name)
 
 

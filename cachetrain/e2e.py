@@ -7,7 +7,7 @@ resume and metrics rows as a greedy stage, so the benchmark can put the two side
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 from rich.console import Console
@@ -37,20 +37,21 @@ def train_e2e(cfg: Config, console: Console, data=None) -> float:
     model = e2e_network(cfg, data).to(device)
     if t.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    epochs = t.e2e_epochs or t.epochs
     steps = data.steps_per_epoch(t.batch_size)
-    optimizer = make_optimizer(model.parameters(), t)
-    scheduler = make_scheduler(optimizer, replace(t, epochs=epochs), steps)
     ck = run.load_checkpoint(E2E, warn=lambda m: console.print(f"warning: {m}", markup=False))
+    resume = ck is not None and ck.get("data") == data.fingerprint
+    epochs = ck["epochs"] if resume else (t.e2e_epochs or t.epochs)
+    optimizer = make_optimizer(model.parameters(), t)
+    scheduler = make_scheduler(optimizer, t, steps, epochs)
     start = Position()
-    if ck is not None and ck.get("data") == data.fingerprint and ck["epoch"] < ck["epochs"]:
+    if resume and ck["epoch"] < ck["epochs"]:
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         start = Position(ck["epoch"], ck.get("batch", 0), EpochStats(**ck["stats"]) if ck.get("stats") else None)
         run.truncate_metrics(E2E, start.epoch)
         console.print(f"e2e: resuming at epoch {start.epoch + 1}, batch {start.batch}/{steps}")
-    elif ck is not None and ck.get("data") == data.fingerprint:
+    elif resume:
         console.print(f"e2e: already trained ({ck['epoch']} epochs, test acc {ck['test_acc']:.4f})")
         return ck["test_acc"]
     else:

@@ -8,6 +8,7 @@ same order the tensor datasets and the cache loader would use, and resumable mid
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,16 @@ from cachetrain.config import DataConfig
 from cachetrain.data import Batch, DataError, data_root, fingerprint
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _subset(ds, n: int):
+    """Keep n samples spread evenly over the (class-sorted) file list, so every class stays represented."""
+    if n and n < len(ds.samples):
+        keep = np.linspace(0, len(ds.samples) - 1, n).round().astype(int)
+        ds.samples = [ds.samples[i] for i in keep]
+        ds.targets = [ds.targets[i] for i in keep]
+        ds.imgs = ds.samples
+    return ds
 
 
 class FolderImages:
@@ -34,18 +45,14 @@ class FolderImages:
         self.train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip() if cfg.flip else T.Identity(),
                                    T.ToTensor(), T.Normalize(MEAN, STD)])
         self.eval_tf = T.Compose([T.Resize(size * 8 // 7), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
-        self._sets = {
-            "train": datasets.ImageFolder(str(root / "train"), transform=self.train_tf),
-            "test": datasets.ImageFolder(str(root / "val"), transform=self.eval_tf),
-            "train_eval": datasets.ImageFolder(str(root / "train"), transform=self.eval_tf),
-        }
+        train = _subset(datasets.ImageFolder(str(root / "train"), transform=self.train_tf), cfg.train_subset)
+        train_eval = copy.copy(train)  # the same file list (scanned once), evaluation transforms
+        train_eval.transform = self.eval_tf
+        self._sets = {"train": train, "train_eval": train_eval,
+                      "test": _subset(datasets.ImageFolder(str(root / "val"), transform=self.eval_tf), cfg.test_subset)}
         for name, ds in self._sets.items():
-            if cfg.train_subset and name != "test":
-                ds.samples = ds.samples[: cfg.train_subset]
-                ds.targets = ds.targets[: cfg.train_subset]
-            if cfg.test_subset and name == "test":
-                ds.samples = ds.samples[: cfg.test_subset]
-                ds.targets = ds.targets[: cfg.test_subset]
+            if len(ds) == 0:
+                raise DataError(f"data.root: {root / ('val' if name == 'test' else 'train')} holds no images")
         self.num_classes = len(self._sets["train"].classes)
         self.sample_shape = (3, size, size)
         self.seed, self.device, self.workers = seed, device, workers
@@ -80,14 +87,15 @@ class FolderImages:
         return image_batches(files, labels, self.size, train, batch_size, self.seed, epoch, start, self.device,
                              self.workers, self.flip_aug, MEAN, STD)
 
-    def train_batches(self, epoch: int, batch_size: int, start_batch: int = 0) -> Iterator[Batch]:
-        if self.use_dali:
+    def train_batches(self, epoch: int, batch_size: int, start_batch: int = 0, augment: bool = True) -> Iterator[Batch]:
+        name = "train" if augment else "train_eval"
+        if self.use_dali and augment:
             yield from self._dali("train", True, batch_size, epoch, start_batch * batch_size)
             return
         order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples("train")).tolist()
         # the workers' augmentation seeds come from (seed, epoch, start_batch): resuming mid-epoch
         # repeats the order exactly; the random crops after the resume point are fresh draws
-        yield from self._load(self._sets["train"], order[start_batch * batch_size:], batch_size,
+        yield from self._load(self._sets[name], order[start_batch * batch_size:], batch_size,
                               seed=hash((self.seed, epoch, start_batch)) & 0x7FFFFFFF)
 
     def augmented_batches(self, batch_size: int, start: int, view: int) -> Iterator[Batch]:

@@ -68,6 +68,7 @@ class Greedy:
         self.console = console or Console()
         self.config_arg = config_path  # how the user named the config, for the commands we suggest
         self._ckpts: dict[int, dict | None] = {}
+        self._plan: set[int] | None = None
 
     @cached_property
     def data(self):
@@ -99,24 +100,32 @@ class Greedy:
             return set(range(self.depth - 1))
         if mode == "none":
             return set()
-        plan = self.run.path / "plan.json"
-        if not plan.exists():
-            raise StageError(f"cache.mode: 'plan' needs {plan}; make one with: {self.command('plan')}")
-        return set(json.loads(plan.read_text())["cached"])
+        if self._plan is None:
+            plan = self.run.path / "plan.json"
+            if not plan.exists():
+                raise StageError(f"cache.mode: 'plan' needs {plan}; make one with: {self.command('plan')}")
+            try:
+                cached = set(json.loads(plan.read_text())["cached"])
+                assert all(isinstance(j, int) and 0 <= j < self.depth - 1 for j in cached)
+            except (ValueError, KeyError, TypeError, AssertionError):
+                raise StageError(f"{plan}: expected {{\"cached\": [stage indices in 0..{self.depth - 2}]}}; "
+                                 f"make a new one with: {self.command('plan')}") from None
+            self._plan = cached
+        return self._plan
 
     def input_fingerprint(self, j: int) -> str | None:
         """What stage j's input is now: the dataset for j = 0, else stage j-1's outputs, cached or computed
         on the fly (None when stage j-1 is not trained and up to date, so nothing after it can be)."""
         if j == 0:
             return self.data.fingerprint
-        dtype = self.cfg.cache.dtype if j - 1 in self.cached_stages() else "recomputed"
-        return self.output_fingerprint(j - 1, dtype)
+        storage = self.cfg.cache.storage if j - 1 in self.cached_stages() else "recomputed"
+        return self.output_fingerprint(j - 1, storage)
 
-    def output_fingerprint(self, j: int, dtype: str | None = None) -> str | None:
+    def output_fingerprint(self, j: int, storage: str | None = None) -> str | None:
         if self.stage_state(j) != "trained":
             return None
         ck = self.checkpoint(j)
-        return output_fingerprint(j, ck["weights_hash"], ck["input_fingerprint"], dtype or self.cfg.cache.dtype)
+        return output_fingerprint(j, ck["weights_hash"], ck["input_fingerprint"], storage or self.cfg.cache.storage)
 
     def stage_state(self, j: int) -> str:
         ck = self.checkpoint(j)
@@ -200,7 +209,8 @@ class Greedy:
             return base
         frozen = [self.trained_stage(i) for i in range(a + 1, j)]
         return RecomputeSource(base, frozen, self.net.out_shapes[j - 1], self.input_fingerprint(j), self.device,
-                               t.amp, seed, t.feature_crop_padding, t.feature_flip)
+                               t.amp, seed, t.feature_crop_padding, t.feature_flip,
+                               augment_base=self.cfg.cache.mode == "none")
 
     def cache_source(self, a: int, seed: int, crop_padding: int = 0, flip: bool = False) -> CacheSource:
         fp = self.output_fingerprint(a)
@@ -243,9 +253,10 @@ class Greedy:
         if t.channels_last and self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         steps = source.steps_per_epoch(t.batch_size)
+        epochs = ck["epochs"] if resume else t.epochs  # a resumed stage keeps the schedule it started with
         optimizer = make_optimizer(model.parameters(), t)
-        scheduler = make_scheduler(optimizer, t, steps)
-        start, epochs = Position(), t.epochs
+        scheduler = make_scheduler(optimizer, t, steps, epochs)
+        start = Position()
         if resume:
             stage.load_state_dict(ck["model"])
             head.load_state_dict(ck["head"])
@@ -253,7 +264,6 @@ class Greedy:
             scheduler.load_state_dict(ck["scheduler"])
             torch.set_rng_state(ck["rng"]["torch"])
             start = Position(ck["epoch"], ck.get("batch", 0), EpochStats(**ck["stats"]) if ck.get("stats") else None)
-            epochs = ck["epochs"]
             self.run.truncate_metrics(j, start.epoch)
             self.console.print(f"stage {j}: resuming at epoch {start.epoch + 1}, batch {start.batch}/{steps}")
         else:
@@ -299,13 +309,11 @@ class Greedy:
                 self.cache_stage(j)
         return self.status()
 
-    def trained_depth(self) -> int:
-        return next((j for j in range(self.depth) if self.stage_state(j) != "trained"), self.depth)
-
     def evaluate_network(self) -> dict:
         """Accuracy of stages 0..J-1 + the last stage's head on the raw test images, and how often it agrees
         with the cached-feature path (stage J-1 + head on stage J-2's cached test features)."""
-        depth = self.trained_depth()
+        depth = self.next_stage()
+        depth = self.depth if depth is None else depth
         if depth == 0:
             raise StageError(f"no stage is trained yet; run: {self.command('train')}")
         model = nn.Sequential(*[self.trained_stage(j) for j in range(depth)], self.trained_head(depth - 1))

@@ -59,9 +59,6 @@ class _Chunks(Dataset):
     def __init__(self, readers: list[CacheReader]):
         self.readers = readers
 
-    def __len__(self) -> int:
-        return self.readers[0].info.num_chunks
-
     def __getitem__(self, item: tuple[int, int]) -> tuple[int, torch.Tensor]:
         v, c = item
         return c, self.readers[v].read_chunk(c)
@@ -77,7 +74,7 @@ class MemmapFeed:
         return self.readers[self.view_of[c]].chunk_view(c)
 
     def release(self, c: int) -> None:
-        pass
+        self.readers[self.view_of[c]].unmap(c)
 
 
 class RecentFeed:
@@ -104,16 +101,7 @@ class RecentFeed:
 class WorkerFeed:
     """Decoded chunks from DataLoader worker processes, arriving in first-use order."""
 
-    def __init__(self, readers: list[CacheReader], view_of: np.ndarray, batches: list[np.ndarray], workers: int,
-                 prefetch: int):
-        cs = readers[0].info.chunk_samples
-        need: list[tuple[int, int]] = []
-        seen: set[int] = set()
-        for b in batches:
-            for c in np.unique(b // cs).tolist():
-                if c not in seen:
-                    seen.add(c)
-                    need.append((int(view_of[c]), c))
+    def __init__(self, readers: list[CacheReader], need: list[tuple[int, int]], workers: int, prefetch: int):
         self._stream = iter(DataLoader(_Chunks(readers), sampler=need, batch_size=None, num_workers=workers,
                                        prefetch_factor=prefetch if workers else None))
         self._resident: dict[int, torch.Tensor] = {}
@@ -128,9 +116,21 @@ class WorkerFeed:
         self._resident.pop(c, None)
 
 
+def chunk_schedule(plan: list[np.ndarray], chunk_samples: int) -> tuple[list[int], dict[int, int]]:
+    """Chunks in order of first use, and the batch of each chunk's last use."""
+    first: list[int] = []
+    last: dict[int, int] = {}
+    for b, idx in enumerate(plan):
+        for c in np.unique(idx // chunk_samples).tolist():
+            if c not in last:
+                first.append(c)
+            last[c] = b
+    return first, last
+
+
 class CacheLoader:
     """Batches from one store, or from V views of the same samples (stores of identical layout), in
-    which case `views_of` picks the view each chunk is read from."""
+    which case `view_of` picks the view each chunk is read from."""
 
     def __init__(self, readers: CacheReader | list[CacheReader], device: torch.device, workers: int = 1,
                  prefetch_chunks: int = 4, prefetch_batches: int = 2):
@@ -140,55 +140,53 @@ class CacheLoader:
         self.depth = prefetch_batches
         self.labels = torch.from_numpy(self.reader.labels)
 
-    def _feed(self, batches: list[np.ndarray], view_of: np.ndarray):
-        if self.reader.memmappable:
-            return MemmapFeed(self.readers, view_of)
-        return WorkerFeed(self.readers, view_of, batches, self.workers, self.prefetch)
-
-    def host_batches(self, indices: np.ndarray, batch_size: int, view_of: np.ndarray | None = None) -> Iterator[Batch]:
-        """(x in the storage dtype, y) on the host, assembled in a background thread into a ring of reused
-        buffers: a yielded x is valid until the next batch is drawn (copy it, or move it to the device,
-        before then; on CUDA the copy only has to be issued)."""
+    def _assembled(self, indices: np.ndarray, batch_size: int, view_of: np.ndarray | None,
+                   copied: dict[int, torch.cuda.Event]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(slot, x in the storage dtype, y), assembled by a background thread into a ring of reused
+        (pinned, on CUDA) buffers. Slot s is refilled only after the consumer is done with it: on the
+        CPU, once it asked for the next batch; on CUDA, once the event it put in `copied[s]` (its
+        asynchronous copy out of the buffer) has completed."""
         plan = batch_plan(indices, batch_size)
         if not plan:
             return
         cs = self.reader.info.chunk_samples
-        last_use = {}
-        for b, idx in enumerate(plan):
-            for c in np.unique(idx // cs).tolist():
-                last_use[c] = b
-        if view_of is None:
-            view_of = np.zeros(self.reader.info.num_chunks, dtype=np.int64)
-        feed = self._feed(plan, view_of)
+        first_use, last_use = chunk_schedule(plan, cs)
+        view_of = np.zeros(self.reader.info.num_chunks, dtype=np.int64) if view_of is None else view_of
+        if self.reader.memmappable:
+            feed = MemmapFeed(self.readers, view_of)
+        else:
+            feed = WorkerFeed(self.readers, [(int(view_of[c]), c) for c in first_use], self.workers, self.prefetch)
         pin = self.device.type == "cuda"
         ring = [torch.empty((batch_size, *self.reader.info.sample_shape), dtype=self.reader.torch_dtype,
                             pin_memory=pin) for _ in range(self.depth + 2)]
-        copied: dict[int, torch.cuda.Event] = {}  # slot -> event after its host-to-device copy (CUDA)
         out: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
+
+        def put(item) -> bool:
+            """Hand an item over unless the consumer has gone away (then never block: it won't read)."""
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         def assemble() -> None:
             try:
                 for b, idx in enumerate(plan):
                     slot = b % len(ring)
                     if slot in copied:
-                        copied.pop(slot).synchronize()  # the async copy out of this buffer has finished
+                        copied.pop(slot).synchronize()
                     x = ring[slot][: len(idx)]
                     for c in gather(feed, idx, cs, x):
                         if last_use[c] == b:
                             feed.release(c)
-                    item = (slot, x, self.labels[torch.from_numpy(idx)])
-                    while not stop.is_set():
-                        try:
-                            out.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not put((slot, x, self.labels[torch.from_numpy(idx)])):
                         return
-                out.put(None)
+                put(None)
             except BaseException as e:  # noqa: BLE001 - handed to the consumer's thread
-                out.put(e)
+                put(e)
 
         thread = threading.Thread(target=assemble, name="cache-loader", daemon=True)
         thread.start()
@@ -196,33 +194,42 @@ class CacheLoader:
             while (item := out.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                slot, x, y = item
-                yield x, y
-                if pin:
-                    copied[slot] = torch.cuda.Event()
-                    copied[slot].record()  # after the consumer issued its copy of x
+                yield item
         finally:
             stop.set()
             thread.join()
 
+    def host_batches(self, indices: np.ndarray, batch_size: int, view_of: np.ndarray | None = None) -> Iterator[Batch]:
+        """(x in the storage dtype, y) on the host; x is a reused buffer, valid until the next batch is drawn."""
+        for _, x, y in self._assembled(indices, batch_size, view_of, {}):
+            yield x, y
+
     def batches(self, indices: np.ndarray, batch_size: int, view_of: np.ndarray | None = None) -> Iterator[Batch]:
         """(x float32 (B, C, H, W), y int64 (B,)) on the device, for `indices` taken batch_size at a time."""
-        host = self.host_batches(indices, batch_size, view_of)
         to_float = self.reader.to_float
         if self.device.type != "cuda":
-            for x, y in host:
+            for x, y in self.host_batches(indices, batch_size, view_of):
                 # a new tensor either way: the ring buffer it came from gets refilled
                 yield (to_float(x) if x.dtype != torch.float32 else x.clone()), y
             return
+        # CUDA: copy batch b+1 on a side stream while the caller computes on batch b
+        copy_stream, compute = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+        copied: dict[int, torch.cuda.Event] = {}
         pending = None
-        for x, y in host:
-            # issue the next copy before handing out the current batch, so it overlaps the step
-            nxt = (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+        for slot, x, y in self._assembled(indices, batch_size, view_of, copied):
+            with torch.cuda.stream(copy_stream):
+                xd, yd = x.to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(copy_stream)
+            copied[slot] = event  # the assembler refills this buffer only after the copy completed
             if pending is not None:
-                yield to_float(pending[0]), pending[1]
-            pending = nxt
+                yield pending
+            compute.wait_stream(copy_stream)
+            xd.record_stream(compute)
+            yd.record_stream(compute)
+            pending = (to_float(xd), yd)
         if pending is not None:
-            yield to_float(pending[0]), pending[1]
+            yield pending
 
 
 class CacheSource:
@@ -264,14 +271,14 @@ class CacheSource:
     def train_indices(self, epoch: int, batch_size: int, start_batch: int = 0) -> np.ndarray:
         return self.order.indices(epoch)[start_batch * batch_size:]
 
-    def train_batches(self, epoch: int, batch_size: int, start_batch: int = 0) -> Iterator[Batch]:
+    def train_batches(self, epoch: int, batch_size: int, start_batch: int = 0, augment: bool = True) -> Iterator[Batch]:
         if self.dali is not None:
             yield from self.dali.train_batches(epoch, batch_size, start_batch)
             return
         indices = self.train_indices(epoch, batch_size, start_batch)
         view_of = self.view_of(epoch)
         for b, (x, y) in enumerate(self.loaders["train"].batches(indices, batch_size, view_of), start=start_batch):
-            yield crop_flip(x, self.padding, self.flip, batch_rng(self.seed, epoch, b)), y
+            yield (crop_flip(x, self.padding, self.flip, batch_rng(self.seed, epoch, b)) if augment else x), y
 
     def view_of(self, epoch: int) -> np.ndarray:
         """The view each chunk is read from in this epoch (all 0 with one view)."""

@@ -54,7 +54,7 @@ class Plan:
 
 def parse_size(text: str) -> int:
     """'2TB' (decimal), '1.5TiB' (binary), '500G', '123' (bytes) -> bytes."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGTP]?)(i?)B?\s*", text, flags=re.IGNORECASE)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?)(i?)B?\s*", text, flags=re.IGNORECASE)
     if not m:
         raise ValueError(f"--disk-budget {text!r}: expected a size like 2TB, 500GB or 1.5TiB")
     number, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)

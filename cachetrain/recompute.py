@@ -4,6 +4,11 @@ This is what the published layerCNN code does for every stage (base = the images
 0..j-1), the baseline the cache has to beat (`cache.mode: none`), and what a cache plan does for a
 stage whose input is not cached (base = the nearest cached ancestor). The frozen stages run in eval
 mode without autograd, in float32 (bf16 autocast on CUDA when `train.amp`).
+
+`augment_base` says whether the base batches carry stage-0 augmentation. The published code reads
+augmented images every epoch (`cache.mode: none` keeps that: it is the reference behaviour); a cache
+plan must not change the training problem, only where features come from, so it reads the images
+plain, as a cache of them would hold.
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 class RecomputeSource:
     def __init__(self, base, frozen: list[nn.Module], out_shape: tuple[int, int, int], fingerprint: str,
-                 device: torch.device, amp: bool, seed: int, crop_padding: int = 0, flip: bool = False):
+                 device: torch.device, amp: bool, seed: int, crop_padding: int = 0, flip: bool = False,
+                 augment_base: bool = True):
         self.base, self.frozen = base, nn.Sequential(*frozen).eval()
         self.sample_shape, self.fingerprint = out_shape, fingerprint
         self.num_classes = base.num_classes
         self.device, self.amp = device, amp
         self.seed, self.padding, self.flip = seed, crop_padding, flip
+        self.augment_base = augment_base
         self.forward_calls = 0  # frozen forwards run, for benchmarks and tests
 
     def num_samples(self, split: str) -> int:
@@ -45,9 +52,11 @@ class RecomputeSource:
         with autocast(self.device, self.amp):
             return self.frozen(x).float()
 
-    def train_batches(self, epoch: int, batch_size: int, start_batch: int = 0) -> Iterator[Batch]:
-        for b, (x, y) in enumerate(self.base.train_batches(epoch, batch_size, start_batch), start=start_batch):
-            yield crop_flip(self._forward(x), self.padding, self.flip, batch_rng(self.seed, epoch, b)), y
+    def train_batches(self, epoch: int, batch_size: int, start_batch: int = 0, augment: bool = True) -> Iterator[Batch]:
+        base = self.base.train_batches(epoch, batch_size, start_batch, augment=self.augment_base)
+        for b, (x, y) in enumerate(base, start=start_batch):
+            x = self._forward(x)
+            yield (crop_flip(x, self.padding, self.flip, batch_rng(self.seed, epoch, b)) if augment else x), y
 
     def eval_batches(self, split: str, batch_size: int, start: int = 0) -> Iterator[Batch]:
         for x, y in self.base.eval_batches(split, batch_size, start):

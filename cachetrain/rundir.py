@@ -121,8 +121,16 @@ class RunDir:
         os.replace(tmp, self.metrics_path(j))
 
     def read_metrics(self, j: int) -> list[dict]:
+        """The rows of finished epochs; a last line torn by a crash mid-append is skipped (its epoch was
+        not checkpointed either, so it is trained again)."""
         path = self.metrics_path(j)
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        rows = []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
 
     # -- lock ------------------------------------------------------------------------------------
     def lock(self) -> "RunDir":

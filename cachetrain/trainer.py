@@ -38,16 +38,14 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.op
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, epochs: int):
     """Stepped once per batch, so short runs (a few epochs per stage) still get a smooth schedule."""
-    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler
     if cfg.schedule == "cosine":
-        factor = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
-    elif cfg.schedule == "step":
-        factor = lambda step: cfg.gamma ** (step // (cfg.step_epochs * steps_per_epoch))  # noqa: E731
-    else:
-        factor = lambda step: 1.0  # noqa: E731
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return sched.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
+    if cfg.schedule == "step":
+        return sched.StepLR(optimizer, step_size=cfg.step_epochs * steps_per_epoch, gamma=cfg.gamma)
+    return sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
 @dataclass
@@ -101,11 +99,22 @@ def timed(batches: Iterable, stats: EpochStats) -> Iterator:
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, scheduler,
                     device: torch.device, amp: bool = False, channels_last: bool = False,
                     stats: EpochStats | None = None,
-                    on_step: Callable[[EpochStats], None] = lambda s: None) -> EpochStats:
+                    on_step: Callable[[EpochStats], None] = lambda s: None, sync_every: int = 1) -> EpochStats:
+    """One pass over `batches`. Loss and accuracy sums stay on the device and reach `stats` every
+    `sync_every` steps (a host sync each time: on CUDA, not every step)."""
     stats = stats or EpochStats()
     model.train()
     loss_fn = nn.CrossEntropyLoss()
     data_before = stats.data_seconds
+    loss_acc = torch.zeros((), device=device)
+    correct_acc = torch.zeros((), dtype=torch.long, device=device)
+
+    def flush() -> None:
+        nonlocal loss_acc, correct_acc
+        stats.loss_sum += float(loss_acc)
+        stats.correct += int(correct_acc)
+        loss_acc, correct_acc = torch.zeros_like(loss_acc), torch.zeros_like(correct_acc)
+
     for x, y in timed(batches, stats):
         t0 = time.perf_counter()
         waited = stats.data_seconds - data_before
@@ -118,11 +127,12 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         loss.backward()
         optimizer.step()
         scheduler.step()
-        # .item() syncs with the device once per step; the rich bar needs the live loss anyway
-        stats.loss_sum += loss.item() * len(y)
-        stats.correct += int((logits.argmax(1) == y).sum())
+        loss_acc += loss.detach() * len(y)
+        correct_acc += (logits.argmax(1) == y).sum()
         stats.samples += len(y)
         stats.batches += 1
+        if stats.batches % sync_every == 0:
+            flush()
         elapsed = time.perf_counter() - t0
         stats.step_seconds += elapsed
         if stats.batches > WARMUP:
@@ -131,6 +141,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         data_before = stats.data_seconds
         fault_point("train_step")
         on_step(stats)
+    flush()
     return stats
 
 
@@ -152,6 +163,8 @@ def fit(model: nn.Module, source, cfg: TrainConfig, device: torch.device, optimi
     from cachetrain.report import StageProgress  # the UI stays out of the numeric core's imports
 
     steps = source.steps_per_epoch(cfg.batch_size)
+    # CUDA: sync for the running loss every few steps only, but always on a mid-epoch checkpoint step
+    sync_every = 1 if device.type != "cuda" else math.gcd(25, cfg.checkpoint_steps or 25)
     test_acc = float("nan")
     for epoch in range(start.epoch, epochs):
         resumed = epoch == start.epoch
@@ -165,7 +178,8 @@ def fit(model: nn.Module, source, cfg: TrainConfig, device: torch.device, optimi
 
             t0 = time.perf_counter()
             batches = source.train_batches(epoch, cfg.batch_size, start.batch if resumed else 0)
-            train_one_epoch(model, batches, optimizer, scheduler, device, cfg.amp, cfg.channels_last, stats, on_step)
+            train_one_epoch(model, batches, optimizer, scheduler, device, cfg.amp, cfg.channels_last, stats, on_step,
+                            sync_every)
             train_seconds = time.perf_counter() - t0
             test_acc = evaluate(model, source.eval_batches("test", 2 * cfg.batch_size), device, cfg.amp)
         log({"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy, "test_acc": test_acc,

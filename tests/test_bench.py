@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -39,7 +40,13 @@ def test_bench_quick_writes_every_field_and_plots(tmp_path):
     for regime in ("cached", "recompute"):
         for s in r[regime]["stages"]:
             assert s["steady_samples_per_s"] > 0 and s["seconds_per_epoch"] > 0 and 0 <= s["test_acc"] <= 1
-    assert r["e2e"]["test_acc"] >= 0 and r["e2e"]["total_seconds"] > 0
+    q = r["ratios"]
+    assert q["cached_over_recompute_time"] == pytest.approx(r["cached"]["total_seconds"] /
+                                                            r["recompute"]["total_seconds"])
+    assert q["greedy_minus_e2e_accuracy"] == pytest.approx(r["cached"]["test_acc"] - r["e2e"]["test_acc"])
+    assert q["cache_build_over_bare_forward"] == pytest.approx(
+        sum(s["cache_seconds"] for s in r["cached"]["stages"][:2]) /
+        sum(s["bare_forward_seconds"] for s in r["cached"]["stages"][:2]))
     assert set(r["ratios"]) == {"cached_over_recompute_time", "flop_predicted_cached_over_recompute",
                                 "largest_stage_over_e2e_memory", "cache_build_over_bare_forward",
                                 "greedy_minus_e2e_accuracy"}

@@ -122,6 +122,15 @@ def test_writer_thread_errors_surface_in_the_caller(tmp_path):
             return x.flatten(1)  # wrong shape: the background writer's zarr write fails
 
     x, info, layout = inputs(), make_info(), plan_layout(288, 16 * 288 / 2**20, 100, 16)
-    with pytest.raises(Exception):
+    with pytest.raises(IndexError):  # zarr rejects the shape in the writer thread; re-raised here
         write_store(tmp_path / "s.zarr", info, np.zeros(100), Bad(), batches_of(x), layout, torch.device("cpu"))
     assert store_state(tmp_path / "s.zarr", "abc")[0] is CacheState.WRITING
+
+
+def test_a_missing_chunk_is_an_error_not_zeros(tmp_path):
+    x, info, layout = inputs(), make_info(), plan_layout(288, 16 * 288 / 2**20, 100, 16)
+    write_store(tmp_path / "s.zarr", info, np.zeros(100), Doubler(), batches_of(x), layout, torch.device("cpu"))
+    reader = CacheReader(tmp_path / "s.zarr", "abc")
+    reader.chunk_path(3).unlink()
+    with pytest.raises(CacheError, match=r"chunk 3 \(samples 48-63\) is missing; run: cachetrain verify"):
+        reader.read_chunk(3)

@@ -173,3 +173,26 @@ def test_unknown_architecture_is_a_config_error(tmp_path, capsys):
     path = write_config(tmp_path / "c.yaml", synthetic_raw(tmp_path / "run", model={"arch": "transformer"}))
     assert main(["train", "--config", str(path)]) == 2
     assert "model.arch: expected one of 'layercnn', 'vgg', 'resnet', got 'transformer'" in capsys.readouterr().err
+
+
+def test_repair_of_a_middle_chunk_of_a_later_stage_recomputes_only_it(trained, capsys):
+    """Stage 1's caching pass reads stage 0's cache and stops mid-split: the loader must let go cleanly."""
+    path, cfg = trained
+    store = cfg.run_path / "cache" / "stage_1" / "train.zarr"
+    before = chunk_files(store)
+    assert len(before) >= 6
+    victim = sorted(before, key=lambda p: int(p.parts[-4]))[len(before) // 2]
+    original = victim.read_bytes()
+    victim.write_bytes(original[:-8] + b"garbage!")
+    assert main(["cache", "--config", str(path), "--j", "1", "--repair"]) == 0
+    after = chunk_files(store)
+    assert [p for p in after if after[p][1] != before[p][1]] == [victim] and victim.read_bytes() == original
+
+
+def test_verify_reports_a_missing_store(trained, capsys):
+    path, cfg = trained
+    shutil.rmtree(cfg.run_path / "cache" / "stage_0" / "test.zarr")
+    capsys.readouterr()
+    assert main(["verify", "--config", str(path)]) == 1
+    assert "test.zarr: store: store missing" in capsys.readouterr().out
+    assert main(["verify", "--config", str(path), "--j", "7"]) == 2

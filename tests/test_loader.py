@@ -13,11 +13,11 @@ from cachetrain.loader import CacheSource
 N, SHAPE = 300, (2, 3, 3)
 
 
-def make_store(path, n=N, chunk=32):
+def make_store(path, n=N, chunk=32, codec="zstd"):
     """Sample i's features are all equal to i (exact in fp16 below 2048), so a batch names its samples."""
     x = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, *SHAPE).contiguous()
     info = StoreInfo(stage=0, k=1, split=path.stem, fingerprint="fp", weights_hash="w", input_fingerprint="i",
-                     dtype="float16", codec="zstd", level=1, num_samples=n, sample_shape=SHAPE, chunk_samples=chunk)
+                     dtype="float16", codec=codec, level=1, num_samples=n, sample_shape=SHAPE, chunk_samples=chunk)
     layout = plan_layout(info.sample_bytes, chunk * info.sample_bytes / 2**20, n, chunk)
 
     def batches(start, size):
@@ -28,10 +28,11 @@ def make_store(path, n=N, chunk=32):
     return CacheReader(path, "fp")
 
 
-@pytest.fixture(scope="module")
-def readers(tmp_path_factory):
+@pytest.fixture(scope="module", params=["zstd", "none"])
+def readers(tmp_path_factory, request):
+    """Both read paths: zstd chunks decoded (WorkerFeed), uncompressed chunk files memory-mapped (MemmapFeed)."""
     d = tmp_path_factory.mktemp("stores")
-    return make_store(d / "train.zarr"), make_store(d / "test.zarr", n=70)
+    return (make_store(d / "train.zarr", codec=request.param), make_store(d / "test.zarr", n=70, codec=request.param))
 
 
 def source(readers, workers=0, order="quasi_random", seed=3):
@@ -84,4 +85,37 @@ def test_feature_augmentation_changes_batches_reproducibly(readers):
     plain = next(source(readers).train_batches(0, 64))[0]
     a, b = next(aug().train_batches(0, 64))[0], next(aug().train_batches(0, 64))[0]
     assert torch.equal(a, b) and a.shape == plain.shape
-    assert (a == 0).any() and not (plain[plain[:, 0, 0, 0] > 0] == 0).any()  # zero padding crept in
+    ids = plain[:, 0, 0, 0]
+    nonzero = ids > 0  # sample 0 is all zeros anyway
+    assert not (plain[nonzero] == 0).any()
+    assert (a[nonzero] == 0).any(dim=(1, 2, 3)).float().mean() > 0.5  # most samples got a zero-padded border
+    assert torch.equal(a.amax(dim=(1, 2, 3))[nonzero], ids[nonzero])  # and kept their own values
+
+
+@pytest.mark.parametrize("left", [1, 2, 3, 5])
+def test_abandoning_an_epoch_midway_returns_promptly(readers, left):
+    """A consumer that stops early (a caching run ending mid-split, an exception in a training step) must not
+    leave the assembling thread blocked on a full queue."""
+    import threading
+    import time
+
+    src = source(readers)
+    batches = src.train_batches(0, 25)
+    n_batches = -(-N // 25)
+    for _ in range(n_batches - left):
+        next(batches)
+    t0 = time.perf_counter()
+    batches.close()  # what a `break` or an exception in the loop body does to the generator
+    assert time.perf_counter() - t0 < 5
+    assert not [t for t in threading.enumerate() if t.name == "cache-loader"]
+
+
+def test_an_error_while_assembling_reaches_the_consumer(readers, monkeypatch):
+    from cachetrain.cache import CacheError
+
+    src = source(readers)
+    reader = src.readers["train"]
+    monkeypatch.setattr(type(reader), "chunk_view", lambda self, c: (_ for _ in ()).throw(CacheError("boom")))
+    monkeypatch.setattr(type(reader), "read_chunk", lambda self, c: (_ for _ in ()).throw(CacheError("boom")))
+    with pytest.raises(CacheError, match="boom"):
+        list(src.train_batches(0, 64))

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 
 FORMAT_VERSION = 1
 # storage dtype -> (numpy dtype on disk, torch dtype the loader reinterprets it as)
@@ -133,17 +134,21 @@ def plan_layout(sample_bytes: int, chunk_mib: float, num_samples: int, batch_siz
 
 
 def store_state(path: Path, expected_fingerprint: str | None) -> tuple[CacheState, StoreInfo | None]:
-    meta = path / "zarr.json"
-    if not meta.exists():
+    if not (path / "zarr.json").exists():
         return CacheState.ABSENT, None
-    attrs = json.loads(meta.read_text()).get("attributes", {})
     try:
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
         info = StoreInfo.from_attrs(attrs)
-    except (KeyError, TypeError):
-        return CacheState.STALE, None  # not one of ours, or an older format: rebuild
+    except Exception:  # noqa: BLE001 - unreadable metadata, not one of ours, or an older format: rebuild it
+        return CacheState.STALE, None
     if expected_fingerprint is not None and info.fingerprint != expected_fingerprint:
         return CacheState.STALE, info
     return (CacheState.COMPLETE if attrs.get("complete") is True else CacheState.WRITING), info
+
+
+def chunk_file(store: Path, features, c: int) -> Path:
+    """The file of chunk c of a store's `features` array (a local store: one file per chunk)."""
+    return store / "features" / features.metadata.encode_chunk_key((c,) + (0,) * (features.ndim - 1))
 
 
 def disk_bytes(path: Path) -> int:

@@ -8,6 +8,7 @@ spread of training samples (the max by default: nothing clips).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import numpy as np
@@ -39,12 +40,18 @@ def calibrate(outputs: Iterable[torch.Tensor], percentile: float = 100.0, seed: 
     return tuple(float(s) for s in scale), tuple(float(o) for o in offset)
 
 
+@functools.lru_cache(maxsize=64)
+def _tensors(quant: Quant, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, offset) as (1, C, 1, 1) tensors on `device`, made once, not on every batch."""
+    return tuple(torch.tensor(q, dtype=torch.float32).view(1, -1, 1, 1).to(device) for q in quant)
+
+
 def quantize(y: torch.Tensor, quant: Quant) -> torch.Tensor:
-    scale, offset = (torch.tensor(q, device=y.device, dtype=torch.float32).view(1, -1, 1, 1) for q in quant)
+    scale, offset = _tensors(quant, y.device)
     return ((y.float() - offset) / scale).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def dequantize(q: torch.Tensor, quant: Quant) -> torch.Tensor:
     """On whatever device q is: the loader calls this after the host-to-device copy."""
-    scale, offset = (torch.tensor(v, device=q.device, dtype=torch.float32).view(1, -1, 1, 1) for v in quant)
+    scale, offset = _tensors(quant, q.device)
     return q.float().mul_(scale).add_(offset)

@@ -6,14 +6,18 @@ than a memmap here), so the unit of reading is the chunk; the loader does the sh
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
 
-from cachetrain.cache.manifest import DTYPES, CacheError, CacheState, StoreInfo, store_state
+from cachetrain.cache.manifest import DTYPES, CacheError, CacheState, StoreInfo, chunk_file, store_state
 from cachetrain.cache.quant import dequantize
+
+
+MAX_MAPS = 8192
 
 
 class CacheReader:
@@ -33,7 +37,7 @@ class CacheReader:
                              f"checkpoint ({expected_fingerprint}){hint}")
         self.info: StoreInfo = info
         self._features: zarr.Array | None = None
-        self._maps: dict[int, torch.Tensor] = {}  # chunk -> tensor over its memory map
+        self._maps: OrderedDict[int, torch.Tensor] = OrderedDict()  # chunk -> tensor over its memory map
         self.labels = zarr.open_array(str(self.path / "labels"), mode="r")[:]  # (N,) int64, small
 
     @property
@@ -44,7 +48,7 @@ class CacheReader:
         return self._features
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_features": None, "_maps": {}}
+        return {**self.__dict__, "_features": None, "_maps": OrderedDict()}
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -65,7 +69,7 @@ class CacheReader:
         return self.info.codec == "none"
 
     def chunk_path(self, c: int) -> Path:
-        return self.path / "features" / self.features.metadata.encode_chunk_key((c, 0, 0, 0))
+        return chunk_file(self.path, self.features, c)
 
     def chunk_view(self, c: int) -> torch.Tensor:
         """Chunk c as a tensor: a zero-copy memory map for uncompressed stores, else decoded."""
@@ -74,15 +78,29 @@ class CacheReader:
         view = self._maps.get(c)
         if view is None:
             start, stop = self.chunk_bounds(c)
+            self._check_chunk(c)
             # mode "c" (copy-on-write) gives torch a writable view without copying; nothing writes to it
             mm = np.memmap(self.chunk_path(c), dtype=DTYPES[self.info.dtype][0], mode="c",
                            shape=(self.info.chunk_samples, *self.info.sample_shape))
             view = self._maps[c] = _as_tensor(mm[: stop - start], self.info.dtype)
+            while len(self._maps) > MAX_MAPS:  # an mmap each: stay far below the kernel's vm.max_map_count
+                self._maps.popitem(last=False)
         return view
+
+    def unmap(self, c: int) -> None:
+        self._maps.pop(c, None)
+
+    def _check_chunk(self, c: int) -> None:
+        """zarr would read a missing chunk as zeros: a store that lost a chunk file must say so instead."""
+        if not self.chunk_path(c).exists():
+            start, stop = self.chunk_bounds(c)
+            raise CacheError(f"{self.path}: chunk {c} (samples {start}-{stop - 1}) is missing; run: cachetrain "
+                             f"verify, then cachetrain cache --j {self.info.stage} --repair")
 
     def read_chunk(self, c: int) -> torch.Tensor:
         """Chunk c as a (n_c, C, H, W) tensor of the storage dtype."""
         start, stop = self.chunk_bounds(c)
+        self._check_chunk(c)
         return _as_tensor(np.ascontiguousarray(self.features[start:stop]), self.info.dtype)
 
 

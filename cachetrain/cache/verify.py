@@ -12,26 +12,21 @@ from pathlib import Path
 
 import zarr
 
-from cachetrain.cache.manifest import store_state
+from cachetrain.cache.manifest import chunk_file, store_state
 
 
 @dataclass(frozen=True)
 class ChunkProblem:
     store: Path
-    chunk: int | None  # None: the labels array
+    chunk: int | None  # None: the labels array, or the store as a whole
     start: int
     stop: int
-    problem: str  # "missing" | "corrupt: <reason>"
-
-    @property
-    def file(self) -> Path:
-        if self.chunk is None:
-            return self.store / "labels"
-        key = zarr.open_array(str(self.store / "features"), mode="r").metadata.encode_chunk_key((self.chunk, 0, 0, 0))
-        return self.store / "features" / key
+    problem: str  # "missing" | "corrupt: <reason>" | "store missing"
+    file: Path | None = None  # the chunk's file
 
     def __str__(self) -> str:
-        what = "labels" if self.chunk is None else f"chunk {self.chunk} (samples {self.start}-{self.stop - 1})"
+        what = (f"chunk {self.chunk} (samples {self.start}-{self.stop - 1})" if self.chunk is not None
+                else "store" if self.problem == "store missing" else "labels")
         return f"{self.store}: {what}: {self.problem}"
 
 
@@ -44,13 +39,14 @@ def verify_store(path: Path) -> list[ChunkProblem]:
     features = zarr.open_array(str(path / "features"), mode="r")
     for c in range(info.num_chunks):
         start, stop = c * info.chunk_samples, min((c + 1) * info.chunk_samples, info.num_samples)
-        if not (path / "features" / features.metadata.encode_chunk_key((c, 0, 0, 0))).exists():
-            problems.append(ChunkProblem(path, c, start, stop, "missing"))
+        file = chunk_file(path, features, c)
+        if not file.exists():
+            problems.append(ChunkProblem(path, c, start, stop, "missing", file))
             continue
         try:
             features[start:stop]
         except Exception as e:  # noqa: BLE001 - a checksum mismatch or a codec failure: both mean corrupt
-            problems.append(ChunkProblem(path, c, start, stop, f"corrupt: {_reason(e)}"))
+            problems.append(ChunkProblem(path, c, start, stop, f"corrupt: {_reason(e)}", file))
     try:
         zarr.open_array(str(path / "labels"), mode="r")[:]
     except Exception as e:  # noqa: BLE001
