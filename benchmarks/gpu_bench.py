@@ -1,16 +1,20 @@
-"""End to end vs each greedy stage on its cache, ImageNet-shaped, for one GPU (the body of gpu_check.sh).
+"""End to end vs each greedy stage, ImageNet-shaped, on one GPU (the body of gpu_check.sh).
 
 Synthetic 224 px images, 1000 classes, Belilovsky's ImageNet k=3 layout (J=8, width 128, input
-space-to-depth, downsampling at j=2,4,6), AMP bf16 and channels_last on CUDA. For the end-to-end
-network and for every greedy stage (block + auxiliary head), a number of training steps at --batch:
-steady-state samples/s and the allocator's peak memory. Stage j reads its input from a real cache
-of stage j-1's outputs (random-init frozen stages, uncompressed zarr store, the memmap loader) when
-zarr is installed; otherwise from a tensor in GPU memory, and results.json says so.
+space-to-depth, downsampling at j=2,4,6), AMP bf16 and channels_last on CUDA. Random-init stages
+stand in for trained ones: throughput and memory do not depend on the weights. Measured at --batch:
+- the end-to-end network's training steps/s and allocator peak (space-reducing "sr" and naive "conv" head);
+- per stage j, training steps/s and peak with its input (a) in device memory, (b) recomputed from the
+  images through the frozen stages 0..j-1 for every batch (the published behaviour), (c) read back
+  from a real cache of stage j-1's outputs through the cache loader, uncompressed (memmap) and zstd
+  (decoded by --workers processes);
+- per stage, the time to cache its outputs (both codecs) against a bare forward over the same samples.
+The summary turns these into the issue's ratios, next to what a FLOP count predicts.
 
     python benchmarks/gpu_bench.py OUT [--batch 256] [--steps 20] [--tiny]
 
 --tiny shrinks everything (32 px, width 8, batch 4, 3 steps) so the script runs on a CPU in seconds:
-the test suite runs it that way.
+the test suite runs it that way. Without zarr, (c) and the cache builds are left out.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -58,6 +63,9 @@ def timed_steps(model: nn.Module, batches, steps: int, device: torch.device, amp
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        # the benchmark's own resident data (images, the previous stage's outputs) is not training memory:
+        # count the peak above what was allocated before the first step, plus the parameters
+        base = torch.cuda.memory_allocated() - sum(p.numel() * p.element_size() for p in model.parameters())
     it, n, t0 = batches(), 0, None
     for step in range(steps + 2):
         if step == 2:
@@ -77,44 +85,95 @@ def timed_steps(model: nn.Module, batches, steps: int, device: torch.device, amp
         torch.cuda.synchronize()
     out = {"samples_per_s": n / (time.perf_counter() - t0)}
     if device.type == "cuda":
-        out["peak_allocated"] = torch.cuda.max_memory_allocated()
+        out["peak_allocated"] = torch.cuda.max_memory_allocated() - base
+        out["peak_allocated_incl_resident_data"] = torch.cuda.max_memory_allocated()
         out["peak_reserved"] = torch.cuda.max_memory_reserved()
     return out
 
 
-def forever(x: torch.Tensor, y: torch.Tensor, batch: int):
+def forever(x: torch.Tensor, y: torch.Tensor, batch: int, prefix: nn.Module | None = None, amp: bool = False):
+    """Endless batches of (x, y); with `prefix`, x goes through those frozen stages first (recompute)."""
     def gen():
         while True:
             for i in range(0, len(x) - batch + 1, batch):
-                yield x[i:i + batch], y[i:i + batch]
+                xb = x[i:i + batch]
+                if prefix is not None:
+                    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16,
+                                                         enabled=amp and xb.device.type == "cuda"):
+                        xb = prefix(xb)
+                yield xb, y[i:i + batch]
     return gen
 
 
-def cached_batches(features: torch.Tensor, y: torch.Tensor, batch: int, device: torch.device, tmp: Path, j: int):
-    """Write features to an uncompressed cache store and read them back through the cache loader."""
-    from cachetrain.cache import CacheReader, StoreInfo, plan_layout, write_store
-    from cachetrain.loader import CacheLoader
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
-    n, shape = len(features), tuple(features.shape[1:])
-    probe = StoreInfo(j, 3, "train", "fp", "w", "i", "float16", "none", 3, n, shape, 1)
+
+def build_cache(stage: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, device: torch.device,
+                path: Path, j: int, codec: str, amp: bool) -> float:
+    """Cache `stage`'s outputs over x the way `cachetrain cache` does; returns the seconds it took."""
+    from cachetrain.cache import StoreInfo, plan_layout, write_store
+
+    with torch.no_grad():
+        shape = tuple(stage(x[:1]).shape[1:])
+    n = len(x)
+    probe = StoreInfo(j, 3, "train", "fp", "w", "i", "float16", codec, 1, n, shape, 1)
     layout = plan_layout(probe.sample_bytes, 4.0, n, batch)
-    info = StoreInfo(j, 3, "train", "fp", "w", "i", "float16", "none", 3, n, shape, layout.chunk_samples)
+    info = StoreInfo(j, 3, "train", "fp", "w", "i", "float16", codec, 1, n, shape, layout.chunk_samples)
 
     def inputs(start, size):
         for i in range(start, n, size):
-            yield features[i:i + size], None
+            yield x[i:i + size], None
 
-    write_store(tmp / f"stage_{j}.zarr", info, y.cpu().numpy(), nn.Identity(), inputs, layout, torch.device("cpu"))
-    loader = CacheLoader(CacheReader(tmp / f"stage_{j}.zarr", "fp"), device, workers=0)
+    sync(device)
+    t0 = time.perf_counter()
+    write_store(path, info, y.cpu().numpy(), stage, inputs, layout, device, amp=amp)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def bare_forward(stage: nn.Module, x: torch.Tensor, batch: int, device: torch.device, amp: bool) -> float:
+    """Seconds for the same forward pass with the outputs thrown away (what caching is compared with)."""
+    stage.eval()
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        for i in range(0, len(x), batch):
+            stage(x[i:i + batch])
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def cached_batches(path: Path, batch: int, device: torch.device, workers: int):
+    """Endless batches read back from a cache store through the cache loader (epochs reshuffled)."""
+    from cachetrain.cache import CacheReader
+    from cachetrain.loader import CacheLoader
+
+    loader = CacheLoader(CacheReader(path, "fp"), device, workers=workers)
+    n = loader.reader.info.num_samples
 
     def gen():
         epoch = 0
         while True:
             order = np.random.default_rng(epoch).permutation(n)
-            for x, yy in loader.batches(order[: n // batch * batch], batch):
-                yield x, yy
+            yield from loader.batches(order[: n // batch * batch], batch)
             epoch += 1
     return gen
+
+
+def flop_prediction(cfg: Config, shape, classes: int, epochs: int) -> dict:
+    """Greedy-cached / greedy-recompute time as FLOPs predict it (cached: E epochs of each stage's own
+    training plus one caching forward per stage; recompute: E epochs that also forward the prefix)."""
+    from cachetrain.planner import stage_costs
+
+    costs = stage_costs(cfg, shape, classes)
+    train = sum(c.train_flops for c in costs)
+    cached = epochs * train + sum(c.forward_flops for c in costs[:-1])
+    recompute = epochs * (train + sum(sum(c.forward_flops for c in costs[:j]) for j in range(len(costs))))
+    return {"epochs": epochs, "cached_over_recompute": cached / recompute,
+            "train_gflop_per_sample": [c.train_flops / 1e9 for c in costs],
+            "forward_gflop_per_sample": [c.forward_flops / 1e9 for c in costs]}
 
 
 def main() -> None:
@@ -122,63 +181,125 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--aux", default="sr", choices=["sr", "conv"])
+    p.add_argument("--samples", type=int, default=0, help="samples per cache (default 4 batches)")
+    p.add_argument("--workers", type=int, default=8, help="decode processes for the zstd stores")
+    p.add_argument("--epochs", type=int, default=45, help="epochs per stage for the total-time ratio")
+    p.add_argument("--codecs", default="none,zstd", help="cache codecs to build and read (comma-separated)")
     p.add_argument("--tiny", action="store_true")
     args = p.parse_args()
     if args.tiny:
-        args.batch, args.steps = 4, 3
+        args.batch, args.steps, args.workers = 4, 3, 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = config(args.tiny, args.aux)
+    amp = device.type == "cuda"
+    codecs = [c for c in args.codecs.split(",") if c]
+    cfg, cfg_conv = config(args.tiny, "sr"), config(args.tiny, "conv")
     shape, classes = tuple(cfg.data.shape), cfg.data.num_classes
-    n = 2 * args.batch
+    n = args.samples or 4 * args.batch
     g = torch.Generator().manual_seed(0)
     images = torch.randn(n, *shape, generator=g).to(device)
     labels = torch.randint(0, classes, (n,), generator=g).to(device)
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-               "machine": platform.platform(), "torch": torch.__version__, "batch": args.batch, "steps": args.steps,
-               "aux": args.aux, "tiny": args.tiny, "amp_bf16": device.type == "cuda",
+               "machine": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+               "batch": args.batch, "steps": args.steps, "samples": n, "tiny": args.tiny, "amp_bf16": amp,
+               "channels_last": device.type == "cuda", "have_zarr": HAVE_ZARR, "codecs": codecs,
                "stage_input": "zarr cache via the cache loader" if HAVE_ZARR else "tensor in device memory (no zarr)",
                "date": time.strftime("%Y-%m-%d %H:%M")}
     print(f"device {results['device']}, stage inputs from: {results['stage_input']}", flush=True)
 
-    e2e = e2e_network(cfg, _Shape(shape, classes)).to(device)
-    if device.type == "cuda":
-        e2e = e2e.to(memory_format=torch.channels_last)
-    results["e2e"] = timed_steps(e2e, forever(images, labels, args.batch), args.steps, device, True)
-    if device.type != "cuda":
-        results["e2e"]["counted_bytes"] = step_memory(e2e, images[:args.batch], labels[:args.batch],
-                                                      make_optimizer(e2e.parameters(), cfg.train)).total_bytes
-    print(f"end to end: {results['e2e']}", flush=True)
-    del e2e
+    def memory_layout(model: nn.Module) -> nn.Module:
+        return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+    results["e2e"] = {}
+    for aux, c in (("sr", cfg), ("conv", cfg_conv)):
+        e2e = memory_layout(e2e_network(c, _Shape(shape, classes)).to(device))
+        row = timed_steps(e2e, forever(images, labels, args.batch), args.steps, device, amp)
+        if device.type != "cuda":
+            row["counted_bytes"] = step_memory(e2e, images[:args.batch], labels[:args.batch],
+                                               make_optimizer(e2e.parameters(), c.train)).total_bytes
+        results["e2e"][aux] = row
+        print(f"end to end ({aux} head): {row}", flush=True)
+        del e2e
 
     net = build_network(cfg.model, shape, seed=0)
+    frozen: list[nn.Module] = []
     x = images
     results["stages"] = []
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
         for j in range(net.depth):
-            model = StageModel(net.stages[j], make_head(cfg.model, net, j, cfg.model.k, classes, 0)).to(device)
-            if device.type == "cuda":
-                model = model.to(memory_format=torch.channels_last)
-            source = (cached_batches(x.half().cpu(), labels, args.batch, device, Path(tmp), j) if HAVE_ZARR and j > 0
-                      else forever(x, labels, args.batch))
-            row = {"stage": j, "in_shape": list(x.shape[1:]),
-                   **timed_steps(model, source, args.steps, device, True)}
-            if device.type != "cuda":
-                row["counted_bytes"] = step_memory(model, x[:args.batch], labels[:args.batch],
-                                                   make_optimizer(model.parameters(), cfg.train)).total_bytes
+            row: dict = {"stage": j, "in_shape": list(x.shape[1:])}
+            for aux, c in (("sr", cfg), ("conv", cfg_conv)):
+                model = memory_layout(StageModel(net.stages[j], make_head(c.model, net, j, c.model.k, classes, 0))
+                                      .to(device))
+                row[f"in_memory_{aux}"] = timed_steps(model, forever(x, labels, args.batch), args.steps, device, amp)
+                if device.type != "cuda":
+                    row[f"in_memory_{aux}"]["counted_bytes"] = step_memory(
+                        model, x[:args.batch], labels[:args.batch], make_optimizer(model.parameters(), c.train)
+                    ).total_bytes
+                if aux == "sr":
+                    sr_model = model
+            if j > 0:  # the published behaviour: forward the frozen prefix for every batch
+                prefix = nn.Sequential(*frozen).eval()
+                row["recompute"] = timed_steps(sr_model, forever(images, labels, args.batch, prefix, amp),
+                                               args.steps, device, amp)
+                if HAVE_ZARR:
+                    for codec in codecs:
+                        row[f"cached_{codec}"] = timed_steps(
+                            sr_model, cached_batches(tmp / f"in_{codec}.zarr", args.batch, device,
+                                                     0 if codec == "none" else args.workers),
+                            args.steps, device, amp)
+            stage = net.stages[j].eval()
+            frozen.append(stage)
+            if j < net.depth - 1:  # cache this stage's outputs for the next one; time it against a bare forward
+                row["bare_forward_s"] = bare_forward(stage, x, args.batch, device, amp)
+                if HAVE_ZARR:
+                    for codec in codecs:
+                        old = tmp / f"in_{codec}.zarr"
+                        if old.exists():
+                            shutil.rmtree(old)
+                        row[f"cache_build_{codec}_s"] = build_cache(stage, x, labels, args.batch, device,
+                                                                   tmp / f"in_{codec}.zarr", j, codec, amp)
+                        row[f"cache_bytes_{codec}"] = sum(f.stat().st_size for f in (tmp / f"in_{codec}.zarr").rglob("*")
+                                                          if f.is_file())
+                with torch.no_grad():
+                    x = torch.cat([stage(x[i:i + args.batch]) for i in range(0, n, args.batch)])
             results["stages"].append(row)
-            print(f"stage {j}: {row}", flush=True)
-            with torch.no_grad():  # the next stage's input: this stage's outputs, frozen
-                frozen = model.stage.eval()
-                x = torch.cat([frozen(x[i:i + args.batch]) for i in range(0, n, args.batch)])
-            del model
-    key = "peak_allocated" if device.type == "cuda" else "counted_bytes"
-    results["largest_stage_over_e2e_memory"] = max(s[key] for s in results["stages"]) / results["e2e"][key]
+            print(f"stage {j}: {json.dumps(row)}", flush=True)
+            del model, sr_model
+    summarise(results, cfg, shape, classes, args.epochs, device)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    plot(results, out, key)
-    print(f"largest stage / end-to-end memory: {results['largest_stage_over_e2e_memory']:.3f}; wrote {out}")
+    plot(results, out, "peak_allocated" if device.type == "cuda" else "counted_bytes")
+    print(json.dumps(results["summary"], indent=2))
+    print(f"wrote {out}")
+
+
+def summarise(r: dict, cfg: Config, shape, classes: int, epochs: int, device: torch.device) -> None:
+    key = "peak_allocated" if device.type == "cuda" else "counted_bytes"
+    s: dict = {}
+    for aux in ("sr", "conv"):
+        s[f"largest_stage_over_e2e_memory_{aux}"] = (max(st[f"in_memory_{aux}"][key] for st in r["stages"])
+                                                     / r["e2e"][aux][key])
+    st = r["stages"]
+    per_sample = {  # seconds per sample of one epoch of every stage
+        "in_memory": sum(1 / x["in_memory_sr"]["samples_per_s"] for x in st),
+        "recompute": 1 / st[0]["in_memory_sr"]["samples_per_s"] + sum(1 / x["recompute"]["samples_per_s"]
+                                                                      for x in st[1:])}
+    if r["have_zarr"]:
+        n = r["samples"]
+        for codec in r["codecs"]:
+            per_sample[f"cached_{codec}"] = (1 / st[0]["in_memory_sr"]["samples_per_s"]
+                                             + sum(1 / x[f"cached_{codec}"]["samples_per_s"] for x in st[1:]))
+            build = sum(x[f"cache_build_{codec}_s"] for x in st[:-1]) / n
+            s[f"cache_build_over_bare_forward_{codec}"] = build * n / sum(x["bare_forward_s"] for x in st[:-1])
+            s[f"cached_{codec}_over_recompute_{epochs}_epochs"] = ((epochs * per_sample[f"cached_{codec}"] + build)
+                                                                   / (epochs * per_sample["recompute"]))
+            s[f"cached_{codec}_over_in_memory_per_epoch"] = per_sample[f"cached_{codec}"] / per_sample["in_memory"]
+    s["in_memory_over_recompute_per_epoch"] = per_sample["in_memory"] / per_sample["recompute"]
+    s["flop_prediction"] = flop_prediction(cfg, shape, classes, epochs)
+    s["seconds_per_sample_one_epoch_each_stage"] = per_sample
+    r["summary"] = s
 
 
 def plot(r: dict, out: Path, key: str) -> None:
@@ -187,16 +308,32 @@ def plot(r: dict, out: Path, key: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [f"stage {s['stage']}" for s in r["stages"]] + ["end to end"]
-    for field, label, fname in ((key, "GiB", "memory.png"), ("samples_per_s", "samples/s", "throughput.png")):
-        vals = [s[field] for s in r["stages"]] + [r["e2e"][field]]
-        vals = [v / 2**30 for v in vals] if field == key else vals
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.bar(names, vals, color=["tab:blue"] * len(r["stages"]) + ["tab:gray"])
-        ax.set(ylabel=label, title=f"{r['device']}, batch {r['batch']}: {field}")
-        ax.tick_params(axis="x", rotation=45)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
+    stages = r["stages"]
+    names = [f"stage {s['stage']}" for s in stages] + ["end to end"]
+    where = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, aux in enumerate(("sr", "conv")):
+        vals = [s[f"in_memory_{aux}"][key] / 2**30 for s in stages] + [r["e2e"][aux][key] / 2**30]
+        ax.bar(where + (i - 0.5) * 0.4, vals, 0.4, label=f"{aux} auxiliary head")
+    ax.set_xticks(where, names, rotation=45)
+    ax.set(ylabel="GiB", title=f"{r['device']}, batch {r['batch']}: peak training memory ({key})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "memory.png", dpi=110)
+
+    sources = [("in_memory_sr", "input in device memory"), ("recompute", "recompute frozen prefix")]
+    if r["have_zarr"]:
+        sources += [(f"cached_{c}", f"cache, {'uncompressed' if c == 'none' else c}") for c in r["codecs"]]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(sources)
+    for i, (field, label) in enumerate(sources):
+        vals = [s[field]["samples_per_s"] if field in s else s["in_memory_sr"]["samples_per_s"] for s in stages]
+        ax.bar(where[:-1] + (i - (len(sources) - 1) / 2) * width, vals, width, label=label)
+    ax.set_xticks(where[:-1], names[:-1], rotation=45)
+    ax.set(ylabel="training samples/s", title=f"{r['device']}, batch {r['batch']}: stage training throughput")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=110)
     plt.close("all")
 
 

@@ -44,6 +44,7 @@ class DataConfig:
     num_classes: int = 10
     synthetic_train: int = 2048
     synthetic_test: int = 512
+    synthetic_noise: float = 50.0  # std of the pixel noise around each class template (signal: 40 grey levels)
 
     def __post_init__(self) -> None:
         _check(self.train_subset >= 0, "data.train_subset", "an integer >= 0", self.train_subset)
@@ -53,6 +54,7 @@ class DataConfig:
         _check(self.num_classes >= 2, "data.num_classes", "an integer >= 2", self.num_classes)
         _check(self.synthetic_train >= 1, "data.synthetic_train", "an integer >= 1", self.synthetic_train)
         _check(self.synthetic_test >= 1, "data.synthetic_test", "an integer >= 1", self.synthetic_test)
+        _check(self.synthetic_noise >= 0, "data.synthetic_noise", "a number >= 0", self.synthetic_noise)
         _check(self.image_size >= 8, "data.image_size", "an integer >= 8", self.image_size)
 
 

@@ -42,7 +42,8 @@ class TensorImages:
     augmented on the device, with no per-sample Python work."""
 
     def __init__(self, name: str, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
-                 mean: float, std: float, num_classes: int, cfg: DataConfig, seed: int, device: torch.device):
+                 mean: float, std: float, num_classes: int, cfg: DataConfig, seed: int, device: torch.device,
+                 generator: dict | None = None):
         for split, (_, y) in (("train", train), ("test", test)):
             if len(y) == 0:
                 raise DataError(f"data: the {name} {split} split has no samples")
@@ -55,7 +56,8 @@ class TensorImages:
         self.seed, self.device = seed, device
         # what determines the plain (unaugmented) images the caching pass sees
         self.fingerprint = fingerprint({"dataset": name, "n": [len(train[1]), len(test[1])], "shape": self.sample_shape,
-                                        "mean": mean, "std": std, "subset": [cfg.train_subset, cfg.test_subset]})
+                                        "mean": mean, "std": std, "subset": [cfg.train_subset, cfg.test_subset],
+                                        "generator": generator})
 
     def num_samples(self, split: str) -> int:
         return len(self._y[split])
@@ -131,12 +133,14 @@ def make_synthetic(cfg: DataConfig, seed: int, device: torch.device) -> TensorIm
 
     def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         y = torch.randint(0, cfg.num_classes, (n,), generator=g)
-        x = 128 + 40 * templates[y] + 50 * torch.randn(n, c, h, w, generator=g)
+        x = 128 + 40 * templates[y] + cfg.synthetic_noise * torch.randn(n, c, h, w, generator=g)
         return x.clamp_(0, 255).to(torch.uint8), y
 
     train, test = split(cfg.synthetic_train), split(cfg.synthetic_test)
     return TensorImages("synthetic", _subset(*train, cfg.train_subset), _subset(*test, cfg.test_subset),
-                        mean=0.5, std=0.25, num_classes=cfg.num_classes, cfg=cfg, seed=seed, device=device)
+                        mean=0.5, std=0.25, num_classes=cfg.num_classes, cfg=cfg, seed=seed, device=device,
+                        generator={"seed": 1234, "signal": 40, "noise": cfg.synthetic_noise,
+                                   "classes": cfg.num_classes})
 
 
 def open_dataset(cfg: DataConfig, seed: int, device: torch.device, workers: int = 1, backend: str = "auto"):

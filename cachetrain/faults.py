@@ -6,7 +6,7 @@ full disk would. Points are named where the code calls `fault_point`:
 
     train_step        after an optimizer step, before any checkpoint of it
     checkpoint_write  a checkpoint's temp file is written, not yet renamed into place
-    cache_chunk       a cache chunk file has just been written by the background writer
+    cache_chunk       a cache chunk file has just been written (counted per chunk of each written block)
     cache_finish      every chunk of a store is written, its `complete` flag is not yet set
     stage_end         a stage's final checkpoint is saved, its cache not yet started
 

@@ -1,9 +1,12 @@
-"""Traversal orders: which sample comes when in an epoch, as a pure function of (seed, epoch).
+"""Traversal orders: which sample comes when in an epoch, as a pure function of (seed, epoch, rank).
 
-Each order is a small class with `indices(epoch) -> (N,) int64`, chosen by name from `ORDERS`.
+Each order is a small class with `indices(epoch) -> (n,) int64`, chosen by name from `ORDERS`.
 Quasi-random is the default for caches: it shuffles whole chunks, then samples within a window of a
 few consecutive (shuffled) chunks, so the loader decodes each chunk exactly once per epoch and holds
 only about a window of chunks in memory, while batches still mix samples from several chunks.
+
+With `world` > 1 ranks (data-parallel training), every rank draws the same chunk permutation and
+takes every world-th chunk of it, so ranks read disjoint whole chunks and together cover the epoch.
 """
 
 from __future__ import annotations
@@ -11,38 +14,48 @@ from __future__ import annotations
 import numpy as np
 
 
-class Sequential:
-    def __init__(self, num_samples: int, chunk_samples: int = 1, window_chunks: int = 1, seed: int = 0):
-        self.num_samples = num_samples
+class _Order:
+    def __init__(self, num_samples: int, chunk_samples: int = 1, window_chunks: int = 1, seed: int = 0,
+                 rank: int = 0, world: int = 1):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
+        self.num_samples, self.chunk_samples, self.window = num_samples, chunk_samples, window_chunks
+        self.seed, self.rank, self.world = seed, rank, world
+
+    def _chunks(self, epoch: int, shuffle: bool) -> np.ndarray:
+        """This rank's chunks: of a permutation shared by all ranks (or in order), every world-th one."""
+        n = -(-self.num_samples // self.chunk_samples)
+        chunks = np.random.default_rng([self.seed, epoch]).permutation(n) if shuffle else np.arange(n)
+        return chunks[self.rank::self.world]
+
+    def _samples(self, chunks: np.ndarray) -> np.ndarray:
+        cs, n = self.chunk_samples, self.num_samples
+        if len(chunks) == 0:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.arange(c * cs, min((c + 1) * cs, n)) for c in chunks]).astype(np.int64)
+
+
+class Sequential(_Order):
+    def indices(self, epoch: int) -> np.ndarray:
+        return self._samples(self._chunks(epoch, shuffle=False))
+
+
+class Random(_Order):
+    """A full permutation of this rank's samples: the best mixing, but it touches every chunk in every
+    batch; for memmapped uncompressed stores, or small caches that fit in memory."""
 
     def indices(self, epoch: int) -> np.ndarray:
-        return np.arange(self.num_samples, dtype=np.int64)
+        mine = self._samples(self._chunks(epoch, shuffle=False))
+        return np.random.default_rng([self.seed, epoch, self.rank, 1]).permutation(mine)
 
 
-class Random:
-    """A full permutation: the best mixing, but it touches every chunk in every batch; for memmapped
-    uncompressed stores, or small caches that fit in memory."""
-
-    def __init__(self, num_samples: int, chunk_samples: int = 1, window_chunks: int = 1, seed: int = 0):
-        self.num_samples, self.seed = num_samples, seed
-
+class QuasiRandom(_Order):
     def indices(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples).astype(np.int64)
-
-
-class QuasiRandom:
-    def __init__(self, num_samples: int, chunk_samples: int, window_chunks: int, seed: int = 0):
-        self.num_samples, self.chunk_samples, self.window, self.seed = num_samples, chunk_samples, window_chunks, seed
-
-    def indices(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch])
-        n, cs = self.num_samples, self.chunk_samples
-        chunks = rng.permutation(-(-n // cs))
-        out = []
-        for w in range(0, len(chunks), self.window):
-            members = np.concatenate([np.arange(c * cs, min((c + 1) * cs, n)) for c in chunks[w:w + self.window]])
-            out.append(rng.permutation(members))
-        return np.concatenate(out).astype(np.int64)
+        chunks = self._chunks(epoch, shuffle=True)
+        rng = np.random.default_rng([self.seed, epoch, self.rank, 2])
+        windows = [rng.permutation(self._samples(chunks[w:w + self.window]))
+                   for w in range(0, len(chunks), self.window)]
+        return np.concatenate(windows).astype(np.int64) if windows else np.zeros(0, dtype=np.int64)
 
 
 ORDERS = {"sequential": Sequential, "random": Random, "quasi_random": QuasiRandom}

@@ -119,3 +119,22 @@ def test_an_error_while_assembling_reaches_the_consumer(readers, monkeypatch):
     monkeypatch.setattr(type(reader), "read_chunk", lambda self, c: (_ for _ in ()).throw(CacheError("boom")))
     with pytest.raises(CacheError, match="boom"):
         list(src.train_batches(0, 64))
+
+
+def test_parallel_gather_copies_the_same_samples_as_the_serial_one():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cachetrain.loader import PARALLEL_BYTES, gather
+
+    class Feed:  # chunks of 7 samples over one tensor
+        def get(self, c):
+            return data[c * 7:(c + 1) * 7]
+
+    data = torch.randn(600, 32, 32, 32)
+    idx = np.sort(np.random.default_rng(0).choice(len(data), 300, replace=False))
+    serial, parallel = torch.empty(300, 32, 32, 32), torch.full((300, 32, 32, 32), float("nan"))
+    assert parallel.nbytes > PARALLEL_BYTES  # the threaded path is the one taken
+    used = gather(Feed(), idx, 7, serial)
+    with ThreadPoolExecutor(3) as pool:
+        assert gather(Feed(), idx, 7, parallel, pool, 3) == used
+    assert torch.equal(parallel, serial) and torch.equal(serial, data[torch.from_numpy(idx)])

@@ -34,3 +34,14 @@ def test_quasi_random_windows_hold_whole_chunks():
         members = np.concatenate([np.arange(c * 64, c * 64 + 64) for c in chunks])
         assert np.array_equal(np.sort(idx[start:start + window]), members)  # ...and holds them whole
         assert not np.array_equal(idx[start:start + window], members)  # shuffled inside the window
+
+
+@pytest.mark.parametrize("name", sorted(ORDERS))
+def test_ranks_read_disjoint_whole_chunks_that_cover_the_epoch(name):
+    world, n, cs = 3, 1000, 64
+    parts = [ORDERS[name](n, cs, 2, seed=5, rank=r, world=world).indices(7) for r in range(world)]
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(n))
+    chunk_sets = [set((p // cs).tolist()) for p in parts]
+    assert all(a.isdisjoint(b) for i, a in enumerate(chunk_sets) for b in chunk_sets[i + 1:])
+    with pytest.raises(ValueError, match="rank 3 is not in"):
+        ORDERS[name](n, cs, 2, seed=5, rank=3, world=3)

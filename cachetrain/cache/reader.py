@@ -87,9 +87,6 @@ class CacheReader:
                 self._maps.popitem(last=False)
         return view
 
-    def unmap(self, c: int) -> None:
-        self._maps.pop(c, None)
-
     def _check_chunk(self, c: int) -> None:
         """zarr would read a missing chunk as zeros: a store that lost a chunk file must say so instead."""
         if not self.chunk_path(c).exists():
