@@ -261,8 +261,8 @@ def main() -> None:
                             shutil.rmtree(old)
                         row[f"cache_build_{codec}_s"] = build_cache(stage, x, labels, args.batch, device,
                                                                    tmp / f"in_{codec}.zarr", j, codec, amp)
-                        row[f"cache_bytes_{codec}"] = sum(f.stat().st_size for f in (tmp / f"in_{codec}.zarr").rglob("*")
-                                                          if f.is_file())
+                        files = (tmp / f"in_{codec}.zarr").rglob("*")
+                        row[f"cache_bytes_{codec}"] = sum(f.stat().st_size for f in files if f.is_file())
                 with torch.no_grad():
                     x = torch.cat([stage(x[i:i + args.batch]) for i in range(0, n, args.batch)])
             results["stages"].append(row)
