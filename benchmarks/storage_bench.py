@@ -25,6 +25,7 @@ from variants import run_variants
 
 VARIANTS = {
     "float16+zstd": ["cache.dtype=float16"],
+    "float16+zstd-1": ["cache.dtype=float16", "cache.level=1"],
     "float16 raw": ["cache.dtype=float16", "cache.codec=none"],
     "bfloat16+zstd": ["cache.dtype=bfloat16"],
     "float16+bitround6+zstd": ["cache.dtype=float16", "cache.bitround=6"],
