@@ -67,23 +67,36 @@ def _bare_forward_seconds(g: Greedy, j: int) -> float:
     return time.perf_counter() - t0
 
 
-def run_greedy(cfg: Config, console: Console, cached: bool) -> dict:
-    g = Greedy(cfg, console)
-    stages = []
-    for j in range(g.depth):
+def greedy_stage(g: Greedy, j: int, cached: bool) -> dict:
+    """Train stage j of `g` (and cache it, if `cached` and the plan caches it); its figures."""
+    t0 = time.perf_counter()
+    g.train_stage(j)
+    figures = {"stage": j, "wall_seconds": time.perf_counter() - t0, **_epoch_figures(g.run.read_metrics(j))}
+    if cached and j in g.cached_stages():
         t0 = time.perf_counter()
-        g.train_stage(j)
-        figures = {"stage": j, "wall_seconds": time.perf_counter() - t0, **_epoch_figures(g.run.read_metrics(j))}
-        if cached and j in g.cached_stages():
-            t0 = time.perf_counter()
-            g.cache_stage(j)
-            figures["cache_seconds"] = time.perf_counter() - t0
-            figures["bare_forward_seconds"] = _bare_forward_seconds(g, j)
-            row = g.status()[j]
-            figures["cache_bytes"], figures["raw_bytes"] = row.cache_bytes, row.raw_bytes
-        stages.append(figures)
-    total = sum(s["wall_seconds"] + s.get("cache_seconds", 0.0) for s in stages)
-    return {"stages": stages, "total_seconds": total, "test_acc": stages[-1]["test_acc"], "greedy": g}
+        g.cache_stage(j)
+        figures["cache_seconds"] = time.perf_counter() - t0
+        figures["bare_forward_seconds"] = _bare_forward_seconds(g, j)
+        row = g.status()[j]
+        figures["cache_bytes"], figures["raw_bytes"] = row.cache_bytes, row.raw_bytes
+    return figures
+
+
+def run_greedy_pair(cfg: Config, out: Path, console: Console) -> dict[str, dict]:
+    """Greedy-cached and greedy-recompute, stage by stage in turn (cached stage j, then recompute stage
+    j): on a shared machine, load that comes and goes then lands on both regimes alike instead of
+    on whichever happened to run at the time."""
+    runs = {"cached": Greedy(regime_config(cfg, out, "cached"), console),
+            "recompute": Greedy(regime_config(cfg, out, "recompute"), console)}
+    stages: dict[str, list[dict]] = {r: [] for r in runs}
+    for j in range(runs["cached"].depth):
+        for regime, g in runs.items():
+            console.print(f"[bold]greedy, {'cached' if regime == 'cached' else 'recomputing frozen stages'}: "
+                          f"stage {j}[/bold]")
+            stages[regime].append(greedy_stage(g, j, cached=regime == "cached"))
+    return {regime: {"stages": st, "greedy": runs[regime], "test_acc": st[-1]["test_acc"],
+                     "total_seconds": sum(s["wall_seconds"] + s.get("cache_seconds", 0.0) for s in st)}
+            for regime, st in stages.items()}
 
 
 def architecture(g: Greedy) -> list[dict]:
@@ -137,10 +150,8 @@ def run_bench(cfg: Config, out: Path, console: Console, quick: bool = False) -> 
                      "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
                                 f"torch {torch.__version__}",
                      "device": str(Greedy(cfg, console).device), "config": cfg.to_dict()}
-    console.print("[bold]greedy, cached[/bold]")
-    cached = run_greedy(regime_config(cfg, out, "cached"), console, cached=True)
-    console.print("[bold]greedy, recomputing frozen stages[/bold]")
-    recompute = run_greedy(regime_config(cfg, out, "recompute"), console, cached=False)
+    pair = run_greedy_pair(cfg, out, console)
+    cached, recompute = pair["cached"], pair["recompute"]
     console.print("[bold]end to end[/bold]")
     e2e_cfg = regime_config(cfg, out, "e2e")
     t0 = time.perf_counter()

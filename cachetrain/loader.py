@@ -156,6 +156,18 @@ class CacheLoader:
         # leaves the host idle; a CPU step wants every core itself
         self._copiers = 1 if device.type != "cuda" else max(1, min(8, (os.cpu_count() or 2) // 2))
         self._pool = ThreadPoolExecutor(self._copiers, thread_name_prefix="cache-gather") if self._copiers > 1 else None
+        # batch buffers outlive an epoch: pinning a ring of 256-sample batches of a wide early stage
+        # (3.2 MB each) took longer than an epoch of a few thousand samples on the H200 host
+        self._rings: dict[int, list[torch.Tensor]] = {}
+
+    def _ring(self, batch_size: int) -> list[torch.Tensor]:
+        """A ring of batch buffers no other epoch is using (taken out of the cache while in use)."""
+        ring = self._rings.pop(batch_size, None)
+        if ring is None:
+            pin = self.device.type == "cuda"
+            ring = [torch.empty((batch_size, *self.reader.info.sample_shape), dtype=self.reader.torch_dtype,
+                                pin_memory=pin) for _ in range(self.depth + 2)]
+        return ring
 
     def _assembled(self, indices: np.ndarray, batch_size: int, view_of: np.ndarray | None,
                    copied: dict[int, torch.cuda.Event]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -173,9 +185,7 @@ class CacheLoader:
             feed = MemmapFeed(self.readers, view_of)
         else:
             feed = WorkerFeed(self.readers, [(int(view_of[c]), c) for c in first_use], self.workers, self.prefetch)
-        pin = self.device.type == "cuda"
-        ring = [torch.empty((batch_size, *self.reader.info.sample_shape), dtype=self.reader.torch_dtype,
-                            pin_memory=pin) for _ in range(self.depth + 2)]
+        ring = self._ring(batch_size)
         out: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
 
@@ -215,6 +225,10 @@ class CacheLoader:
         finally:
             stop.set()
             thread.join()
+            for event in copied.values():  # no copy out of the ring may still be running when it is reused
+                event.synchronize()
+            copied.clear()
+            self._rings[batch_size] = ring
 
     def host_batches(self, indices: np.ndarray, batch_size: int, view_of: np.ndarray | None = None) -> Iterator[Batch]:
         """(x in the storage dtype, y) on the host; x is a reused buffer, valid until the next batch is drawn."""
