@@ -7,7 +7,8 @@ stand in for trained ones: throughput and memory do not depend on the weights. M
 - per stage j, training steps/s and peak with its input (a) in device memory, (b) recomputed from the
   images through the frozen stages 0..j-1 for every batch (the published behaviour), (c) read back
   from a real cache of stage j-1's outputs through the cache loader, uncompressed (memmap) and zstd
-  (decoded by --workers processes);
+  (decoded by --workers processes), and through DALI where it is installed; next to each, the
+  loader's own ceiling (batches landed on the device with no training step);
 - per stage, the time to cache its outputs (both codecs) against a bare forward over the same samples.
 The summary turns these into the issue's ratios, next to what a FLOP count predicts.
 
@@ -40,6 +41,7 @@ from cachetrain.profile import step_memory
 from cachetrain.trainer import StageModel, make_optimizer
 
 HAVE_ZARR = importlib.util.find_spec("zarr") is not None and importlib.util.find_spec("numcodecs") is not None
+HAVE_DALI = HAVE_ZARR and importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 
 
 class _Shape:
@@ -145,21 +147,53 @@ def bare_forward(stage: nn.Module, x: torch.Tensor, batch: int, device: torch.de
     return time.perf_counter() - t0
 
 
-def cached_batches(path: Path, batch: int, device: torch.device, workers: int):
-    """Endless batches read back from a cache store through the cache loader (epochs reshuffled)."""
+def cached_batches(path: Path, batch: int, device: torch.device, workers: int, backend: str = "numpy"):
+    """Endless batches read back from a cache store through the cache loader (numpy or DALI backend;
+    epochs reshuffled). One loader serves every call of the returned generator, so its pinned batch
+    ring is allocated once, as in training."""
     from cachetrain.cache import CacheReader
-    from cachetrain.loader import CacheLoader
+    from cachetrain.orders import ORDERS
 
-    loader = CacheLoader(CacheReader(path, "fp"), device, workers=workers)
-    n = loader.reader.info.num_samples
+    reader = CacheReader(path, "fp")
+    n = reader.info.num_samples
+    order = ORDERS["quasi_random"](n, reader.info.chunk_samples, 4, 0)
+    if backend == "dali":
+        from cachetrain.dali import DaliFeatureLoader
+
+        dali = DaliFeatureLoader(reader, order, device, workers, 0, 0, False)
+
+        def epoch_batches(epoch):
+            return dali.train_batches(epoch, batch)
+    else:
+        from cachetrain.loader import CacheLoader
+
+        loader = CacheLoader(reader, device, workers=workers)
+
+        def epoch_batches(epoch):
+            return loader.batches(order.indices(epoch), batch)
 
     def gen():
         epoch = 0
         while True:
-            order = np.random.default_rng(epoch).permutation(n)
-            yield from loader.batches(order[: n // batch * batch], batch)
+            for x, y in epoch_batches(epoch):
+                if len(y) == batch:  # a short last batch would change what a step measures
+                    yield x, y
             epoch += 1
     return gen
+
+
+def loader_only(batches, steps: int, device: torch.device) -> dict:
+    """The loader's own ceiling: batches/s landed on the device with no training step to hide behind."""
+    it = batches()
+    for _ in range(2):
+        next(it)
+    sync(device)
+    t0, n = time.perf_counter(), 0
+    for _ in range(steps):
+        n += len(next(it)[1])
+    sync(device)
+    seconds = time.perf_counter() - t0
+    return {"samples_per_s": n / seconds}
 
 
 def flop_prediction(cfg: Config, shape, classes: int, epochs: int) -> dict:
@@ -185,6 +219,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=8, help="decode processes for the zstd stores")
     p.add_argument("--epochs", type=int, default=45, help="epochs per stage for the total-time ratio")
     p.add_argument("--codecs", default="none,zstd", help="cache codecs to build and read (comma-separated)")
+    p.add_argument("--cache-dir", default=None, help="where the caches are written (default: the temp dir); "
+                                                     "/dev/shm separates the writer's own speed from the disk's")
+    p.add_argument("--no-dali", action="store_true", help="skip the DALI loader even where DALI is installed")
     p.add_argument("--tiny", action="store_true")
     args = p.parse_args()
     if args.tiny:
@@ -203,7 +240,8 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
                "machine": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                "batch": args.batch, "steps": args.steps, "samples": n, "tiny": args.tiny, "amp_bf16": amp,
-               "channels_last": device.type == "cuda", "have_zarr": HAVE_ZARR, "codecs": codecs,
+               "channels_last": device.type == "cuda", "have_zarr": HAVE_ZARR, "have_dali": HAVE_DALI,
+               "codecs": codecs, "cache_dir": args.cache_dir or tempfile.gettempdir(),
                "stage_input": "zarr cache via the cache loader" if HAVE_ZARR else "tensor in device memory (no zarr)",
                "date": time.strftime("%Y-%m-%d %H:%M")}
     print(f"device {results['device']}, stage inputs from: {results['stage_input']}", flush=True)
@@ -226,7 +264,10 @@ def main() -> None:
     frozen: list[nn.Module] = []
     x = images
     results["stages"] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    # what each stage reads its input through: the numpy loader per codec, and DALI on uncompressed stores
+    sources = codecs + (["none_dali"] if HAVE_DALI and "none" in codecs and not args.no_dali else [])
+    results["sources"] = sources
+    with tempfile.TemporaryDirectory(dir=args.cache_dir) as tmp:
         tmp = Path(tmp)
         for j in range(net.depth):
             row: dict = {"stage": j, "in_shape": list(x.shape[1:])}
@@ -245,11 +286,13 @@ def main() -> None:
                 row["recompute"] = timed_steps(sr_model, forever(images, labels, args.batch, prefix, amp),
                                                args.steps, device, amp)
                 if HAVE_ZARR:
-                    for codec in codecs:
-                        row[f"cached_{codec}"] = timed_steps(
-                            sr_model, cached_batches(tmp / f"in_{codec}.zarr", args.batch, device,
-                                                     0 if codec == "none" else args.workers),
-                            args.steps, device, amp)
+                    for source in sources:
+                        codec, backend = source.split("_")[0], "dali" if source.endswith("_dali") else "numpy"
+                        batches = cached_batches(tmp / f"in_{codec}.zarr", args.batch, device,
+                                                 0 if codec == "none" and backend == "numpy" else args.workers,
+                                                 backend)
+                        row[f"loader_only_{source}"] = loader_only(batches, args.steps, device)
+                        row[f"cached_{source}"] = timed_steps(sr_model, batches, args.steps, device, amp)
             stage = net.stages[j].eval()
             frozen.append(stage)
             if j < net.depth - 1:  # cache this stage's outputs for the next one; time it against a bare forward
@@ -289,13 +332,23 @@ def summarise(r: dict, cfg: Config, shape, classes: int, epochs: int, device: to
     if r["have_zarr"]:
         n = r["samples"]
         for codec in r["codecs"]:
-            per_sample[f"cached_{codec}"] = (1 / st[0]["in_memory_sr"]["samples_per_s"]
-                                             + sum(1 / x[f"cached_{codec}"]["samples_per_s"] for x in st[1:]))
-            build = sum(x[f"cache_build_{codec}_s"] for x in st[:-1]) / n
-            s[f"cache_build_over_bare_forward_{codec}"] = build * n / sum(x["bare_forward_s"] for x in st[:-1])
-            s[f"cached_{codec}_over_recompute_{epochs}_epochs"] = ((epochs * per_sample[f"cached_{codec}"] + build)
-                                                                   / (epochs * per_sample["recompute"]))
-            s[f"cached_{codec}_over_in_memory_per_epoch"] = per_sample[f"cached_{codec}"] / per_sample["in_memory"]
+            build = sum(x[f"cache_build_{codec}_s"] for x in st[:-1])
+            s[f"cache_build_over_bare_forward_{codec}"] = build / sum(x["bare_forward_s"] for x in st[:-1])
+            s[f"cache_build_MB_per_s_{codec}"] = sum(x[f"cache_bytes_{codec}"] for x in st[:-1]) / build / 1e6
+        for source in r.get("sources", r["codecs"]):
+            build = sum(x[f"cache_build_{source.split('_')[0]}_s"] for x in st[:-1]) / n
+            per_sample[f"cached_{source}"] = (1 / st[0]["in_memory_sr"]["samples_per_s"]
+                                              + sum(1 / x[f"cached_{source}"]["samples_per_s"] for x in st[1:]))
+            s[f"cached_{source}_over_recompute_{epochs}_epochs"] = ((epochs * per_sample[f"cached_{source}"] + build)
+                                                                    / (epochs * per_sample["recompute"]))
+            s[f"cached_{source}_over_in_memory_per_epoch"] = per_sample[f"cached_{source}"] / per_sample["in_memory"]
+        # the best plan by these measured rates: per stage, whichever of cache or recompute trains faster
+        best = 1 / st[0]["in_memory_sr"]["samples_per_s"] + sum(
+            min(1 / x["recompute"]["samples_per_s"], *(1 / x[f"cached_{c}"]["samples_per_s"] for c in r["codecs"]))
+            for x in st[1:])
+        s["best_of_cache_or_recompute_per_stage_over_recompute"] = best / per_sample["recompute"]
+        s["cache_wins_at_stages"] = [x["stage"] for x in st[1:] if max(
+            x[f"cached_{c}"]["samples_per_s"] for c in r["codecs"]) > x["recompute"]["samples_per_s"]]
     s["in_memory_over_recompute_per_epoch"] = per_sample["in_memory"] / per_sample["recompute"]
     s["flop_prediction"] = flop_prediction(cfg, shape, classes, epochs)
     s["seconds_per_sample_one_epoch_each_stage"] = per_sample
@@ -323,7 +376,8 @@ def plot(r: dict, out: Path, key: str) -> None:
 
     sources = [("in_memory_sr", "input in device memory"), ("recompute", "recompute frozen prefix")]
     if r["have_zarr"]:
-        sources += [(f"cached_{c}", f"cache, {'uncompressed' if c == 'none' else c}") for c in r["codecs"]]
+        sources += [(f"cached_{c}", f"cache, {'uncompressed' if c.startswith('none') else c.split('_')[0]}"
+                     f"{', DALI' if c.endswith('_dali') else ''}") for c in r.get("sources", r["codecs"])]
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(sources)
     for i, (field, label) in enumerate(sources):

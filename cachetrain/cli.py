@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--disk-budget", default="inf", help="e.g. 2TB, 500GB, 1.5TiB (default: unlimited)")
     plan.add_argument("--dtype", choices=["float16", "bfloat16", "float32", "uint8"],
                       help="storage dtype (default: cache.dtype)")
+    plan.add_argument("--flop-rate", help="plan in seconds, not FLOPs: the training FLOP/s of the target machine "
+                      "(e.g. 300T); needs --read-rate and --write-rate too")
+    plan.add_argument("--read-rate", help="bytes/s the cache loader delivers while a stage trains (e.g. 20GB)")
+    plan.add_argument("--write-rate", help="bytes/s a caching pass writes (e.g. 150MB)")
     bench = command("bench", "greedy-cached vs greedy-recompute vs end-to-end: time, memory, accuracy, plots")
     bench.add_argument("--quick", action="store_true", help="small subsets and one epoch per stage (a smoke test)")
     bench.add_argument("--out", help="output folder (default: bench/<config name>)")
@@ -170,8 +174,9 @@ def _plan(greedy: Greedy, args: argparse.Namespace, console: Console) -> int:
     dtype = args.dtype or cfg.cache.dtype
     workload = planner.Workload(n_train, n_test, cfg.train.epochs, cfg.cache.views)
     costs = planner.stage_costs(cfg, planner.input_shape(cfg, args.image_size), num_classes)
-    chosen = planner.plan(costs, workload, budget, dtype)
-    result = {**planner.describe(costs, workload, chosen, dtype), "budget_bytes": budget}
+    model = _rates(args)
+    chosen = planner.plan(costs, workload, budget, dtype, model)
+    result = {**planner.describe(costs, workload, chosen, dtype, model), "budget_bytes": budget}
     console.print(plan_table(result, title=f"{cfg.name}: cache plan for {n_train:,} + {n_test:,} samples, "
                                            f"budget {args.disk_budget}, {dtype}"))
     greedy.run.path.mkdir(parents=True, exist_ok=True)
@@ -180,13 +185,29 @@ def _plan(greedy: Greedy, args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _size(text: str) -> int:
+def _size(text: str, option: str = "--disk-budget", example: str = "a size like 2TB, 500GB or 1.5TiB") -> int:
     from cachetrain.planner import parse_size
 
     try:
-        return parse_size(text)
+        return parse_size(text, option, example)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _rates(args: argparse.Namespace):
+    """The planner's seconds model when all three rates are given, else None (FLOPs)."""
+    from cachetrain.planner import Rates
+
+    given = {"--flop-rate": args.flop_rate, "--read-rate": args.read_rate, "--write-rate": args.write_rate}
+    if not any(given.values()):
+        return None
+    if not all(given.values()):
+        missing = " ".join(k for k, v in given.items() if not v)
+        raise ConfigError(f"plan: planning in seconds needs --flop-rate, --read-rate and --write-rate; missing {missing}")
+    values = {k: _size(v, k, "a rate like 300T (FLOP/s) or 20GB (bytes/s)") for k, v in given.items()}
+    if not all(values.values()):
+        raise ConfigError(f"plan: rates must be above zero, got {given}")
+    return Rates(values["--flop-rate"], values["--read-rate"], values["--write-rate"])
 
 
 def _verify(greedy: Greedy, j: int | None, console: Console) -> int:

@@ -4,12 +4,19 @@ Stage j trains on its input every epoch. If stage j-1's output is cached that in
 disk; otherwise it is recomputed from the nearest cached stage a < j (or from the images, a = -1) by
 forwarding through the frozen stages a+1..j-1, for every training and test sample, every epoch.
 Caching stage s costs one forward pass over the data (through its own uncached ancestors too) and
-its store's bytes. The planner picks the set of cached stages with the least total FLOPs (recompute
-+ caching passes) whose stores fit the budget.
+its store's bytes. The planner picks the set of cached stages of least total cost whose stores fit
+the budget, under one of two cost models:
+- FLOPs (the default): recompute + caching passes; reading a cache is free. Right where compute is
+  the scarce thing (a CPU, or deep narrow stages).
+- Seconds, from a machine's measured rates (FLOP/s, cache read and write bytes/s): a stage's epoch
+  takes the longer of its compute and reading its input cache (the loader prefetches while the step
+  runs), a caching pass the longest of its forward, read and write. On an H200 this is what decides:
+  the wide early stages of the ImageNet layout train faster recomputed than read back (3.2 MB a
+  sample at ~25 GB/s), and a caching pass is bound by the writer, not the forward.
 
 Exact search: stages are decided in order and the only thing the future depends on is the last
 cached stage, so a dynamic programme keeps, for each possible last cached stage, the Pareto front of
-(disk bytes, FLOPs) over the choices so far. Stores are counted at their raw (uncompressed) size,
+(disk bytes, cost) over the choices so far. Stores are counted at their raw (uncompressed) size,
 so a plan that fits stays within budget whatever zstd achieves.
 """
 
@@ -48,15 +55,60 @@ class Workload:
 @dataclass(frozen=True)
 class Plan:
     cached: tuple[int, ...]
-    flops: float  # recompute + caching passes, over the whole greedy run
+    cost: float  # in the cost model's unit, over the whole greedy run
     disk_bytes: int
 
 
-def parse_size(text: str) -> int:
-    """'2TB' (decimal), '1.5TiB' (binary), '500G', '123' (bytes) -> bytes."""
+class FlopCost:
+    """Recompute and caching-pass FLOPs; reading a cache costs nothing. Every plan trains every stage
+    the same, so the stages' own training is left out of the comparison (`constant` adds it back)."""
+
+    unit = "FLOP"
+
+    def train(self, costs: list[StageCost], w: Workload, a: int, j: int, dtype: str) -> float:
+        """Producing stage j's input from the last cached stage a, every epoch."""
+        return w.epochs * (w.train + w.test) * _recompute(costs, a, j)
+
+    def build(self, costs: list[StageCost], w: Workload, a: int, j: int, dtype: str) -> float:
+        """Caching stage j's outputs, forwarding from stage a's cache (or the images)."""
+        return (w.train * w.views + w.test) * _recompute(costs, a, j + 1)
+
+    def constant(self, costs: list[StageCost], w: Workload) -> float:
+        return sum(w.epochs * w.train * c.train_flops for c in costs)
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Seconds from a machine's measured rates (see the module docstring). Reading the images is taken
+    to keep up in every plan."""
+
+    flops_per_s: float  # what the training steps reach
+    read_bytes_per_s: float  # what the cache loader lands on the device while a stage trains
+    write_bytes_per_s: float  # what a caching pass writes
+    unit = "s"
+
+    def _read(self, costs: list[StageCost], a: int, dtype: str) -> float:
+        return costs[a].sample_bytes[dtype] / self.read_bytes_per_s if a >= 0 else 0.0
+
+    def train(self, costs: list[StageCost], w: Workload, a: int, j: int, dtype: str) -> float:
+        recompute, read = _recompute(costs, a, j) / self.flops_per_s, self._read(costs, a, dtype)
+        own = costs[j].train_flops / self.flops_per_s
+        return w.epochs * (w.train * max(own + recompute, read) + w.test * max(recompute, read))
+
+    def build(self, costs: list[StageCost], w: Workload, a: int, j: int, dtype: str) -> float:
+        return (w.train * w.views + w.test) * max(_recompute(costs, a, j + 1) / self.flops_per_s,
+                                                  self._read(costs, a, dtype),
+                                                  costs[j].sample_bytes[dtype] / self.write_bytes_per_s)
+
+    def constant(self, costs: list[StageCost], w: Workload) -> float:
+        return 0.0  # the stages' own training is inside `train`: it overlaps the reads
+
+
+def parse_size(text: str, option: str = "--disk-budget", example: str = "a size like 2TB, 500GB or 1.5TiB") -> int:
+    """'2TB' (decimal), '1.5TiB' (binary), '500G', '123' (bytes) -> bytes (or '300T' -> FLOP/s)."""
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?)(i?)B?\s*", text, flags=re.IGNORECASE)
     if not m:
-        raise ValueError(f"--disk-budget {text!r}: expected a size like 2TB, 500GB or 1.5TiB")
+        raise ValueError(f"{option} {text!r}: expected {example}")
     number, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
     power = "KMGTP".index(unit) + 1 if unit else 0
     return int(number * (1024 if binary else 1000) ** power)
@@ -86,43 +138,46 @@ def _recompute(costs: list[StageCost], a: int, j: int) -> float:
     return sum(c.forward_flops for c in costs[a + 1:j])
 
 
-def evaluate(costs: list[StageCost], w: Workload, cached: tuple[int, ...], dtype: str) -> Plan:
-    """FLOPs and disk of one cache set (the brute-force reference for `plan`)."""
-    flops, disk, a = 0.0, 0, -1
+def evaluate(costs: list[StageCost], w: Workload, cached: tuple[int, ...], dtype: str, model=None) -> Plan:
+    """Cost and disk of one cache set (the brute-force reference for `plan`)."""
+    model = model or FlopCost()
+    cost, disk, a = 0.0, 0, -1
     for j in range(len(costs)):
-        flops += w.epochs * (w.train + w.test) * _recompute(costs, a, j)
+        cost += model.train(costs, w, a, j, dtype)
         if j in cached:
-            flops += (w.train * w.views + w.test) * _recompute(costs, a, j + 1)
+            cost += model.build(costs, w, a, j, dtype)
             disk += (w.train * w.views + w.test) * costs[j].sample_bytes[dtype]
             a = j
-    return Plan(tuple(sorted(cached)), flops, disk)
+    return Plan(tuple(sorted(cached)), cost, disk)
 
 
-def brute_force(costs: list[StageCost], w: Workload, budget: int, dtype: str) -> Plan:
+def brute_force(costs: list[StageCost], w: Workload, budget: int, dtype: str, model=None) -> Plan:
     candidates = range(len(costs) - 1)
-    plans = [evaluate(costs, w, s, dtype) for r in range(len(costs)) for s in itertools.combinations(candidates, r)]
-    return min((p for p in plans if p.disk_bytes <= budget), key=lambda p: (p.flops, p.disk_bytes))
+    plans = [evaluate(costs, w, s, dtype, model) for r in range(len(costs))
+             for s in itertools.combinations(candidates, r)]
+    return min((p for p in plans if p.disk_bytes <= budget), key=lambda p: (p.cost, p.disk_bytes))
 
 
-def plan(costs: list[StageCost], w: Workload, budget: int, dtype: str) -> Plan:
-    """The cache set of least FLOPs whose stores fit `budget` bytes (the last stage is never cached:
-    nothing reads it)."""
-    # fronts[a]: Pareto-optimal (disk, flops, cached) for choices so far, with a the last cached stage
+def plan(costs: list[StageCost], w: Workload, budget: int, dtype: str, model=None) -> Plan:
+    """The cache set of least cost (FLOPs, or seconds with `Rates`) whose stores fit `budget` bytes
+    (the last stage is never cached: nothing reads it)."""
+    model = model or FlopCost()
+    # fronts[a]: Pareto-optimal (disk, cost, cached) for choices so far, with a the last cached stage
     fronts: dict[int, list[tuple[int, float, tuple[int, ...]]]] = {-1: [(0, 0.0, ())]}
     for j in range(len(costs)):
         nxt: dict[int, list] = {}
         for a, front in fronts.items():
-            train = w.epochs * (w.train + w.test) * _recompute(costs, a, j)
-            for disk, flops, cached in front:
-                nxt.setdefault(a, []).append((disk, flops + train, cached))
+            train = model.train(costs, w, a, j, dtype)
+            for disk, cost, cached in front:
+                nxt.setdefault(a, []).append((disk, cost + train, cached))
                 if j < len(costs) - 1:
                     d = disk + (w.train * w.views + w.test) * costs[j].sample_bytes[dtype]
                     if d <= budget:
-                        build = (w.train * w.views + w.test) * _recompute(costs, a, j + 1)
-                        nxt.setdefault(j, []).append((d, flops + train + build, cached + (j,)))
+                        build = model.build(costs, w, a, j, dtype)
+                        nxt.setdefault(j, []).append((d, cost + train + build, cached + (j,)))
         fronts = {a: _pareto(points) for a, points in nxt.items()}
-    disk, flops, cached = min((p for front in fronts.values() for p in front), key=lambda p: (p[1], p[0]))
-    return Plan(cached, flops, disk)
+    disk, cost, cached = min((p for front in fronts.values() for p in front), key=lambda p: (p[1], p[0]))
+    return Plan(cached, cost, disk)
 
 
 def _pareto(points: list[tuple[int, float, tuple[int, ...]]]) -> list[tuple[int, float, tuple[int, ...]]]:
@@ -135,8 +190,9 @@ def _pareto(points: list[tuple[int, float, tuple[int, ...]]]) -> list[tuple[int,
     return front
 
 
-def describe(costs: list[StageCost], w: Workload, chosen: Plan, dtype: str) -> dict:
+def describe(costs: list[StageCost], w: Workload, chosen: Plan, dtype: str, model=None) -> dict:
     """The plan as saved to <run>/plan.json and printed: per stage, where its input comes from."""
+    model = model or FlopCost()
     stages, a = [], -1
     for c in costs:
         j = c.stage
@@ -146,10 +202,10 @@ def describe(costs: list[StageCost], w: Workload, chosen: Plan, dtype: str) -> d
                        "store_bytes": {d: (w.train * w.views + w.test) * b for d, b in c.sample_bytes.items()}})
         if j in chosen.cached:
             a = j
-    none = evaluate(costs, w, (), dtype)
-    own = sum(w.epochs * w.train * c.train_flops for c in costs)  # every plan trains every stage the same
+    none = evaluate(costs, w, (), dtype, model)
+    own = model.constant(costs, w)
     return {"cached": list(chosen.cached), "dtype": dtype, "disk_bytes": chosen.disk_bytes,
-            "flops_training": own, "flops_plan": chosen.flops, "flops_recompute_everything": none.flops,
-            "flops_saved": none.flops - chosen.flops,
-            "total_vs_recompute_everything": (own + chosen.flops) / (own + none.flops),
+            "cost_unit": model.unit, "rates": asdict(model) if isinstance(model, Rates) else None,
+            "cost_plan": chosen.cost, "cost_recompute_everything": none.cost, "cost_saved": none.cost - chosen.cost,
+            "cost_constant": own, "total_vs_recompute_everything": (own + chosen.cost) / (own + none.cost),
             "workload": asdict(w), "stages": stages}

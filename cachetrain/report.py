@@ -75,8 +75,15 @@ def plan_table(plan: dict, title: str) -> Table:
                       _size(s["store_bytes"]["float32"]), _size(s["store_bytes"]["float16"]),
                       _size(s["store_bytes"]["uint8"]), f"{s['forward_flops'] / 1e9:.2f}",
                       "yes" if s["cached"] else "-", source)
-    table.caption = (f"cache {plan['cached'] or 'nothing'}: {_size(plan['disk_bytes'])} on disk; recompute + caching "
-                     f"{plan['flops_plan'] / 1e15:,.1f} PFLOP vs {plan['flops_recompute_everything'] / 1e15:,.1f} "
-                     f"PFLOP recomputing everything (saves {plan['flops_saved'] / 1e15:,.1f}); whole run incl. "
-                     f"training {100 * plan['total_vs_recompute_everything']:.0f}% of the recompute-everything run")
+    if plan["cost_unit"] == "FLOP":
+        cost = (f"recompute + caching {plan['cost_plan'] / 1e15:,.1f} PFLOP vs "
+                f"{plan['cost_recompute_everything'] / 1e15:,.1f} PFLOP recomputing everything "
+                f"(saves {plan['cost_saved'] / 1e15:,.1f}); whole run incl. training")
+    else:
+        r = plan["rates"]
+        cost = (f"at {r['flops_per_s'] / 1e12:,.0f} TFLOP/s, reads {_size(r['read_bytes_per_s'])}/s, writes "
+                f"{_size(r['write_bytes_per_s'])}/s: {plan['cost_plan'] / 3600:,.1f} h vs "
+                f"{plan['cost_recompute_everything'] / 3600:,.1f} h recomputing everything; whole run")
+    table.caption = (f"cache {plan['cached'] or 'nothing'}: {_size(plan['disk_bytes'])} on disk; {cost} "
+                     f"{100 * plan['total_vs_recompute_everything']:.0f}% of the recompute-everything run")
     return table

@@ -134,3 +134,19 @@ def test_a_missing_chunk_is_an_error_not_zeros(tmp_path):
     reader.chunk_path(3).unlink()
     with pytest.raises(CacheError, match=r"chunk 3 \(samples 48-63\) is missing; run: cachetrain verify"):
         reader.read_chunk(3)
+
+
+@pytest.mark.parametrize("codec", ["zstd", "none"])
+def test_all_zero_chunks_are_written_and_read_back(tmp_path, codec):
+    """A ReLU stage can output a chunk of zeros. zarr skips writing such chunks unless told otherwise,
+    and that setting is not stored with the array: the writer must pass it again, or a finished store
+    lacks those chunk files (and reads as unfinished forever)."""
+    x, info = inputs(), make_info(codec=codec)
+    x[:48] = 0  # chunks 0-2 (16 samples each) all zeros
+    layout = plan_layout(info.sample_bytes, 16 * info.sample_bytes / 2**20, 100, 32)
+    write_store(tmp_path / "s.zarr", info, np.zeros(100), Doubler(), batches_of(x), layout, torch.device("cpu"))
+    assert missing_chunks(tmp_path / "s.zarr", info) == []
+    assert store_state(tmp_path / "s.zarr", "abc")[0] is CacheState.COMPLETE
+    reader = CacheReader(tmp_path / "s.zarr", "abc")
+    got = torch.cat([reader.read_chunk(c) for c in range(info.num_chunks)])
+    assert torch.equal(got, (2 * x).half())

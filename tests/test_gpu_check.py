@@ -20,6 +20,9 @@ def test_gpu_check_tiny_runs_on_cpu(tmp_path):
         if s["stage"] > 0:
             assert s["recompute"]["samples_per_s"] > 0
             assert s["cached_none"]["samples_per_s"] > 0 and s["cached_zstd"]["samples_per_s"] > 0
+            assert s["loader_only_none"]["samples_per_s"] > 0 and s["loader_only_zstd"]["samples_per_s"] > 0
+            if r["have_dali"]:  # DALI's CPU-only pipeline stands in for the GPU one
+                assert s["cached_none_dali"]["samples_per_s"] > 0
         if s["stage"] < 7:
             assert s["cache_build_zstd_s"] > 0 and s["cache_bytes_none"] > 0
     summary = r["summary"]
@@ -28,4 +31,8 @@ def test_gpu_check_tiny_runs_on_cpu(tmp_path):
     assert summary["largest_stage_over_e2e_memory_conv"] >= summary["largest_stage_over_e2e_memory_sr"] * 0.5
     assert 0 < summary["flop_prediction"]["cached_over_recompute"] < 1
     assert summary["cached_none_over_recompute_45_epochs"] > 0
+    assert summary["cache_build_MB_per_s_none"] > 0
+    # the per-stage best of cache and recompute is never slower than either everywhere
+    assert 0 < summary["best_of_cache_or_recompute_per_stage_over_recompute"] <= 1 + 1e-9
+    assert set(summary["cache_wins_at_stages"]) <= set(range(1, 8))
     assert (tmp_path / "out" / "memory.png").exists() and (tmp_path / "out" / "throughput.png").exists()

@@ -138,3 +138,21 @@ def test_parallel_gather_copies_the_same_samples_as_the_serial_one():
     with ThreadPoolExecutor(3) as pool:
         assert gather(Feed(), idx, 7, parallel, pool, 3) == used
     assert torch.equal(parallel, serial) and torch.equal(serial, data[torch.from_numpy(idx)])
+
+
+def test_batch_buffers_outlive_an_epoch_but_are_never_shared(readers):
+    """The ring of batch buffers is allocated once (pinning it anew each epoch cost more than a short
+    epoch on a GPU host), yet two epochs iterated at the same time each get their own."""
+    loader = source(readers).loaders["train"]
+    order = np.arange(N)
+    first = [x.data_ptr() for x, _ in loader.host_batches(order, 64)]
+    again = [x.data_ptr() for x, _ in loader.host_batches(order, 64)]
+    assert set(again) <= set(first)  # the same buffers, reused
+    a, b = loader.host_batches(order, 64), loader.host_batches(order, 64)
+    xa, _ = next(a)
+    xb, _ = next(b)
+    assert xa.data_ptr() != xb.data_ptr()
+    assert torch.equal(xa[:, 0, 0, 0].long(), torch.arange(64)) and torch.equal(xb[:, 0, 0, 0].long(), torch.arange(64))
+    a.close()
+    b.close()
+    assert sample_ids(source(readers).train_batches(1, 64)).size == N

@@ -11,7 +11,7 @@ from cachetrain.cache import CacheState
 from cachetrain.cli import main
 from cachetrain.config import Config
 from cachetrain.greedy import Greedy
-from cachetrain.planner import StageCost, Workload, brute_force, evaluate, parse_size, plan
+from cachetrain.planner import Rates, StageCost, Workload, brute_force, evaluate, parse_size, plan
 from cachetrain.recompute import RecomputeSource
 from tests.conftest import synthetic_raw, write_config
 
@@ -22,18 +22,42 @@ def random_costs(rng, depth):
             for j in range(depth)]
 
 
+@pytest.mark.parametrize("timed", [False, True])
 @pytest.mark.parametrize("seed", range(40))
-def test_plan_is_optimal_under_the_budget(seed):
+def test_plan_is_optimal_under_the_budget(seed, timed):
     rng = np.random.default_rng(seed)
     costs = random_costs(rng, int(rng.integers(2, 8)))
     w = Workload(train=int(rng.integers(10, 1000)), test=int(rng.integers(0, 100)), epochs=int(rng.integers(1, 5)),
                  views=int(rng.integers(1, 3)))
+    # rates that put reading, writing and computing within a factor of a few of each other
+    model = Rates(*rng.uniform(1, 20, size=3)) if timed else None
     everything = evaluate(costs, w, tuple(range(len(costs) - 1)), "float16").disk_bytes
     budget = int(rng.uniform(0, 1.2) * everything)
-    got, best = plan(costs, w, budget, "float16"), brute_force(costs, w, budget, "float16")
+    got, best = plan(costs, w, budget, "float16", model), brute_force(costs, w, budget, "float16", model)
     assert got.disk_bytes <= budget
-    assert got.flops == pytest.approx(best.flops)
-    assert evaluate(costs, w, got.cached, "float16").flops == pytest.approx(got.flops)
+    assert got.cost == pytest.approx(best.cost)
+    assert evaluate(costs, w, got.cached, "float16", model).cost == pytest.approx(got.cost)
+
+
+def test_timed_plan_recomputes_what_is_slower_to_read_than_to_compute():
+    """Stage 0 is cheap and wide (reading its output takes longer than recomputing it), stages 1-2
+    are expensive and narrow: the seconds model caches 1 and 2 but not 0; FLOPs cache everything."""
+    costs = [StageCost(0, (1, 1, 1), 1.0, 3.0, {"float16": 100}), StageCost(1, (1, 1, 1), 50.0, 150.0, {"float16": 4}),
+             StageCost(2, (1, 1, 1), 50.0, 150.0, {"float16": 2}), StageCost(3, (1, 1, 1), 50.0, 150.0, {"float16": 2})]
+    w = Workload(1000, 100, 10)
+    rates = Rates(flops_per_s=100.0, read_bytes_per_s=10.0, write_bytes_per_s=1000.0)
+    assert plan(costs, w, 10**9, "float16").cached == (0, 1, 2)
+    timed = plan(costs, w, 10**9, "float16", rates)
+    assert timed.cached == (1, 2)
+    # by hand, stage by stage: max(compute, read) per sample and epoch, then each caching pass
+    n, e = 1100, 10
+    by_hand = (e * (1000 * 0.03 + 100 * 0.0)  # stage 0 trains on images
+               + e * (1000 * (1.5 + 0.01) + 100 * 0.01) + n * max(0.51, 4 / 1000)  # stage 1 recomputes 0; cache 1
+               + e * (1000 * max(1.5, 0.4) + 100 * 0.4) + n * max(0.5, 0.4, 0.002)  # stage 2 reads 1; cache 2
+               + e * (1000 * max(1.5, 0.2) + 100 * 0.2))  # stage 3 reads 2
+    assert timed.cost == pytest.approx(by_hand)
+    # instant storage: the seconds model agrees with FLOPs
+    assert plan(costs, w, 10**9, "float16", Rates(100.0, 1e12, 1e12)).cached == (0, 1, 2)
 
 
 def test_unlimited_budget_caches_every_stage_but_the_last_and_zero_caches_nothing():
@@ -75,3 +99,13 @@ def test_plan_command_saves_a_plan_within_budget(tmp_path, capsys):
     assert saved["disk_bytes"] <= stage_bytes and len(saved["cached"]) == 1
     assert "cache plan for 384 + 128 samples" in capsys.readouterr().out
     assert main(["plan", "--config", str(path), "--disk-budget", "lots"]) == 2
+    err = capsys.readouterr()
+    assert main(["plan", "--config", str(path), "--flop-rate", "1T", "--read-rate", "1GB", "--write-rate", "1GB"]) == 0
+    saved = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert saved["cost_unit"] == "s" and saved["rates"]["read_bytes_per_s"] == 10**9
+    assert "TFLOP/s" in capsys.readouterr().out
+    assert main(["plan", "--config", str(path), "--flop-rate", "1T"]) == 2
+    assert "missing --read-rate --write-rate" in capsys.readouterr().err
+    assert main(["plan", "--config", str(path), "--flop-rate", "fast", "--read-rate", "1GB", "--write-rate", "1GB"]) == 2
+    assert "--flop-rate 'fast': expected a rate like 300T" in capsys.readouterr().err
+    del err

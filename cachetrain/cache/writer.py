@@ -117,7 +117,12 @@ def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn
             if any(c in missing for c in range(g * layout.group_chunks, (g + 1) * layout.group_chunks))]
 
     stage.eval()
-    writer = BackgroundWriter(group["features"])
+    # write_empty_chunks is runtime config, not stored with the array: reopened without it, zarr would
+    # skip every all-zero chunk (its file never written, so the store would never be whole) after an
+    # all-equal test of each chunk that cost more CPU than the write itself
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        features = zarr.open_array(str(path / "features"), mode="r+")
+    writer = BackgroundWriter(features)
     computed = 0
     threads = torch.get_num_threads()
     if device.type == "cpu" and threads > 1:

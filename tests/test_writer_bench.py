@@ -1,0 +1,20 @@
+"""The writer benchmark runs on the CPU with --tiny and reports every row it promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_writer_bench_tiny_runs_on_cpu(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "writer_bench.py"), "--tiny", "--out",
+                           str(tmp_path / "out"), "--dir", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          cwd=root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(r["rows"]) == {"raw_files", "zarr_no_checksum", "zarr_crc32c", "write_store_from_host"}
+    assert all(row["MB_per_s"] > 0 and row["MB_per_cpu_s"] > 0 for row in r["rows"].values())
+    assert r["MB"] == 64 * 8 * 16 * 16 * 2 / 1e6
