@@ -33,7 +33,7 @@ import torch
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from cachetrain.cache import StoreInfo, plan_layout, write_store
+from cachetrain.cache import CacheReader, StoreInfo, plan_layout, write_store
 
 
 def cpu_seconds() -> float:
@@ -97,10 +97,17 @@ def main() -> None:
         rows["raw_files"] = timed(raw, nbytes)
         rows["zarr_no_checksum"] = timed(lambda: through_zarr([]), nbytes)
         rows["zarr_crc32c"] = timed(lambda: through_zarr([Crc32cCodec()]), nbytes)
+        def read_back_equal() -> bool:
+            """Every chunk of the store just written holds exactly the samples it was given."""
+            reader = CacheReader(tmp / "store.zarr", "fp")
+            return all(torch.equal(reader.read_chunk(c), x[c * cs:(c + 1) * cs]) for c in range(info.num_chunks))
+
         rows["write_store_from_host"] = timed(lambda: store(x), nbytes)
+        exact = {"write_store_from_host": read_back_equal()}
         if device.type == "cuda":
             xd = x.to(device)
             rows["write_store_from_device"] = timed(lambda: store(xd), nbytes)
+            exact["write_store_from_device"] = read_back_equal()
 
             def d2h() -> None:
                 for i in range(0, n, layout.forward_batch):
@@ -110,12 +117,14 @@ def main() -> None:
                          f"zarr {zarr.__version__}",
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "dir": args.dir or tempfile.gettempdir(), "samples": n, "sample_shape": list(shape),
-              "chunk_samples": cs, "forward_batch": layout.forward_batch, "MB": nbytes / 1e6, "rows": rows}
+              "chunk_samples": cs, "forward_batch": layout.forward_batch, "MB": nbytes / 1e6, "rows": rows,
+              "read_back_equal": exact}
     for name, r in rows.items():
         print(f"{name:24s} {r['MB_per_s']:8.0f} MB/s   {r['MB_per_cpu_s']:8.0f} MB per CPU-second")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
+    print(f"read back exactly: {exact}")
     print(f"wrote {out / 'results.json'}")
 
 

@@ -18,3 +18,4 @@ def test_writer_bench_tiny_runs_on_cpu(tmp_path):
     assert set(r["rows"]) == {"raw_files", "zarr_no_checksum", "zarr_crc32c", "write_store_from_host"}
     assert all(row["MB_per_s"] > 0 and row["MB_per_cpu_s"] > 0 for row in r["rows"].values())
     assert r["MB"] == 64 * 8 * 16 * 16 * 2 / 1e6
+    assert r["read_back_equal"] == {"write_store_from_host": True}

@@ -31,8 +31,8 @@ Batches = Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # (
 class BackgroundWriter:
     """A thread that writes (start, array) blocks of whole chunks into a zarr array. `put` blocks when
     `depth` blocks are pending (bounding memory) and re-raises the thread's error, if any, in the
-    caller's thread. (Eight such threads were no faster than one on an H200 host, where caching ran
-    at about 100 MB/s either way: there the file system, not the encoding, set the pace.)"""
+    caller's thread. One thread, because zarr encodes on one event loop per process: with crc32c it
+    wrote about 0.9 GB/s on an H200 host whatever fed it (benchmarks/writer_bench.py)."""
 
     def __init__(self, array: zarr.Array, depth: int = 3):
         self._array = array
@@ -86,14 +86,35 @@ def missing_chunks(path: Path, info: StoreInfo) -> list[int]:
     return [c for c in range(info.num_chunks) if not chunk_file(path, array, c).exists()]
 
 
-def to_storage(y: torch.Tensor, info: StoreInfo) -> np.ndarray:
+class HostCopy:
+    """Device tensors to new host arrays. From CUDA the copy lands in a reused pinned buffer and is then
+    copied out: on the H200 host a pageable device-to-host copy moved 1.3 GB/s, slower than the writer,
+    while a pinned one plus a host memcpy is several times that."""
+
+    def __init__(self, staged: bool | None = None):
+        self._staged = staged  # None: only for CUDA tensors (the tests stage CPU ones, unpinned)
+        self._buffer: torch.Tensor | None = None
+
+    def __call__(self, y: torch.Tensor) -> np.ndarray:
+        if not (self._staged if self._staged is not None else y.device.type == "cuda"):
+            return y.cpu().numpy()
+        n = y.numel() * y.element_size()
+        if self._buffer is None or self._buffer.numel() < n:
+            self._buffer = torch.empty(n, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        staging = self._buffer[:n].view(y.dtype).view(y.shape)
+        staging.copy_(y)  # synchronous: the buffer is whole when copy_ returns
+        return staging.numpy().copy()  # the buffer is reused by the next batch
+
+
+def to_storage(y: torch.Tensor, info: StoreInfo, host: HostCopy | None = None) -> np.ndarray:
     """Stage outputs (B, C, H, W) as the store's dtype, on the host."""
+    host = host or HostCopy()
     if info.dtype == "uint8":
-        return quantize(y, info.quant).cpu().numpy()
+        return host(quantize(y, info.quant))
     y = y.to(DTYPES[info.dtype][1])
     if info.dtype == "bfloat16":
         y = y.view(torch.int16)
-    return y.cpu().numpy().view(DTYPES[info.dtype][0])
+    return host(y).view(DTYPES[info.dtype][0])
 
 
 def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn.Module, batches: Batches,
@@ -123,6 +144,7 @@ def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn
     with zarr.config.set({"array.write_empty_chunks": True}):
         features = zarr.open_array(str(path / "features"), mode="r+")
     writer = BackgroundWriter(features)
+    host = HostCopy()
     computed = 0
     threads = torch.get_num_threads()
     if device.type == "cpu" and threads > 1:
@@ -136,7 +158,7 @@ def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn
                 pending: list[np.ndarray] = []  # outputs of the group being assembled
                 pending_start = done = start
                 for x, _ in batches(start, layout.forward_batch):
-                    pending.append(to_storage(stage(x), info))
+                    pending.append(to_storage(stage(x), info, host))
                     computed += len(x)
                     done += len(x)
                     on_progress(len(x))
