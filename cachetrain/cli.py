@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import sys
 from pathlib import Path
 
@@ -81,6 +82,10 @@ def _config(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     args = _parser().parse_args(argv)
+    # a failed zarr write (a full disk) fails its sibling chunk writes too; the first error reaches us
+    # and is reported in one line, and asyncio would log each of the others as "Task exception was
+    # never retrieved" with a traceback, whenever the garbage collector meets it
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     # not a terminal (CI logs, pipes): a fixed wide console, so tables do not wrap at 80 columns
     console = console or Console(width=None if sys.stdout.isatty() else 120, soft_wrap=True)
     greedy = None
