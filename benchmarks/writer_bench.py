@@ -62,9 +62,8 @@ def main() -> None:
     x = torch.randn(n, *shape, generator=torch.Generator().manual_seed(0)).relu_().half()
     host = x.numpy()
     nbytes = host.nbytes
-    info = StoreInfo(0, 3, "train", "fp", "w", "i", "float16", "none", 1, n, shape,
-                     plan_layout(host[0].nbytes, 4.0, n, args.batch).chunk_samples)
-    layout = plan_layout(info.sample_bytes, 4.0, n, args.batch)
+    layout = plan_layout(host[0].nbytes, 4.0, n, args.batch)
+    info = StoreInfo(0, 3, "train", "fp", "w", "i", "float16", "none", 1, n, shape, layout.chunk_samples)
     cs = info.chunk_samples
     labels = np.zeros(n, dtype=np.int64)
     rows: dict = {}

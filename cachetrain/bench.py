@@ -10,6 +10,7 @@ ratio that a FLOP count predicts for the same configuration.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -29,7 +30,7 @@ from cachetrain.e2e import E2E, e2e_network, train_e2e
 from cachetrain.greedy import Greedy
 from cachetrain.models import build_network, make_head
 from cachetrain.profile import forward_flops, peak_rss_bytes, step_memory, train_step_flops
-from cachetrain.trainer import StageModel, make_optimizer
+from cachetrain.trainer import StageModel, make_optimizer, make_scheduler, train_one_epoch
 
 REGIMES = ("cached", "recompute", "e2e")
 
@@ -90,14 +91,8 @@ def _warm_up(g: Greedy, steps: int = 5) -> None:
     model = StageModel(build_network(g.cfg.model, g.data.sample_shape, t.seed).stages[0],
                        make_head(g.cfg.model, g.net, 0, g.cfg.model.k, g.data.num_classes, t.seed)).to(g.device)
     optimizer = make_optimizer(model.parameters(), t)
-    with autocast(g.device, t.amp):
-        for step, (x, y) in enumerate(g.data.train_batches(0, t.batch_size)):
-            if step == steps:
-                break
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    train_one_epoch(model, itertools.islice(g.data.train_batches(0, t.batch_size), steps), optimizer,
+                    make_scheduler(optimizer, t, steps, 1), g.device, t.amp, t.channels_last)
 
 
 def run_greedy_pair(cfg: Config, out: Path, console: Console) -> dict[str, dict]:

@@ -200,12 +200,12 @@ def _size(text: str, option: str = "--disk-budget", example: str = "a size like 
 
 
 def _rates(args: argparse.Namespace):
-    """The planner's seconds model when all three rates are given, else None (FLOPs)."""
-    from cachetrain.planner import Rates
+    """The planner's seconds model when all three rates are given, else its FLOP model."""
+    from cachetrain.planner import FLOPS, Rates
 
     given = {"--flop-rate": args.flop_rate, "--read-rate": args.read_rate, "--write-rate": args.write_rate}
     if not any(given.values()):
-        return None
+        return FLOPS
     if not all(given.values()):
         missing = " ".join(k for k, v in given.items() if not v)
         raise ConfigError(f"plan: planning in seconds needs --flop-rate, --read-rate and --write-rate; missing {missing}")

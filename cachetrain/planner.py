@@ -77,6 +77,9 @@ class FlopCost:
         return sum(w.epochs * w.train * c.train_flops for c in costs)
 
 
+FLOPS = FlopCost()  # stateless: the default cost model
+
+
 @dataclass(frozen=True)
 class Rates:
     """Seconds from a machine's measured rates (see the module docstring). Reading the images is taken
@@ -138,9 +141,8 @@ def _recompute(costs: list[StageCost], a: int, j: int) -> float:
     return sum(c.forward_flops for c in costs[a + 1:j])
 
 
-def evaluate(costs: list[StageCost], w: Workload, cached: tuple[int, ...], dtype: str, model=None) -> Plan:
+def evaluate(costs: list[StageCost], w: Workload, cached: tuple[int, ...], dtype: str, model=FLOPS) -> Plan:
     """Cost and disk of one cache set (the brute-force reference for `plan`)."""
-    model = model or FlopCost()
     cost, disk, a = 0.0, 0, -1
     for j in range(len(costs)):
         cost += model.train(costs, w, a, j, dtype)
@@ -151,17 +153,16 @@ def evaluate(costs: list[StageCost], w: Workload, cached: tuple[int, ...], dtype
     return Plan(tuple(sorted(cached)), cost, disk)
 
 
-def brute_force(costs: list[StageCost], w: Workload, budget: int, dtype: str, model=None) -> Plan:
+def brute_force(costs: list[StageCost], w: Workload, budget: int, dtype: str, model=FLOPS) -> Plan:
     candidates = range(len(costs) - 1)
     plans = [evaluate(costs, w, s, dtype, model) for r in range(len(costs))
              for s in itertools.combinations(candidates, r)]
     return min((p for p in plans if p.disk_bytes <= budget), key=lambda p: (p.cost, p.disk_bytes))
 
 
-def plan(costs: list[StageCost], w: Workload, budget: int, dtype: str, model=None) -> Plan:
+def plan(costs: list[StageCost], w: Workload, budget: int, dtype: str, model=FLOPS) -> Plan:
     """The cache set of least cost (FLOPs, or seconds with `Rates`) whose stores fit `budget` bytes
     (the last stage is never cached: nothing reads it)."""
-    model = model or FlopCost()
     # fronts[a]: Pareto-optimal (disk, cost, cached) for choices so far, with a the last cached stage
     fronts: dict[int, list[tuple[int, float, tuple[int, ...]]]] = {-1: [(0, 0.0, ())]}
     for j in range(len(costs)):
@@ -190,9 +191,8 @@ def _pareto(points: list[tuple[int, float, tuple[int, ...]]]) -> list[tuple[int,
     return front
 
 
-def describe(costs: list[StageCost], w: Workload, chosen: Plan, dtype: str, model=None) -> dict:
+def describe(costs: list[StageCost], w: Workload, chosen: Plan, dtype: str, model=FLOPS) -> dict:
     """The plan as saved to <run>/plan.json and printed: per stage, where its input comes from."""
-    model = model or FlopCost()
     stages, a = [], -1
     for c in costs:
         j = c.stage

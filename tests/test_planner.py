@@ -11,7 +11,7 @@ from cachetrain.cache import CacheState
 from cachetrain.cli import main
 from cachetrain.config import Config
 from cachetrain.greedy import Greedy
-from cachetrain.planner import Rates, StageCost, Workload, brute_force, evaluate, parse_size, plan
+from cachetrain.planner import FLOPS, Rates, StageCost, Workload, brute_force, evaluate, parse_size, plan
 from cachetrain.recompute import RecomputeSource
 from tests.conftest import synthetic_raw, write_config
 
@@ -30,7 +30,7 @@ def test_plan_is_optimal_under_the_budget(seed, timed):
     w = Workload(train=int(rng.integers(10, 1000)), test=int(rng.integers(0, 100)), epochs=int(rng.integers(1, 5)),
                  views=int(rng.integers(1, 3)))
     # rates that put reading, writing and computing within a factor of a few of each other
-    model = Rates(*rng.uniform(1, 20, size=3)) if timed else None
+    model = Rates(*rng.uniform(1, 20, size=3)) if timed else FLOPS
     everything = evaluate(costs, w, tuple(range(len(costs) - 1)), "float16").disk_bytes
     budget = int(rng.uniform(0, 1.2) * everything)
     got, best = plan(costs, w, budget, "float16", model), brute_force(costs, w, budget, "float16", model)

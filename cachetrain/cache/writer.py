@@ -74,9 +74,7 @@ def _create(path: Path, info: StoreInfo, labels: np.ndarray) -> zarr.Group:
     filters = [BitRound(keepbits=info.bitround)] if info.bitround else []
     group.create_array(
         "features", shape=(info.num_samples, *info.sample_shape), chunks=(info.chunk_samples, *info.sample_shape),
-        dtype=DTYPES[info.dtype][0], fill_value=0, filters=filters, compressors=[*codecs, Crc32cCodec()],
-        # a chunk file must exist for every written chunk, even an all-zero one: file presence is progress
-        config={"write_empty_chunks": True})
+        dtype=DTYPES[info.dtype][0], fill_value=0, filters=filters, compressors=[*codecs, Crc32cCodec()])
     group.create_array("labels", data=labels.astype(np.int64), chunks=(len(labels),), compressors=[Crc32cCodec()])
     return group
 
@@ -86,35 +84,25 @@ def missing_chunks(path: Path, info: StoreInfo) -> list[int]:
     return [c for c in range(info.num_chunks) if not chunk_file(path, array, c).exists()]
 
 
-class HostCopy:
-    """Device tensors to new host arrays. From CUDA the copy lands in a reused pinned buffer and is then
-    copied out: on the H200 host a pageable device-to-host copy moved 1.3 GB/s, slower than the writer,
-    while a pinned one plus a host memcpy is several times that."""
-
-    def __init__(self, staged: bool | None = None):
-        self._staged = staged  # None: only for CUDA tensors (the tests stage CPU ones, unpinned)
-        self._buffer: torch.Tensor | None = None
-
-    def __call__(self, y: torch.Tensor) -> np.ndarray:
-        if not (self._staged if self._staged is not None else y.device.type == "cuda"):
-            return y.cpu().numpy()
-        n = y.numel() * y.element_size()
-        if self._buffer is None or self._buffer.numel() < n:
-            self._buffer = torch.empty(n, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-        staging = self._buffer[:n].view(y.dtype).view(y.shape)
-        staging.copy_(y)  # synchronous: the buffer is whole when copy_ returns
-        return staging.numpy().copy()  # the buffer is reused by the next batch
+def _to_host(y: torch.Tensor) -> np.ndarray:
+    """A device tensor as a new host array. From CUDA through pinned memory: on the H200 host a pageable
+    device-to-host copy moved 1.3 GB/s, slower than the writer. torch's caching host allocator hands
+    the pinned block back once the writer has dropped the array, so pinning costs once per pass."""
+    if y.device.type != "cuda":
+        return y.cpu().numpy()
+    host = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+    host.copy_(y)  # synchronous: whole when it returns
+    return host.numpy()
 
 
-def to_storage(y: torch.Tensor, info: StoreInfo, host: HostCopy | None = None) -> np.ndarray:
+def to_storage(y: torch.Tensor, info: StoreInfo) -> np.ndarray:
     """Stage outputs (B, C, H, W) as the store's dtype, on the host."""
-    host = host or HostCopy()
     if info.dtype == "uint8":
-        return host(quantize(y, info.quant))
+        return _to_host(quantize(y, info.quant))
     y = y.to(DTYPES[info.dtype][1])
     if info.dtype == "bfloat16":
         y = y.view(torch.int16)
-    return host(y).view(DTYPES[info.dtype][0])
+    return _to_host(y).view(DTYPES[info.dtype][0])
 
 
 def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn.Module, batches: Batches,
@@ -138,19 +126,18 @@ def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn
             if any(c in missing for c in range(g * layout.group_chunks, (g + 1) * layout.group_chunks))]
 
     stage.eval()
-    # write_empty_chunks is runtime config, not stored with the array: reopened without it, zarr would
-    # skip every all-zero chunk (its file never written, so the store would never be whole) after an
-    # all-equal test of each chunk that cost more CPU than the write itself
+    # a chunk file must exist for every written chunk, even an all-zero one: file presence is progress.
+    # write_empty_chunks is runtime config, not stored with the array, so it is set where the array is
+    # opened for writing; without it zarr also tests every chunk for all-zeros, at more CPU than the write
     with zarr.config.set({"array.write_empty_chunks": True}):
         features = zarr.open_array(str(path / "features"), mode="r+")
     writer = BackgroundWriter(features)
-    host = HostCopy()
     computed = 0
     threads = torch.get_num_threads()
     if device.type == "cpu" and threads > 1 and info.codec != "none":
         # leave a core to the writer thread's compression: measured here (2 cores), caching with a 1-thread
         # forward took 1.56 s where the 2-thread forward took 1.9-2.0 s, both writing zstd-1. Uncompressed,
-        # the writer needs little CPU and the forward wants both: 4.1 s against 6.4 s (J=8 config, stage 2)
+        # the writer needs little CPU and the forward wants both: 4.1 s against 6.4 s (J=8, stage 2, by hand)
         torch.set_num_threads(threads - 1)
     try:
         with torch.no_grad(), autocast(device, amp):
@@ -159,7 +146,7 @@ def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn
                 pending: list[np.ndarray] = []  # outputs of the group being assembled
                 pending_start = done = start
                 for x, _ in batches(start, layout.forward_batch):
-                    pending.append(to_storage(stage(x), info, host))
+                    pending.append(to_storage(stage(x), info))
                     computed += len(x)
                     done += len(x)
                     on_progress(len(x))
