@@ -30,8 +30,9 @@ def crop_flip(x: torch.Tensor, padding: int, flip: bool, rng: np.random.Generato
     bi = torch.arange(b, device=dev)[:, None, None]
     ri = torch.from_numpy(np.ascontiguousarray(rows)).to(dev)[:, :, None]
     ci = torch.from_numpy(np.ascontiguousarray(cols)).to(dev)[:, None, :]
-    # advanced indices separated by a slice go first: (B, H, W, C)
-    return x[bi, :, ri, ci].permute(0, 3, 1, 2).contiguous()
+    # advanced indices separated by a slice go first: (B, H, W, C), which permuted is a channels-last
+    # (B, C, H, W): the layout convolutions want, at no copy
+    return x[bi, :, ri, ci].permute(0, 3, 1, 2)
 
 
 def batch_rng(seed: int, epoch: int, batch: int) -> np.random.Generator:

@@ -40,6 +40,8 @@ def test_bench_quick_writes_every_field_and_plots(tmp_path):
     for regime in ("cached", "recompute"):
         for s in r[regime]["stages"]:
             assert s["steady_samples_per_s"] > 0 and s["seconds_per_epoch"] > 0 and 0 <= s["test_acc"] <= 1
+            assert 0 < s["wait_seconds"] < s["train_seconds"]
+            assert s["step_seconds"] == pytest.approx(s["train_seconds"] - s["wait_seconds"])
     q = r["ratios"]
     assert q["cached_over_recompute_time"] == pytest.approx(r["cached"]["total_seconds"] /
                                                             r["recompute"]["total_seconds"])
@@ -47,7 +49,10 @@ def test_bench_quick_writes_every_field_and_plots(tmp_path):
     assert q["cache_build_over_bare_forward"] == pytest.approx(
         sum(s["cache_seconds"] for s in r["cached"]["stages"][:2]) /
         sum(s["bare_forward_seconds"] for s in r["cached"]["stages"][:2]))
+    assert q["cached_over_recompute_step_time"] == pytest.approx(
+        sum(s["step_seconds"] for s in r["cached"]["stages"]) / sum(s["step_seconds"] for s in r["recompute"]["stages"]))
     assert set(r["ratios"]) == {"cached_over_recompute_time", "flop_predicted_cached_over_recompute",
+                                "cached_over_recompute_step_time",
                                 "largest_stage_over_e2e_memory", "cache_build_over_bare_forward",
                                 "greedy_minus_e2e_accuracy"}
     assert 0 < r["ratios"]["flop_predicted_cached_over_recompute"] < 1
@@ -55,4 +60,5 @@ def test_bench_quick_writes_every_field_and_plots(tmp_path):
     assert max(stage_mem) < r["costs"]["e2e"]["memory"]["total_bytes"]
     for png in ("accuracy.png", "memory.png", "throughput.png"):
         assert (out / png).stat().st_size > 1000
-    assert "greedy-cached / greedy-recompute total time" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "greedy-cached / greedy-recompute total time" in md and "| recompute: wait s |" in md

@@ -13,9 +13,9 @@ from cachetrain.loader import CacheSource
 N, SHAPE = 300, (2, 3, 3)
 
 
-def make_store(path, n=N, chunk=32, codec="zstd"):
-    """Sample i's features are all equal to i (exact in fp16 below 2048), so a batch names its samples."""
-    x = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, *SHAPE).contiguous()
+def make_store(path, n=N, chunk=32, codec="zstd", offset=0):
+    """Sample i's features are all equal to i + offset (exact in fp16 below 2048), so a batch names its samples."""
+    x = offset + torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, *SHAPE).contiguous()
     info = StoreInfo(stage=0, k=1, split=path.stem, fingerprint="fp", weights_hash="w", input_fingerprint="i",
                      dtype="float16", codec=codec, level=1, num_samples=n, sample_shape=SHAPE, chunk_samples=chunk)
     layout = plan_layout(info.sample_bytes, chunk * info.sample_bytes / 2**20, n, chunk)
@@ -156,3 +156,69 @@ def test_batch_buffers_outlive_an_epoch_but_are_never_shared(readers):
     assert torch.equal(xa[:, 0, 0, 0].long(), torch.arange(64)) and torch.equal(xb[:, 0, 0, 0].long(), torch.arange(64))
     a.close()
     b.close()
+
+
+def test_decoding_workers_persist_across_epochs_and_drop_what_an_abandoned_epoch_left(tmp_path):
+    """Compressed stores are decoded by worker processes that serve every epoch (restarting them stalled
+    each epoch's start); an epoch abandoned midway leaves decoded chunks queued, which the next must drop.
+    Two views whose features differ by 1000 tell an epoch's chunks from a stale one's."""
+    from cachetrain.loader import CacheLoader
+
+    views = [make_store(tmp_path / "a.zarr"), make_store(tmp_path / "b.zarr", offset=1000)]
+    loader = CacheLoader(views, torch.device("cpu"), workers=2, prefetch_chunks=2)
+    rng = np.random.default_rng(0)
+    chunks = views[0].info.num_chunks
+
+    def epoch_values(order, view, stop=None):
+        out = []
+        for b, (x, _) in enumerate(loader.host_batches(order, 25, np.full(chunks, view))):
+            out.append(x[:, 0, 0, 0].long().clone())
+            if b == stop:
+                break
+        return torch.cat(out).numpy()
+
+    assert np.array_equal(np.sort(epoch_values(rng.permutation(N), view=1)), np.arange(N) + 1000)
+    pids = [w.pid for w in loader._decoders[0]._iterator._workers]
+    epoch_values(rng.permutation(N), view=1, stop=1)  # abandoned after two batches, chunks still queued
+    order = rng.permutation(N)
+    values = epoch_values(order, view=0)
+    assert np.array_equal(values, np.concatenate([np.sort(order[i:i + 25]) for i in range(0, N, 25)]))
+    assert [w.pid for w in loader._decoders[0]._iterator._workers] == pids  # the same processes
+
+
+def test_a_decoding_error_retires_the_workers(tmp_path):
+    from cachetrain.loader import CacheLoader
+
+    reader = make_store(tmp_path / "a.zarr")
+    loader = CacheLoader(reader, torch.device("cpu"), workers=1, prefetch_chunks=2)
+    list(loader.host_batches(np.arange(N), 50))
+    assert loader._decoders is not None
+    reader.chunk_path(3).write_bytes(b"not zstd")  # reading fails in the worker process
+    with pytest.raises(ValueError, match="checksum"):
+        list(loader.host_batches(np.arange(N), 50))
+    assert loader._decoders is None  # not handed to the next epoch
+
+
+def test_two_epochs_at_once_with_decoding_workers(tmp_path):
+    from cachetrain.loader import CacheLoader
+
+    loader = CacheLoader(make_store(tmp_path / "train.zarr"), torch.device("cpu"), workers=1, prefetch_chunks=2)
+    a, b = loader.host_batches(np.arange(N), 50), loader.host_batches(np.arange(N)[::-1].copy(), 50)
+    ids_a, ids_b = [], []
+    for (xa, _), (xb, _) in zip(a, b):  # interleaved: the second epoch cannot share the persistent workers
+        ids_a.append(xa[:, 0, 0, 0].long().clone())
+        ids_b.append(xb[:, 0, 0, 0].long().clone())
+    assert np.array_equal(torch.cat(ids_a).numpy(), np.arange(N))
+    assert np.array_equal(np.sort(torch.cat(ids_b).numpy()), np.arange(N))
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_batches_come_channels_last_as_a_frozen_forward_gives_them(readers, augment):
+    """The step after the cache must see the layout the recompute path hands it: NCHW-fed steps ran
+    12-17% slower on the CPU than NHWC-fed ones."""
+    src = source(readers)
+    src.padding, src.flip = (1, True) if augment else (0, False)
+    for x, _ in src.train_batches(0, 64):
+        assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+    x, _ = next(iter(src.eval_batches("test", 32)))
+    assert x.is_contiguous(memory_format=torch.channels_last)
