@@ -23,7 +23,7 @@ import os
 import queue
 import threading
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager, nullcontext
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -115,7 +115,7 @@ class RecentFeed:
 class ChunkOrder(Sampler):
     """The (view, chunk) pairs an epoch decodes, in first-use order. One DataLoader keeps its worker
     processes across epochs (`persistent_workers`) and takes each epoch's order from here: restarting
-    them every epoch stalled the start of each epoch on process start-up and the first decode."""
+    them every epoch paid process start-up and a cold first decode at the start of every epoch."""
 
     def __init__(self):
         self.items: list[tuple[int, int]] = []
@@ -177,12 +177,12 @@ class CacheLoader:
         self._decoders: tuple[DataLoader, ChunkOrder] | None = None  # persistent; None while an epoch uses it
 
     @contextmanager
-    def _decoded(self, need: list[tuple[int, int]]) -> Iterator[Iterator[tuple[int, torch.Tensor]]]:
+    def _decoded(self, need: list[tuple[int, int]]) -> Iterator[WorkerFeed]:
         """Chunks `need` (view, chunk), decoded in that order by the worker processes. The persistent
         workers serve one epoch at a time; an epoch iterated while another holds them gets its own."""
         if self.workers == 0:
             chunks = _Chunks(self.readers)
-            yield (chunks[item] for item in need)
+            yield WorkerFeed(chunks[item] for item in need)
             return
         decoders, self._decoders = self._decoders, None
         if decoders is None:
@@ -192,7 +192,7 @@ class CacheLoader:
         loader, order = decoders
         order.items = need
         try:
-            yield iter(loader)  # a new epoch of the same workers: what the last epoch left queued is dropped
+            yield WorkerFeed(iter(loader))  # a new epoch of the same workers: what the last epoch left queued is dropped
         except GeneratorExit:  # the epoch was abandoned: the workers are fine
             self._decoders = decoders
             raise
@@ -221,11 +221,9 @@ class CacheLoader:
         cs = self.reader.info.chunk_samples
         first_use, last_use = chunk_schedule(plan, cs)
         view_of = np.zeros(self.reader.info.num_chunks, dtype=np.int64) if view_of is None else view_of
-        with ExitStack() as epoch:
-            if self.reader.memmappable:
-                feed = MemmapFeed(self.readers, view_of)
-            else:
-                feed = WorkerFeed(epoch.enter_context(self._decoded([(int(view_of[c]), c) for c in first_use])))
+        feeding = nullcontext(MemmapFeed(self.readers, view_of)) if self.reader.memmappable else \
+            self._decoded([(int(view_of[c]), c) for c in first_use])
+        with feeding as feed:
             yield from self._filled(plan, cs, last_use, feed, batch_size, copied)
 
     def _filled(self, plan: list[np.ndarray], cs: int, last_use: dict[int, int], feed, batch_size: int,
@@ -278,12 +276,12 @@ class CacheLoader:
     def _to_float(self, x: torch.Tensor) -> torch.Tensor:
         """A batch in the storage dtype -> a new float32 batch in channels-last layout, in one pass. The
         layout matters on the CPU too: oneDNN's convolutions run NHWC, and a step fed NCHW features
-        took 12-17% longer than the same step fed the NHWC tensors a frozen forward produces (FMNIST
-        stage 3, 2-core CPU; the store stays C-order NCHW)."""
+        took up to 1.15x as long as the same step fed the NHWC tensors a frozen forward produces
+        (benchmarks/layout_bench.py, 2-core CPU). The store stays C-order NCHW."""
         layout = torch.channels_last if x.dim() == 4 else torch.contiguous_format
-        if self.reader.info.quant:
-            return self.reader.to_float(x).contiguous(memory_format=layout)
-        return torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=layout).copy_(x)
+        # uint8 stores dequantise in place on the float copy (elementwise ops keep its layout)
+        return self.reader.to_float(torch.empty(x.shape, dtype=torch.float32, device=x.device,
+                                                memory_format=layout).copy_(x))
 
     def host_batches(self, indices: np.ndarray, batch_size: int, view_of: np.ndarray | None = None) -> Iterator[Batch]:
         """(x in the storage dtype, y) on the host; x is a reused buffer, valid until the next batch is drawn."""

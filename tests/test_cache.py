@@ -150,4 +150,3 @@ def test_all_zero_chunks_are_written_and_read_back(tmp_path, codec):
     reader = CacheReader(tmp_path / "s.zarr", "abc")
     got = torch.cat([reader.read_chunk(c) for c in range(info.num_chunks)])
     assert torch.equal(got, (2 * x).half())
-
