@@ -14,6 +14,7 @@ reported, and the ratio of the medians over all rounds.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import time
@@ -39,13 +40,15 @@ def num_classes(cfg) -> int:
     return 10 if cfg.data.name == "fmnist" else cfg.data.num_classes
 
 
-def step_times(cfg, j: int, x: torch.Tensor, y: torch.Tensor, steps: int) -> np.ndarray:
+def step_times(cfg, j: int, batches) -> np.ndarray:
+    """Step times (s) of a fresh stage j trained over `batches` (x, y), after WARMUP steps; the wait for
+    each batch is not counted."""
     net = build_network(cfg.model, in_shape(cfg), cfg.train.seed)
     model = StageModel(net.stages[j], make_head(cfg.model, net, j, cfg.model.k, num_classes(cfg), cfg.train.seed))
     model.train()
     optimizer, loss_fn = make_optimizer(model.parameters(), cfg.train), nn.CrossEntropyLoss()
     times = []
-    for _ in range(WARMUP + steps):
+    for x, y in batches:
         t0 = time.perf_counter()
         loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
@@ -53,6 +56,18 @@ def step_times(cfg, j: int, x: torch.Tensor, y: torch.Tensor, steps: int) -> np.
         optimizer.step()
         times.append(time.perf_counter() - t0)
     return np.array(times[WARMUP:])
+
+
+def save_results(args, shape, medians: dict[str, list[float]], ratio_name: str, ratio: float) -> None:
+    """The run's settings, per-round medians and ratio, as `args.out`/results.json."""
+    result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, Python "
+                         f"{platform.python_version()}, torch {torch.__version__}",
+              "config": args.config, "stage": args.stage, "input_shape": list(shape), "batch": args.batch,
+              "steps": args.steps, "rounds": args.rounds, "median_step_ms": medians, ratio_name: ratio}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {out / 'results.json'}")
 
 
 def main() -> None:
@@ -73,21 +88,14 @@ def main() -> None:
     medians: dict[str, list[float]] = {name: [] for name in LAYOUTS}
     for r in range(args.rounds):
         for name in (list(LAYOUTS) if r % 2 == 0 else list(LAYOUTS)[::-1]):
-            ms = 1000 * np.median(step_times(cfg, args.stage, x.contiguous(memory_format=LAYOUTS[name]), y, args.steps))
+            batch = (x.contiguous(memory_format=LAYOUTS[name]), y)
+            ms = 1000 * np.median(step_times(cfg, args.stage, itertools.repeat(batch, WARMUP + args.steps)))
             medians[name].append(float(ms))
             print(f"round {r}  {name:14s} median step {ms:7.1f} ms", flush=True)
     ratio = float(np.median(medians["nchw"]) / np.median(medians["channels_last"]))
     print(f"NCHW / channels-last median step: {ratio:.3f}  (stage {args.stage}, input {tuple(shape)}, "
           f"batch {args.batch})")
-    result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, Python "
-                         f"{platform.python_version()}, torch {torch.__version__}",
-              "config": args.config, "stage": args.stage, "input_shape": list(shape), "batch": args.batch,
-              "steps": args.steps, "rounds": args.rounds, "median_step_ms": medians,
-              "nchw_over_channels_last": ratio}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out / 'results.json'}")
+    save_results(args, shape, medians, "nchw_over_channels_last", ratio)
 
 
 if __name__ == "__main__":

@@ -81,9 +81,8 @@ def greedy_stage(g: Greedy, j: int, cached: bool) -> dict:
     figures = {"stage": j, "wall_seconds": time.perf_counter() - t0, **_epoch_figures(g.run.read_metrics(j))}
     if cached and j in g.cached_stages():
         # the caching pass is timed until its bytes are on disk, and the bare forward before it on a quiet
-        # disk. Timed after the pass, the bare forward ran while the kernel wrote the pass's pages back
-        # (Fashion-MNIST stage 0: 15.0 s, against 2.7 s in a run that started on a quiet disk), charging
-        # the cache's writes to it; and writes left in the page cache land on whichever regime trains next
+        # disk: writes left in the page cache go back to disk while whatever comes next runs (the bare
+        # forward, or the other regime's training), which would charge the cache's cost to them
         os.sync()
         figures["bare_forward_seconds"] = _bare_forward_seconds(g, j)
         t0 = time.perf_counter()

@@ -140,6 +140,22 @@ def test_parallel_gather_copies_the_same_samples_as_the_serial_one():
     assert torch.equal(parallel, serial) and torch.equal(serial, data[torch.from_numpy(idx)])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.uint8])
+def test_gather_copies_every_storage_dtype_exactly(dtype):
+    from cachetrain.loader import gather
+
+    data = (torch.randn(50, 3, 4, 4) * 100).to(dtype)
+
+    class Feed:  # chunks of 8 samples
+        def get(self, c):
+            return data[c * 8:(c + 1) * 8]
+
+    idx = np.array([0, 3, 7, 8, 9, 30, 41, 49])
+    out = torch.empty(len(idx), 3, 4, 4, dtype=dtype)
+    assert gather(Feed(), idx, 8, out) == [0, 1, 3, 5, 6]
+    assert torch.equal(out, data[torch.from_numpy(idx)])
+
+
 def test_batch_buffers_outlive_an_epoch_but_are_never_shared(readers):
     """The ring of batch buffers is allocated once (pinning it anew each epoch cost more than a short
     epoch on a GPU host), yet two epochs iterated at the same time each get their own."""
