@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_writer_bench_tiny_runs_on_cpu(tmp_path):
     root = Path(__file__).resolve().parent.parent
@@ -21,25 +23,18 @@ def test_writer_bench_tiny_runs_on_cpu(tmp_path):
     assert r["read_back_equal"] == {"write_store_from_host": True}
 
 
-def test_layout_bench_times_both_layouts(tmp_path):
+@pytest.mark.parametrize("script, stage, shape, arms, ratio", [
+    ("layout_bench.py", 1, [32, 28, 28], {"nchw", "channels_last"}, "nchw_over_channels_last"),
+    ("feed_bench.py", 2, [64, 14, 14], {"loader", "memory"}, "loader_over_memory"),
+])
+def test_step_benches_time_both_arms(tmp_path, script, stage, shape, arms, ratio):
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "layout_bench.py"), "--stage", "1", "--batch",
-                           "8", "--steps", "2", "--rounds", "2", "--out", str(tmp_path)], capture_output=True,
-                          text=True, timeout=300, cwd=root)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    r = json.loads((tmp_path / "results.json").read_text())
-    assert r["input_shape"] == [32, 28, 28]  # stage 1 of the Fashion-MNIST bench network reads stage 0's output
-    assert all(len(v) == 2 and min(v) > 0 for v in r["median_step_ms"].values())
-    assert r["nchw_over_channels_last"] > 0
-
-
-def test_feed_bench_times_both_feeds(tmp_path):
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "feed_bench.py"), "--stage", "2", "--batch", "8",
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--stage", str(stage), "--batch", "8",
                            "--steps", "2", "--rounds", "2", "--out", str(tmp_path)], capture_output=True,
                           text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     r = json.loads((tmp_path / "results.json").read_text())
-    assert r["input_shape"] == [64, 14, 14]  # stage 2 of the Fashion-MNIST bench network reads stage 1's output
+    assert r["input_shape"] == shape  # stage j of the Fashion-MNIST bench network reads stage j-1's output
+    assert set(r["median_step_ms"]) == arms
     assert all(len(v) == 2 and min(v) > 0 for v in r["median_step_ms"].values())
-    assert r["loader_over_memory"] > 0
+    assert r[ratio] > 0
