@@ -58,12 +58,12 @@ def step_times(cfg, j: int, batches) -> np.ndarray:
     return np.array(times[WARMUP:])
 
 
-def save_results(args, shape, medians: dict[str, list[float]], ratio_name: str, ratio: float) -> None:
-    """The run's settings, per-round medians and ratio, as `args.out`/results.json."""
+def save_results(args, shape, medians: dict[str, list[float]], ratios: dict[str, float]) -> None:
+    """The run's settings, per-round medians and ratios, as `args.out`/results.json."""
     result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, Python "
                          f"{platform.python_version()}, torch {torch.__version__}",
               "config": args.config, "stage": args.stage, "input_shape": list(shape), "batch": args.batch,
-              "steps": args.steps, "rounds": args.rounds, "median_step_ms": medians, ratio_name: ratio}
+              "steps": args.steps, "rounds": args.rounds, "median_step_ms": medians, **ratios}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
@@ -95,7 +95,7 @@ def main() -> None:
     ratio = float(np.median(medians["nchw"]) / np.median(medians["channels_last"]))
     print(f"NCHW / channels-last median step: {ratio:.3f}  (stage {args.stage}, input {tuple(shape)}, "
           f"batch {args.batch})")
-    save_results(args, shape, medians, "nchw_over_channels_last", ratio)
+    save_results(args, shape, medians, {"nchw_over_channels_last": ratio})
 
 
 if __name__ == "__main__":

@@ -80,14 +80,13 @@ def greedy_stage(g: Greedy, j: int, cached: bool) -> dict:
     g.train_stage(j)
     figures = {"stage": j, "wall_seconds": time.perf_counter() - t0, **_epoch_figures(g.run.read_metrics(j))}
     if cached and j in g.cached_stages():
-        # the caching pass is timed until its bytes are on disk, and the bare forward before it on a quiet
-        # disk: writes left in the page cache go back to disk while whatever comes next runs (the bare
-        # forward, or the other regime's training), which would charge the cache's cost to them
+        # the bare forward runs on a quiet disk (what earlier stages left in the page cache is written out
+        # first), and the caching pass is timed until its bytes are on disk: the writer fsyncs every chunk
+        # before it marks the store complete, so nothing it wrote lands on whatever runs next
         os.sync()
         figures["bare_forward_seconds"] = _bare_forward_seconds(g, j)
         t0 = time.perf_counter()
         g.cache_stage(j)
-        os.sync()
         figures["cache_seconds"] = time.perf_counter() - t0
         row = g.status()[j]
         figures["cache_bytes"], figures["raw_bytes"] = row.cache_bytes, row.raw_bytes

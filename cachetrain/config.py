@@ -150,14 +150,14 @@ class CacheConfig:
                self.bitround)
         _check(1 <= self.views <= 64, "cache.views", "an integer in [1, 64]", self.views)
         _check(self.views == 1 or self.mode == "all", "cache.views", "1 unless cache.mode is 'all'", self.views)
+        _check(0.0625 <= self.chunk_mib <= 64, "cache.chunk_mib", "a number in [0.0625, 64]", self.chunk_mib)
+        _check(self.batch_size >= 1, "cache.batch_size", "an integer >= 1", self.batch_size)
 
     @property
     def storage(self) -> str:
         """Everything about the storage that changes the values a reader gets back (fingerprinted)."""
         tag = self.dtype + (f"/bitround{self.bitround}" if self.bitround else "")
         return tag + (f"/p{self.quant_percentile}/{self.quant_batches}" if self.dtype == "uint8" else "")
-        _check(0.0625 <= self.chunk_mib <= 64, "cache.chunk_mib", "a number in [0.0625, 64]", self.chunk_mib)
-        _check(self.batch_size >= 1, "cache.batch_size", "an integer >= 1", self.batch_size)
 
 
 @dataclass(frozen=True)

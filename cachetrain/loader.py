@@ -6,12 +6,18 @@ Where chunks come from (a `ChunkFeed`):
   first needs each chunk, and each decoded chunk is dropped after the batch holding its last sample
   (zarr's own thread pool did not scale on this machine; processes did).
 
-A background thread assembles batches ahead of the training step: each batch's samples are sorted,
-so the samples of one chunk are one contiguous run and each run is a single `index_select` into a
-reused (pinned, on CUDA) buffer. Batches are then converted to float32 on their device; on CUDA the
-host-to-device copy of the next batch is issued before the current one is handed out, so it overlaps
-the step. A batch is a set of samples: which samples form batch b is a pure function of
-(seed, epoch, b); within a batch they come in index order.
+Each batch's samples are sorted, so the samples of one chunk are one contiguous run and each run is
+a single `index_select` into a reused (pinned, on CUDA) buffer. Where that gather runs depends on
+who is idle during the step:
+- CUDA: a background thread assembles batches ahead, and the host-to-device copy of the next batch
+  is issued before the current one is handed out, so both overlap the step;
+- CPU: the step runs on every core, so the gather (a memcpy out of the page cache) runs in the
+  consumer's thread between steps, with the kernel asked to read the next batch's chunks ahead.
+  Beside the step, the assembling thread preempted one of its OpenMP threads, and the whole
+  parallel region waited for it (benchmarks/feed_bench.py). Only a store this process decodes itself
+  (compressed, workers=0) keeps the thread there, since the decode is worth overlapping.
+Batches are then converted to float32 on their device. A batch is a set of samples: which samples
+form batch b is a pure function of (seed, epoch, b); within a batch they come in index order.
 
 Resume state is (seed, epoch, start_batch): `train_batches(epoch, bs, start_batch)` yields exactly
 the batches an uninterrupted epoch would have yielded from that point on.
@@ -90,6 +96,10 @@ class MemmapFeed:
     def release(self, c: int) -> None:
         pass  # mappings stay for the next epoch (remapping costs a page fault per page); the reader caps them
 
+    def will_need(self, chunks: list[int]) -> None:
+        for c in chunks:
+            self.readers[self.view_of[c]].will_need(c)
+
 
 class RecentFeed:
     """Decoded chunks in the calling process, keeping the `keep` most recently used: for readers that
@@ -109,6 +119,9 @@ class RecentFeed:
         return self._recent[c]
 
     def release(self, c: int) -> None:
+        pass
+
+    def will_need(self, chunks: list[int]) -> None:
         pass
 
 
@@ -143,6 +156,9 @@ class WorkerFeed:
     def release(self, c: int) -> None:
         self._resident.pop(c, None)
 
+    def will_need(self, chunks: list[int]) -> None:
+        pass  # the worker processes decode ahead in first-use order already
+
 
 def chunk_schedule(plan: list[np.ndarray], chunk_samples: int) -> tuple[list[int], dict[int, int]]:
     """Chunks in order of first use, and the batch of each chunk's last use."""
@@ -161,9 +177,14 @@ class CacheLoader:
     which case `view_of` picks the view each chunk is read from."""
 
     def __init__(self, readers: CacheReader | list[CacheReader], device: torch.device, workers: int = 1,
-                 prefetch_chunks: int = 4, prefetch_batches: int = 2):
+                 prefetch_chunks: int = 4, prefetch_batches: int = 2, background: bool | None = None):
         self.readers = readers if isinstance(readers, list) else [readers]
         self.reader, self.device = self.readers[0], device
+        # who assembles batches (module docstring): a background thread where the host is idle during the
+        # step (CUDA) or where this process decodes chunks itself; else the consumer, between steps.
+        # `background` overrides the choice (benchmarks/feed_bench.py measures both)
+        self.background = background if background is not None else (
+            device.type == "cuda" or (workers == 0 and not self.reader.memmappable))
         self.workers, self.prefetch = workers, prefetch_chunks
         self.depth = prefetch_batches
         self.labels = torch.from_numpy(self.reader.labels)
@@ -211,7 +232,7 @@ class CacheLoader:
 
     def _assembled(self, indices: np.ndarray, batch_size: int, view_of: np.ndarray | None,
                    copied: dict[int, torch.cuda.Event]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(slot, x in the storage dtype, y), assembled by a background thread into a ring of reused
+        """(slot, x in the storage dtype, y), assembled ahead by a background thread into a ring of reused
         (pinned, on CUDA) buffers. Slot s is refilled only after the consumer is done with it: on the
         CPU, once it asked for the next batch; on CUDA, once the event it put in `copied[s]` (its
         asynchronous copy out of the buffer) has completed."""
@@ -224,7 +245,36 @@ class CacheLoader:
         feeding = nullcontext(MemmapFeed(self.readers, view_of)) if self.reader.memmappable else \
             self._decoded([(int(view_of[c]), c) for c in first_use])
         with feeding as feed:
-            yield from self._filled(plan, cs, last_use, feed, batch_size, copied)
+            if self.background:
+                yield from self._filled(plan, cs, last_use, feed, batch_size, copied)
+            else:
+                yield from self._inline(plan, cs, last_use, feed, batch_size)
+
+    def _inline(self, plan: list[np.ndarray], cs: int, last_use: dict[int, int], feed,
+                batch_size: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(slot, x in the storage dtype, y), gathered in the calling thread when asked for. Before batch b
+        is gathered, the kernel is asked to read ahead the chunks batch b+1 first uses, so a cold page
+        cache is read from disk while batch b trains."""
+        ring = self._ring(batch_size)
+        seen: set[int] = set()
+
+        def read_ahead(b: int) -> None:
+            if b < len(plan):
+                new = [c for c in np.unique(plan[b] // cs).tolist() if c not in seen]
+                seen.update(new)
+                feed.will_need(new)
+
+        read_ahead(0)
+        try:
+            for b, idx in enumerate(plan):
+                read_ahead(b + 1)
+                x = ring[b % len(ring)][: len(idx)]
+                for c in gather(feed, idx, cs, x):
+                    if last_use[c] == b:
+                        feed.release(c)
+                yield b % len(ring), x, self.labels[torch.from_numpy(idx)]
+        finally:
+            self._rings[batch_size] = ring
 
     def _filled(self, plan: list[np.ndarray], cs: int, last_use: dict[int, int], feed, batch_size: int,
                 copied: dict[int, torch.cuda.Event]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:

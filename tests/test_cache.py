@@ -150,3 +150,23 @@ def test_all_zero_chunks_are_written_and_read_back(tmp_path, codec):
     reader = CacheReader(tmp_path / "s.zarr", "abc")
     got = torch.cat([reader.read_chunk(c) for c in range(info.num_chunks)])
     assert torch.equal(got, (2 * x).half())
+
+
+def test_complete_is_set_only_once_everything_it_vouches_for_is_on_disk(tmp_path, monkeypatch):
+    """A store marked COMPLETE must survive a crash: every chunk file, the labels, every folder holding
+    them and the metadata are fsynced before the `complete` flag is, and the flag itself after."""
+    import cachetrain.cache.writer as writer
+
+    synced = []
+    fsync = writer._fsync
+    monkeypatch.setattr(writer, "_fsync", lambda p: synced.append(p) or fsync(p))
+    path = tmp_path / "s.zarr"
+    info = make_info(codec="none")
+    write_store(path, info, np.zeros(100, dtype=np.int64), Doubler(), batches_of(inputs()), plan_layout(
+        info.sample_bytes, 16 * info.sample_bytes / 2**20, 100, 32), torch.device("cpu"))
+    flag = synced.index(path / "zarr.json")
+    assert set(synced[:flag]) >= {p for p in path.rglob("*") if p != path / "zarr.json"}  # all but the flag's file
+    assert synced[flag:] == [path / "zarr.json", path]
+    chunks = [p for p in (path / "features").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert len(chunks) == info.num_chunks
+    assert all(synced.index(p) < synced.index(p.parent) for p in chunks)  # a file before the folder naming it

@@ -32,6 +32,8 @@ def test_set_overrides_parse_yaml_values(tiny_config_file):
     ("train", "lr", True, "train.lr: expected a number, got True"),
     ("model", "arch", "vit", "model.arch: expected one of 'layercnn', 'vgg', 'resnet', got 'vit'"),
     ("cache", "dtype", "int4", "cache.dtype: expected one of"),
+    ("cache", "chunk_mib", 0, "cache.chunk_mib: expected a number in [0.0625, 64], got 0"),
+    ("cache", "batch_size", 0, "cache.batch_size: expected an integer >= 1, got 0"),
     ("model", "downsample", [7], "model.downsample: expected stage indices in [0, 2], got [7]"),
 ])
 def test_bad_values_name_file_key_and_expectation(tmp_path, section, key, value, expected):

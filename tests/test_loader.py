@@ -110,6 +110,46 @@ def test_abandoning_an_epoch_midway_returns_promptly(readers, left):
     assert not [t for t in threading.enumerate() if t.name == "cache-loader"]
 
 
+def test_a_cpu_step_gets_its_batches_without_a_thread_beside_it(tmp_path, monkeypatch):
+    """On a CPU host the gather runs in the consumer's thread (a thread beside the step stalled its OpenMP
+    team), and the kernel is asked to read each chunk ahead, one batch before the batch that first uses it."""
+    import threading
+
+    from cachetrain.loader import MemmapFeed
+
+    reader = make_store(tmp_path / "train.zarr", codec="none")
+    events = []
+    monkeypatch.setattr(MemmapFeed, "will_need", lambda self, chunks: events.extend(("ahead", c) for c in chunks))
+    get = MemmapFeed.get
+    monkeypatch.setattr(MemmapFeed, "get", lambda self, c: events.append(("get", c)) or get(self, c))
+    from cachetrain.loader import CacheLoader
+
+    loader = CacheLoader(reader, torch.device("cpu"), workers=0)
+    order = np.random.default_rng(0).permutation(N)
+    before = threading.active_count()
+    ids = []
+    for x, _ in loader.batches(order, 40):
+        assert threading.active_count() == before  # nothing runs beside the consumer
+        ids.append(x[:, 0, 0, 0].long())
+    assert np.array_equal(torch.cat(ids).numpy(), np.concatenate([np.sort(order[i:i + 40]) for i in range(0, N, 40)]))
+    ahead = {c: i for i, (kind, c) in reversed(list(enumerate(events))) if kind == "ahead"}
+    first_get = {c: i for i, (kind, c) in reversed(list(enumerate(events))) if kind == "get"}
+    assert set(ahead) == set(first_get) == set(range(reader.info.num_chunks))
+    assert all(ahead[c] < first_get[c] for c in ahead)  # advised before its first read
+    assert sum(kind == "ahead" for kind, _ in events) == reader.info.num_chunks  # once, though read by many batches
+    assert sum(kind == "get" for kind, _ in events) > reader.info.num_chunks
+
+
+def test_will_need_reads_a_chunk_into_the_page_cache_and_names_no_missing_file(tmp_path):
+    reader = make_store(tmp_path / "train.zarr", codec="none")
+    reader.will_need(0)  # the kernel's readahead: nothing to observe but that it neither blocks nor fails
+    reader.chunk_path(1).unlink()
+    reader.will_need(1)  # a missing chunk is reported where it is read, with the repair command
+    from cachetrain.cache import CacheError
+    with pytest.raises(CacheError, match="chunk 1 .* is missing"):
+        reader.chunk_view(1)
+
+
 def test_an_error_while_assembling_reaches_the_consumer(readers, monkeypatch):
     from cachetrain.cache import CacheError
 

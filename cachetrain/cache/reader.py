@@ -6,6 +6,7 @@ than a memmap here), so the unit of reading is the chunk; the loader does the sh
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -86,6 +87,19 @@ class CacheReader:
             while len(self._maps) > MAX_MAPS:  # an mmap each: stay far below the kernel's vm.max_map_count
                 self._maps.popitem(last=False)
         return view
+
+    def will_need(self, c: int) -> None:
+        """Ask the kernel to start reading chunk c's file into the page cache, without waiting for it
+        (a no-op for pages already there)."""
+        if self.memmappable and hasattr(os, "posix_fadvise"):
+            try:
+                fd = os.open(self.chunk_path(c), os.O_RDONLY)
+            except FileNotFoundError:
+                return  # chunk_view names the missing chunk when it is read
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
     def _check_chunk(self, c: int) -> None:
         """zarr would read a missing chunk as zeros: a store that lost a chunk file must say so instead."""

@@ -9,6 +9,7 @@ sample offsets, so a resumed pass recomputes a missing group bit-identically.
 
 from __future__ import annotations
 
+import os
 import queue
 import shutil
 import threading
@@ -28,14 +29,30 @@ from cachetrain.faults import fault_point
 Batches = Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # (start, batch_size) -> batches
 
 
+def _fsync(path: Path) -> None:
+    """Make `path` (a file's data, or a directory's entries) durable: on disk, not only in the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class BackgroundWriter:
     """A thread that writes (start, array) blocks of whole chunks into a zarr array. `put` blocks when
     `depth` blocks are pending (bounding memory) and re-raises the thread's error, if any, in the
     caller's thread. One thread, because zarr encodes on one event loop per process: with crc32c it
-    wrote about 0.9 GB/s on an H200 host whatever fed it (benchmarks/writer_bench.py)."""
+    wrote about 0.9 GB/s on an H200 host whatever fed it (benchmarks/writer_bench.py).
 
-    def __init__(self, array: zarr.Array, depth: int = 3):
-        self._array = array
+    Each chunk file written is made durable by the same thread right after, so COMPLETE is never set on
+    a store whose chunks a crash could still lose, and the disk writes while the next batches compute
+    instead of after the last one (the kernel holds writeback back until gigabytes are dirty). `close`
+    makes the folders holding them durable too (their entries name the new files)."""
+
+    def __init__(self, array: zarr.Array, chunk_path: Callable[[int], Path], depth: int = 3):
+        self._array, self._chunk_path = array, chunk_path
+        self._root = Path(str(array.store_path.store.root)) / array.store_path.path  # the array's folder
+        self._folders: set[Path] = set()  # below the array's folder, holding the chunks written
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
@@ -47,10 +64,17 @@ class BackgroundWriter:
                 start, block = item
                 try:
                     self._array[start:start + len(block)] = block
-                    for _ in range(-(-len(block) // self._array.chunks[0])):  # fault points count chunks
-                        fault_point("cache_chunk", str(self._array.store_path))
+                    cs = self._array.chunks[0]
+                    for c in range(start // cs, -(-(start + len(block)) // cs)):
+                        self._make_durable(c)
+                        fault_point("cache_chunk", str(self._array.store_path))  # fault points count chunks
                 except BaseException as e:  # noqa: BLE001 - handed to the main thread
                     self._error = e
+
+    def _make_durable(self, c: int) -> None:
+        path = self._chunk_path(c)
+        _fsync(path)
+        self._folders.update(path.parents[:len(path.relative_to(self._root).parts) - 1])
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -64,6 +88,8 @@ class BackgroundWriter:
         self._queue.put(None)
         self._thread.join()
         self._raise()
+        for folder in [*sorted(self._folders, key=lambda p: len(p.parts), reverse=True), self._root]:  # deepest first
+            _fsync(folder)
 
 
 def _create(path: Path, info: StoreInfo, labels: np.ndarray) -> zarr.Group:
@@ -131,7 +157,7 @@ def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn
     # opened for writing; without it zarr also tests every chunk for all-zeros, at more CPU than the write
     with zarr.config.set({"array.write_empty_chunks": True}):
         features = zarr.open_array(str(path / "features"), mode="r+")
-    writer = BackgroundWriter(features)
+    writer = BackgroundWriter(features, lambda c: chunk_file(path, features, c))
     computed = 0
     threads = torch.get_num_threads()
     if device.type == "cpu" and threads > 1 and info.codec != "none":
@@ -159,8 +185,13 @@ def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn
     finally:
         torch.set_num_threads(threads)
         writer.close()
+    for item in [*sorted((path / "labels").rglob("*"), key=lambda p: -len(p.parts)), path / "labels",
+                 path / "features" / "zarr.json"]:
+        _fsync(item)
     fault_point("cache_finish")
-    group.attrs["complete"] = True  # only now: every chunk file above exists in full
+    group.attrs["complete"] = True  # only now: every chunk file above exists in full, on disk
+    _fsync(path / "zarr.json")
+    _fsync(path)
     return computed
 
 
