@@ -73,7 +73,7 @@ def main() -> None:
         order = ORDERS[cfg.loader.order](n, reader.info.chunk_samples, cfg.loader.window_chunks, cfg.train.seed)
         for r in range(args.rounds):
             for arm in arms[r % 3:] + arms[:r % 3]:
-                batches = loaders.get(arm, loaders["inline"]).batches(order.indices(r), args.batch)
+                batches = loaders["inline" if arm == "memory" else arm].batches(order.indices(r), args.batch)
                 ms = 1000 * float(np.median(step_times(cfg, args.stage, list(batches) if arm == "memory" else batches)))
                 medians[arm].append(ms)
                 print(f"round {r}  fed {arm:10s} median step {ms:7.1f} ms", flush=True)

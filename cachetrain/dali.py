@@ -27,7 +27,8 @@ import torch
 
 from cachetrain.cache.reader import CacheReader
 from cachetrain.config import ConfigError
-from cachetrain.loader import RecentFeed, batch_plan, gather
+from cachetrain.feeds import RecentFeed
+from cachetrain.loader import batch_plan, gather
 
 INSTALL = "pip install 'cachetrain[dali]'"
 

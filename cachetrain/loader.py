@@ -1,21 +1,16 @@
 """The cache loader: batches of cached features in any traversal order, from whole-chunk reads.
 
-Where chunks come from (a `ChunkFeed`):
-- uncompressed stores are memory-mapped chunk file by chunk file: no decode, no copy until the gather;
-- compressed stores are decoded by the worker processes of a torch DataLoader, in the order the epoch
-  first needs each chunk, and each decoded chunk is dropped after the batch holding its last sample
-  (zarr's own thread pool did not scale on this machine; processes did).
-
-Each batch's samples are sorted, so the samples of one chunk are one contiguous run and each run is
-a single `index_select` into a reused (pinned, on CUDA) buffer. Where that gather runs depends on
-who is idle during the step:
+Chunks come from a `ChunkFeed` (cachetrain/feeds.py): memory-mapped for uncompressed stores, decoded
+by worker processes for compressed ones. Each batch's samples are sorted, so the samples of one chunk
+are one contiguous run and each run is a single `index_select` into a reused (pinned, on CUDA)
+buffer. Where that gather runs depends on who is idle during the step:
 - CUDA: a background thread assembles batches ahead, and the host-to-device copy of the next batch
   is issued before the current one is handed out, so both overlap the step;
 - CPU: the step runs on every core, so the gather (a memcpy out of the page cache) runs in the
-  consumer's thread between steps, with the kernel asked to read the next batch's chunks ahead.
-  Beside the step, the assembling thread preempted one of its OpenMP threads, and the whole
-  parallel region waited for it (benchmarks/feed_bench.py). Only a store this process decodes itself
-  (compressed, workers=0) keeps the thread there, since the decode is worth overlapping.
+  consumer's thread between steps, and the kernel is asked to read the samples of the next batch
+  ahead. Beside the step, an assembling thread preempted one of the step's OpenMP threads, and the
+  whole parallel region waited for it: 1.23x the step time (benchmarks/feed_bench.py). Only a store
+  this process decodes itself (compressed, workers=0) keeps the thread there, for the decode.
 Batches are then converted to float32 on their device. A batch is a set of samples: which samples
 form batch b is a pure function of (seed, epoch, b); within a batch they come in index order.
 
@@ -34,11 +29,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from cachetrain.augment import batch_rng, crop_flip
 from cachetrain.cache.reader import CacheReader
 from cachetrain.config import ConfigError, LoaderConfig
+from cachetrain.feeds import ChunkFeed, ChunkOrder, MemmapFeed, WorkerFeed, _Chunks
 from cachetrain.orders import ORDERS
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -50,16 +46,21 @@ def batch_plan(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [np.sort(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
 
 
-def gather(feed, idx: np.ndarray, chunk_samples: int, out: torch.Tensor,
+def chunk_runs(idx: np.ndarray, chunk_samples: int) -> list[tuple[int, int, int]]:
+    """(chunk, lo, hi) for each run of samples `idx[lo:hi]` (sorted) that lie in one chunk."""
+    chunks = idx // chunk_samples
+    bounds = (np.flatnonzero(np.diff(chunks)) + 1).tolist()
+    return [(int(chunks[lo]), lo, hi) for lo, hi in zip([0, *bounds], [*bounds, len(idx)])]
+
+
+def gather(feed: ChunkFeed, idx: np.ndarray, chunk_samples: int, out: torch.Tensor,
            pool: ThreadPoolExecutor | None = None, threads: int = 1) -> list[int]:
     """Copy samples `idx` (sorted) into `out`, one index_select per chunk run; returns the chunks used.
     With a `pool`, batches of more than PARALLEL_BYTES are copied by `threads` of its threads, in parts:
     one thread's memcpy out of the page cache moved about 5 GB/s on an H200 host, a fraction of what
     the GPU consumed at stage 1 of the ImageNet layout (3.2 MB per sample)."""
-    chunks = idx // chunk_samples
     local = torch.from_numpy(idx % chunk_samples)
-    bounds = (np.flatnonzero(np.diff(chunks)) + 1).tolist()
-    runs = [(feed.get(int(chunks[lo])), lo, hi) for lo, hi in zip([0, *bounds], [*bounds, len(idx)])]
+    runs = [(feed.get(c), lo, hi) for c, lo, hi in chunk_runs(idx, chunk_samples)]
 
     def copy(part: list[tuple[torch.Tensor, int, int]]) -> None:
         for src, lo, hi in part:  # index_select releases the GIL: the parts copy in parallel
@@ -70,94 +71,7 @@ def gather(feed, idx: np.ndarray, chunk_samples: int, out: torch.Tensor,
     else:
         parts = np.array_split(np.arange(len(runs)), min(threads, len(runs)))
         list(pool.map(copy, [[runs[i] for i in part] for part in parts]))
-    return [int(chunks[lo]) for _, lo, _ in runs]
-
-
-class _Chunks(Dataset):
-    """Item (v, c) is (c, chunk c of view v, decoded): what one worker process produces at a time."""
-
-    def __init__(self, readers: list[CacheReader]):
-        self.readers = readers
-
-    def __getitem__(self, item: tuple[int, int]) -> tuple[int, torch.Tensor]:
-        v, c = item
-        return c, self.readers[v].read_chunk(c)
-
-
-class MemmapFeed:
-    """Chunks of uncompressed stores, mapped on demand; the page cache is the only buffer."""
-
-    def __init__(self, readers: list[CacheReader], view_of: np.ndarray):
-        self.readers, self.view_of = readers, view_of
-
-    def get(self, c: int) -> torch.Tensor:
-        return self.readers[self.view_of[c]].chunk_view(c)
-
-    def release(self, c: int) -> None:
-        pass  # mappings stay for the next epoch (remapping costs a page fault per page); the reader caps them
-
-    def will_need(self, chunks: list[int]) -> None:
-        for c in chunks:
-            self.readers[self.view_of[c]].will_need(c)
-
-
-class RecentFeed:
-    """Decoded chunks in the calling process, keeping the `keep` most recently used: for readers that
-    get batches in an order they do not control (DALI's parallel workers)."""
-
-    def __init__(self, reader: CacheReader, keep: int = 8):
-        self.reader, self.keep = reader, keep
-        self._recent: dict[int, torch.Tensor] = {}
-
-    def get(self, c: int) -> torch.Tensor:
-        if c in self._recent:
-            self._recent[c] = self._recent.pop(c)  # most recent last
-        else:
-            self._recent[c] = self.reader.chunk_view(c)
-            while len(self._recent) > self.keep:
-                self._recent.pop(next(iter(self._recent)))
-        return self._recent[c]
-
-    def release(self, c: int) -> None:
-        pass
-
-    def will_need(self, chunks: list[int]) -> None:
-        pass
-
-
-class ChunkOrder(Sampler):
-    """The (view, chunk) pairs an epoch decodes, in first-use order. One DataLoader keeps its worker
-    processes across epochs (`persistent_workers`) and takes each epoch's order from here: restarting
-    them every epoch paid process start-up and a cold first decode at the start of every epoch."""
-
-    def __init__(self):
-        self.items: list[tuple[int, int]] = []
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter(self.items)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
-class WorkerFeed:
-    """Decoded chunks from a stream of (chunk, data) arriving in first-use order."""
-
-    def __init__(self, stream: Iterator[tuple[int, torch.Tensor]]):
-        self._stream = stream
-        self._resident: dict[int, torch.Tensor] = {}
-
-    def get(self, c: int) -> torch.Tensor:
-        while c not in self._resident:
-            got, data = next(self._stream)
-            self._resident[got] = data
-        return self._resident[c]
-
-    def release(self, c: int) -> None:
-        self._resident.pop(c, None)
-
-    def will_need(self, chunks: list[int]) -> None:
-        pass  # the worker processes decode ahead in first-use order already
+    return [int(idx[lo] // chunk_samples) for _, lo, _ in runs]
 
 
 def chunk_schedule(plan: list[np.ndarray], chunk_samples: int) -> tuple[list[int], dict[int, int]]:
@@ -232,10 +146,10 @@ class CacheLoader:
 
     def _assembled(self, indices: np.ndarray, batch_size: int, view_of: np.ndarray | None,
                    copied: dict[int, torch.cuda.Event]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(slot, x in the storage dtype, y), assembled ahead by a background thread into a ring of reused
-        (pinned, on CUDA) buffers. Slot s is refilled only after the consumer is done with it: on the
-        CPU, once it asked for the next batch; on CUDA, once the event it put in `copied[s]` (its
-        asynchronous copy out of the buffer) has completed."""
+        """(slot, x in the storage dtype, y) in a ring of reused (pinned, on CUDA) buffers, assembled by a
+        background thread (`_filled`) or by the caller's (`_inline`). Slot s is refilled only after the
+        consumer is done with it: on the CPU, once it asked for the next batch; on CUDA, once the event
+        it put in `copied[s]` (its asynchronous copy out of the buffer) has completed."""
         plan = batch_plan(indices, batch_size)
         if not plan:
             return
@@ -248,35 +162,41 @@ class CacheLoader:
             if self.background:
                 yield from self._filled(plan, cs, last_use, feed, batch_size, copied)
             else:
-                yield from self._inline(plan, cs, last_use, feed, batch_size)
+                yield from self._inline(plan, cs, last_use, feed, batch_size, copied)
 
-    def _inline(self, plan: list[np.ndarray], cs: int, last_use: dict[int, int], feed,
-                batch_size: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(slot, x in the storage dtype, y), gathered in the calling thread when asked for. Before batch b
-        is gathered, the kernel is asked to read ahead the chunks batch b+1 first uses, so a cold page
-        cache is read from disk while batch b trains."""
+    def _inline(self, plan: list[np.ndarray], cs: int, last_use: dict[int, int], feed: ChunkFeed, batch_size: int,
+                copied: dict[int, torch.cuda.Event]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(slot, x in the storage dtype, y), gathered in the calling thread when asked for, under the
+        same contract as `_filled`. Before batch b is gathered, the kernel is asked to read ahead the
+        samples of batch b+1 (their byte ranges only: a random order touches every chunk in each batch),
+        so a cold page cache is read from disk while batch b trains."""
         ring = self._ring(batch_size)
-        seen: set[int] = set()
 
         def read_ahead(b: int) -> None:
             if b < len(plan):
-                new = [c for c in np.unique(plan[b] // cs).tolist() if c not in seen]
-                seen.update(new)
-                feed.will_need(new)
+                idx = plan[b]
+                for c, lo, hi in chunk_runs(idx, cs):
+                    feed.will_need(c, int(idx[lo] % cs), int(idx[hi - 1] % cs))
 
         read_ahead(0)
         try:
             for b, idx in enumerate(plan):
                 read_ahead(b + 1)
-                x = ring[b % len(ring)][: len(idx)]
+                slot = b % len(ring)
+                if slot in copied:
+                    copied.pop(slot).synchronize()
+                x = ring[slot][: len(idx)]
                 for c in gather(feed, idx, cs, x):
                     if last_use[c] == b:
                         feed.release(c)
-                yield b % len(ring), x, self.labels[torch.from_numpy(idx)]
+                yield slot, x, self.labels[torch.from_numpy(idx)]
         finally:
+            for event in copied.values():
+                event.synchronize()
+            copied.clear()
             self._rings[batch_size] = ring
 
-    def _filled(self, plan: list[np.ndarray], cs: int, last_use: dict[int, int], feed, batch_size: int,
+    def _filled(self, plan: list[np.ndarray], cs: int, last_use: dict[int, int], feed: ChunkFeed, batch_size: int,
                 copied: dict[int, torch.cuda.Event]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         ring = self._ring(batch_size)
         out: queue.Queue = queue.Queue(maxsize=self.depth)

@@ -11,6 +11,7 @@ import zarr
 
 from cachetrain.cache import (CacheError, CacheReader, CacheState, StoreInfo, plan_layout, store_state,
                               write_store)
+from cachetrain.cache.manifest import chunk_file
 from cachetrain.cache.writer import missing_chunks
 
 SHAPE = (4, 6, 6)
@@ -152,21 +153,58 @@ def test_all_zero_chunks_are_written_and_read_back(tmp_path, codec):
     assert torch.equal(got, (2 * x).half())
 
 
-def test_complete_is_set_only_once_everything_it_vouches_for_is_on_disk(tmp_path, monkeypatch):
-    """A store marked COMPLETE must survive a crash: every chunk file, the labels, every folder holding
-    them and the metadata are fsynced before the `complete` flag is, and the flag itself after."""
+def _spy_fsync(monkeypatch) -> list:
     import cachetrain.cache.writer as writer
 
     synced = []
     fsync = writer._fsync
     monkeypatch.setattr(writer, "_fsync", lambda p: synced.append(p) or fsync(p))
+    return synced
+
+
+def _layout(info):
+    return plan_layout(info.sample_bytes, 16 * info.sample_bytes / 2**20, 100, 32)
+
+
+def test_complete_is_set_only_once_everything_it_vouches_for_is_on_disk(tmp_path, monkeypatch):
+    """A store marked COMPLETE must survive a power cut: every chunk file, the labels, every folder holding
+    them and the metadata are fsynced before the `complete` flag is, and the flag itself after."""
+    synced = _spy_fsync(monkeypatch)
     path = tmp_path / "s.zarr"
     info = make_info(codec="none")
-    write_store(path, info, np.zeros(100, dtype=np.int64), Doubler(), batches_of(inputs()), plan_layout(
-        info.sample_bytes, 16 * info.sample_bytes / 2**20, 100, 32), torch.device("cpu"))
+    write_store(path, info, np.zeros(100, dtype=np.int64), Doubler(), batches_of(inputs()), _layout(info),
+                torch.device("cpu"))
     flag = synced.index(path / "zarr.json")
-    assert set(synced[:flag]) >= {p for p in path.rglob("*") if p != path / "zarr.json"}  # all but the flag's file
+    assert set(synced[:flag]) >= {p for p in path.rglob("*") if p != path / "zarr.json"} | {path, tmp_path}
     assert synced[flag:] == [path / "zarr.json", path]
     chunks = [p for p in (path / "features").rglob("*") if p.is_file() and p.name != "zarr.json"]
     assert len(chunks) == info.num_chunks
     assert all(synced.index(p) < synced.index(p.parent) for p in chunks)  # a file before the folder naming it
+
+
+def test_a_resumed_pass_makes_the_interrupted_passes_chunks_durable_too(tmp_path, monkeypatch):
+    """The pass that died may have written chunk files it never fsynced; the pass that completes the store
+    fsyncs them before setting the flag, though it does not rewrite them."""
+    path, info = tmp_path / "s.zarr", make_info(codec="none")
+    write_store(path, info, np.zeros(100, dtype=np.int64), Doubler(), batches_of(inputs()), _layout(info),
+                torch.device("cpu"))
+    zarr.open_group(str(path), mode="r+").attrs["complete"] = False  # as if it died before the flag
+    array = zarr.open_array(str(path / "features"), mode="r")
+    chunk_path = [chunk_file(path, array, c) for c in range(info.num_chunks)]
+    chunk_path[1].unlink()
+    synced = _spy_fsync(monkeypatch)
+    assert write_store(path, info, np.zeros(100, dtype=np.int64), Doubler(), batches_of(inputs()), _layout(info),
+                       torch.device("cpu")) == 32  # one forward group of 2 chunks (16 samples each)
+    flag = synced.index(path / "zarr.json")
+    assert set(chunk_path) <= set(synced[:flag])
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_a_chunk_file_cut_short_counts_as_missing(tmp_path, codec):
+    """What a power cut can leave of a file zarr renamed into place before its data reached the disk."""
+    path, info = tmp_path / "s.zarr", make_info(codec=codec)
+    write_store(path, info, np.zeros(100, dtype=np.int64), Doubler(), batches_of(inputs()), _layout(info),
+                torch.device("cpu"))
+    file = chunk_file(path, zarr.open_array(str(path / "features"), mode="r"), 3)
+    file.write_bytes(b"" if codec == "zstd" else file.read_bytes()[:-1])
+    assert missing_chunks(path, info) == [3]

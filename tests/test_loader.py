@@ -92,14 +92,16 @@ def test_feature_augmentation_changes_batches_reproducibly(readers):
     assert torch.equal(a.amax(dim=(1, 2, 3))[nonzero], ids[nonzero])  # and kept their own values
 
 
+@pytest.mark.parametrize("background", [True, False])
 @pytest.mark.parametrize("left", [1, 2, 3, 5])
-def test_abandoning_an_epoch_midway_returns_promptly(readers, left):
+def test_abandoning_an_epoch_midway_returns_promptly(readers, left, background):
     """A consumer that stops early (a caching run ending mid-split, an exception in a training step) must not
     leave the assembling thread blocked on a full queue."""
     import threading
     import time
 
     src = source(readers)
+    src.loaders["train"].background = background
     batches = src.train_batches(0, 25)
     n_batches = -(-N // 25)
     for _ in range(n_batches - left):
@@ -110,50 +112,62 @@ def test_abandoning_an_epoch_midway_returns_promptly(readers, left):
     assert not [t for t in threading.enumerate() if t.name == "cache-loader"]
 
 
-def test_a_cpu_step_gets_its_batches_without_a_thread_beside_it(tmp_path, monkeypatch):
+def test_a_cpu_step_gets_its_batches_from_its_own_thread_with_the_next_batch_read_ahead(tmp_path, monkeypatch):
     """On a CPU host the gather runs in the consumer's thread (a thread beside the step stalled its OpenMP
-    team), and the kernel is asked to read each chunk ahead, one batch before the batch that first uses it."""
+    team), and before batch b is gathered the kernel is asked for the samples batch b+1 reads."""
     import threading
 
-    from cachetrain.loader import MemmapFeed
+    from cachetrain.feeds import MemmapFeed
+    from cachetrain.loader import CacheLoader, batch_plan
 
     reader = make_store(tmp_path / "train.zarr", codec="none")
     events = []
-    monkeypatch.setattr(MemmapFeed, "will_need", lambda self, chunks: events.extend(("ahead", c) for c in chunks))
+    monkeypatch.setattr(MemmapFeed, "will_need", lambda self, c, first, last: events.append(("ahead", c, first, last)))
     get = MemmapFeed.get
-    monkeypatch.setattr(MemmapFeed, "get", lambda self, c: events.append(("get", c)) or get(self, c))
-    from cachetrain.loader import CacheLoader
-
+    monkeypatch.setattr(MemmapFeed, "get", lambda self, c: events.append(("get", threading.get_ident())) or get(self, c))
     loader = CacheLoader(reader, torch.device("cpu"), workers=0)
     order = np.random.default_rng(0).permutation(N)
-    before = threading.active_count()
-    ids = []
-    for x, _ in loader.batches(order, 40):
-        assert threading.active_count() == before  # nothing runs beside the consumer
-        ids.append(x[:, 0, 0, 0].long())
-    assert np.array_equal(torch.cat(ids).numpy(), np.concatenate([np.sort(order[i:i + 40]) for i in range(0, N, 40)]))
-    ahead = {c: i for i, (kind, c) in reversed(list(enumerate(events))) if kind == "ahead"}
-    first_get = {c: i for i, (kind, c) in reversed(list(enumerate(events))) if kind == "get"}
-    assert set(ahead) == set(first_get) == set(range(reader.info.num_chunks))
-    assert all(ahead[c] < first_get[c] for c in ahead)  # advised before its first read
-    assert sum(kind == "ahead" for kind, _ in events) == reader.info.num_chunks  # once, though read by many batches
-    assert sum(kind == "get" for kind, _ in events) > reader.info.num_chunks
+    plan = batch_plan(order, 40)
+    for b, (x, _) in enumerate(loader.batches(order, 40)):
+        assert torch.equal(x[:, 0, 0, 0].long(), torch.from_numpy(plan[b]))
+        # what was asked for by now: batches 0..b+1, each sample's chunk and offset covered by one request
+        asked = [e[1:] for e in events if e[0] == "ahead"]
+        for i in np.concatenate(plan[:b + 2]):
+            assert any(c == i // 32 and first <= i % 32 <= last for c, first, last in asked)
+    assert {e[1] for e in events if e[0] == "get"} == {threading.get_ident()}  # gathered in this thread
 
 
-def test_will_need_reads_a_chunk_into_the_page_cache_and_names_no_missing_file(tmp_path):
+def test_read_ahead_asks_for_exactly_the_bytes_of_the_samples(tmp_path, monkeypatch):
+    import cachetrain.cache.reader as reader_module
+
     reader = make_store(tmp_path / "train.zarr", codec="none")
-    reader.will_need(0)  # the kernel's readahead: nothing to observe but that it neither blocks nor fails
-    reader.chunk_path(1).unlink()
-    reader.will_need(1)  # a missing chunk is reported where it is read, with the repair command
+    reader.will_need(1, 3, 5)  # the real madvise, on an offset that is not page-aligned
+    asked = []
+    monkeypatch.setattr(reader_module, "_advise", lambda mm, offset, length: asked.append((offset, length)))
+    reader.will_need(2, 3, 5)
+    sb = reader.info.sample_bytes
+    assert asked == [(3 * sb, 3 * sb)]
+    zstd = make_store(tmp_path / "z.zarr", codec="zstd")
+    zstd.will_need(0, 0, 31)  # nothing to map: decoded stores are read ahead by their workers
+    assert len(asked) == 1
+
+
+def test_a_truncated_chunk_file_is_an_error_naming_it(tmp_path):
     from cachetrain.cache import CacheError
-    with pytest.raises(CacheError, match="chunk 1 .* is missing"):
-        reader.chunk_view(1)
+
+    reader = make_store(tmp_path / "train.zarr", codec="none")
+    path = reader.chunk_path(2)
+    path.write_bytes(path.read_bytes()[:100])  # what a power cut can leave of a file renamed into place
+    with pytest.raises(CacheError, match=r"chunk 2 \(samples 64-95\) is 100 bytes, expected"):
+        reader.chunk_view(2)
 
 
-def test_an_error_while_assembling_reaches_the_consumer(readers, monkeypatch):
+@pytest.mark.parametrize("background", [True, False])
+def test_an_error_while_assembling_reaches_the_consumer(readers, monkeypatch, background):
     from cachetrain.cache import CacheError
 
     src = source(readers)
+    src.loaders["train"].background = background
     reader = src.readers["train"]
     monkeypatch.setattr(type(reader), "chunk_view", lambda self, c: (_ for _ in ()).throw(CacheError("boom")))
     monkeypatch.setattr(type(reader), "read_chunk", lambda self, c: (_ for _ in ()).throw(CacheError("boom")))

@@ -8,12 +8,14 @@ expect from the current checkpoint and name what differs.
 
 Store states and their transitions (`CacheState`):
 
-    ABSENT --create--> WRITING --last chunk + labels written, flag set--> COMPLETE
+    ABSENT --create--> WRITING --last chunk + labels written and fsynced, flag set--> COMPLETE
     WRITING/COMPLETE --producing stage retrained (fingerprint differs)--> STALE --rebuild--> WRITING
 
 A store is only ever read as input in state COMPLETE. WRITING survives a crash: zarr's local store
-writes each chunk file atomically (temp file + rename), so a chunk file that exists is whole, and a
-rebuild resumes by writing only the chunks that are missing.
+writes each chunk file atomically (temp file + rename), so after a process crash a chunk file that
+exists is whole, and a rebuild resumes by writing only the chunks that are missing. A power cut can
+also leave a renamed file whose data never reached the disk, so a chunk counts as present only at
+its expected size, and COMPLETE is set only once everything it vouches for is fsynced.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ than a memmap here), so the unit of reading is the chunk; the loader does the sh
 
 from __future__ import annotations
 
-import os
+import mmap
 from collections import OrderedDict
 from pathlib import Path
 
@@ -38,7 +38,7 @@ class CacheReader:
                              f"checkpoint ({expected_fingerprint}){hint}")
         self.info: StoreInfo = info
         self._features: zarr.Array | None = None
-        self._maps: OrderedDict[int, torch.Tensor] = OrderedDict()  # chunk -> tensor over its memory map
+        self._maps: OrderedDict[int, tuple[torch.Tensor, mmap.mmap]] = OrderedDict()  # chunk -> its mapping
         self.labels = zarr.open_array(str(self.path / "labels"), mode="r")[:]  # (N,) int64, small
 
     @property
@@ -76,36 +76,41 @@ class CacheReader:
         """Chunk c as a tensor: a zero-copy memory map for uncompressed stores, else decoded."""
         if not self.memmappable:
             return self.read_chunk(c)
-        view = self._maps.get(c)
-        if view is None:
+        mapped = self._maps.get(c)
+        if mapped is None:
             start, stop = self.chunk_bounds(c)
             self._check_chunk(c)
-            # mode "c" (copy-on-write) gives torch a writable view without copying; nothing writes to it
-            mm = np.memmap(self.chunk_path(c), dtype=DTYPES[self.info.dtype][0], mode="c",
-                           shape=(self.info.chunk_samples, *self.info.sample_shape))
-            view = self._maps[c] = _as_tensor(mm[: stop - start], self.info.dtype)
+            with open(self.chunk_path(c), "rb") as f:
+                # private (copy-on-write): torch gets a writable view without a copy; nothing writes to it
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            count = (stop - start) * int(np.prod(self.info.sample_shape))
+            block = np.frombuffer(mm, dtype=DTYPES[self.info.dtype][0], count=count)
+            mapped = self._maps[c] = (_as_tensor(block.reshape(stop - start, *self.info.sample_shape),
+                                                 self.info.dtype), mm)
             while len(self._maps) > MAX_MAPS:  # an mmap each: stay far below the kernel's vm.max_map_count
                 self._maps.popitem(last=False)
-        return view
+        return mapped[0]
 
-    def will_need(self, c: int) -> None:
-        """Ask the kernel to start reading chunk c's file into the page cache, without waiting for it
-        (a no-op for pages already there)."""
-        if self.memmappable and hasattr(os, "posix_fadvise"):
-            try:
-                fd = os.open(self.chunk_path(c), os.O_RDONLY)
-            except FileNotFoundError:
-                return  # chunk_view names the missing chunk when it is read
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
+    def will_need(self, c: int, first: int, last: int) -> None:
+        """Ask the kernel to start reading samples first..last of chunk c into the page cache, without
+        waiting (a no-op for pages already there, and for stores that are not memory-mapped)."""
+        if self.memmappable:
+            self.chunk_view(c)  # maps it (and names a missing chunk file)
+            sample_bytes = self.info.sample_bytes
+            _advise(self._maps[c][1], first * sample_bytes, (last + 1 - first) * sample_bytes)
 
     def _check_chunk(self, c: int) -> None:
-        """zarr would read a missing chunk as zeros: a store that lost a chunk file must say so instead."""
-        if not self.chunk_path(c).exists():
+        """zarr would read a missing chunk as zeros, and a short file maps garbage: a store that lost or
+        truncated a chunk file must say so instead."""
+        path = self.chunk_path(c)
+        problem = None if path.exists() else "is missing"
+        if problem is None and self.memmappable:  # mapped, not decoded: no checksum would catch a short file
+            want = self.info.chunk_samples * self.info.sample_bytes + 4
+            size = path.stat().st_size
+            problem = None if size == want else f"is {size} bytes, expected {want} ({path})"
+        if problem:
             start, stop = self.chunk_bounds(c)
-            raise CacheError(f"{self.path}: chunk {c} (samples {start}-{stop - 1}) is missing; run: cachetrain "
+            raise CacheError(f"{self.path}: chunk {c} (samples {start}-{stop - 1}) {problem}; run: cachetrain "
                              f"verify, then cachetrain cache --j {self.info.stage} --repair")
 
     def read_chunk(self, c: int) -> torch.Tensor:
@@ -113,6 +118,13 @@ class CacheReader:
         start, stop = self.chunk_bounds(c)
         self._check_chunk(c)
         return _as_tensor(np.ascontiguousarray(self.features[start:stop]), self.info.dtype)
+
+
+def _advise(mm: mmap.mmap, offset: int, length: int) -> None:
+    """MADV_WILLNEED over bytes [offset, offset + length) of a mapping; madvise wants a page-aligned start."""
+    if hasattr(mmap, "MADV_WILLNEED"):
+        aligned = offset - offset % mmap.PAGESIZE
+        mm.madvise(mmap.MADV_WILLNEED, aligned, length + offset - aligned)
 
 
 def _as_tensor(block: np.ndarray, dtype: str) -> torch.Tensor:

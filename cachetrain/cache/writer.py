@@ -44,15 +44,12 @@ class BackgroundWriter:
     caller's thread. One thread, because zarr encodes on one event loop per process: with crc32c it
     wrote about 0.9 GB/s on an H200 host whatever fed it (benchmarks/writer_bench.py).
 
-    Each chunk file written is made durable by the same thread right after, so COMPLETE is never set on
-    a store whose chunks a crash could still lose, and the disk writes while the next batches compute
-    instead of after the last one (the kernel holds writeback back until gigabytes are dirty). `close`
-    makes the folders holding them durable too (their entries name the new files)."""
+    Each chunk file written is fsynced by the same thread right after, so the disk writes while the next
+    batches compute instead of after the last one (the kernel holds writeback back until gigabytes are
+    dirty); `write_store` makes the rest durable before it marks the store complete."""
 
     def __init__(self, array: zarr.Array, chunk_path: Callable[[int], Path], depth: int = 3):
         self._array, self._chunk_path = array, chunk_path
-        self._root = Path(str(array.store_path.store.root)) / array.store_path.path  # the array's folder
-        self._folders: set[Path] = set()  # below the array's folder, holding the chunks written
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
@@ -66,15 +63,10 @@ class BackgroundWriter:
                     self._array[start:start + len(block)] = block
                     cs = self._array.chunks[0]
                     for c in range(start // cs, -(-(start + len(block)) // cs)):
-                        self._make_durable(c)
+                        _fsync(self._chunk_path(c))
                         fault_point("cache_chunk", str(self._array.store_path))  # fault points count chunks
                 except BaseException as e:  # noqa: BLE001 - handed to the main thread
                     self._error = e
-
-    def _make_durable(self, c: int) -> None:
-        path = self._chunk_path(c)
-        _fsync(path)
-        self._folders.update(path.parents[:len(path.relative_to(self._root).parts) - 1])
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -88,8 +80,6 @@ class BackgroundWriter:
         self._queue.put(None)
         self._thread.join()
         self._raise()
-        for folder in [*sorted(self._folders, key=lambda p: len(p.parts), reverse=True), self._root]:  # deepest first
-            _fsync(folder)
 
 
 def _create(path: Path, info: StoreInfo, labels: np.ndarray) -> zarr.Group:
@@ -106,8 +96,19 @@ def _create(path: Path, info: StoreInfo, labels: np.ndarray) -> zarr.Group:
 
 
 def missing_chunks(path: Path, info: StoreInfo) -> list[int]:
+    """Chunks without a whole file. zarr renames a chunk file into place whole, but a power cut can
+    still leave a renamed file whose data never reached the disk: an uncompressed chunk must have its
+    exact size (the padded chunk + the 4-byte crc32c), a compressed one more than its checksum."""
     array = zarr.open_array(str(path / "features"), mode="r")
-    return [c for c in range(info.num_chunks) if not chunk_file(path, array, c).exists()]
+    want = info.chunk_samples * info.sample_bytes + 4 if info.codec == "none" else None
+
+    def whole(c: int) -> bool:
+        try:
+            size = chunk_file(path, array, c).stat().st_size
+        except FileNotFoundError:
+            return False
+        return size == want if want is not None else size > 4
+    return [c for c in range(info.num_chunks) if not whole(c)]
 
 
 def _to_host(y: torch.Tensor) -> np.ndarray:
@@ -185,14 +186,22 @@ def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn
     finally:
         torch.set_num_threads(threads)
         writer.close()
-    for item in [*sorted((path / "labels").rglob("*"), key=lambda p: -len(p.parts)), path / "labels",
-                 path / "features" / "zarr.json"]:
-        _fsync(item)
+    _make_durable(path, [chunk_file(path, features, c) for c in range(info.num_chunks) if c not in missing])
     fault_point("cache_finish")
-    group.attrs["complete"] = True  # only now: every chunk file above exists in full, on disk
-    _fsync(path / "zarr.json")
+    group.attrs["complete"] = True  # only now: every chunk above exists in full, on disk
+    _fsync(path / "zarr.json")  # zarr replaced the file: its data, then the folder entry naming it
     _fsync(path)
     return computed
+
+
+def _make_durable(path: Path, resumed: list[Path]) -> None:
+    """fsync what the writer thread's per-chunk fsyncs did not cover: the chunk files an interrupted
+    pass left (it may have died before syncing them; a clean file costs next to nothing), the labels
+    and metadata, then every folder, deepest first (their entries name the new files)."""
+    files = [*resumed, path / "features" / "zarr.json", *(p for p in (path / "labels").rglob("*") if p.is_file())]
+    folders = sorted((Path(root) for root, _, _ in os.walk(path)), key=lambda p: -len(p.parts))
+    for item in [*files, *folders, path.parent]:
+        _fsync(item)
 
 
 def _put_missing(writer: BackgroundWriter, block: np.ndarray, start: int, chunk_samples: int,
