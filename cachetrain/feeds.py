@@ -28,8 +28,8 @@ class ChunkFeed(Protocol):
     def release(self, c: int) -> None:
         """The loader reads nothing more from chunk c this epoch."""
 
-    def will_need(self, c: int, first: int, last: int) -> None:
-        """Samples first..last (within chunk c) will be read soon: start fetching them, without waiting."""
+    def will_need(self, c: int) -> None:
+        """Chunk c will be read soon: start fetching it, without waiting."""
 
 
 class MemmapFeed:
@@ -44,8 +44,8 @@ class MemmapFeed:
     def release(self, c: int) -> None:
         pass  # mappings stay for the next epoch (remapping costs a page fault per page); the reader caps them
 
-    def will_need(self, c: int, first: int, last: int) -> None:
-        self.readers[self.view_of[c]].will_need(c, first, last)
+    def will_need(self, c: int) -> None:
+        self.readers[self.view_of[c]].will_need(c)
 
 
 class RecentFeed:
@@ -67,7 +67,7 @@ class RecentFeed:
     def release(self, c: int) -> None:
         pass
 
-    def will_need(self, c: int, first: int, last: int) -> None:
+    def will_need(self, c: int) -> None:
         pass
 
 
@@ -113,5 +113,5 @@ class WorkerFeed:
     def release(self, c: int) -> None:
         self._resident.pop(c, None)
 
-    def will_need(self, c: int, first: int, last: int) -> None:
+    def will_need(self, c: int) -> None:
         pass  # the worker processes decode ahead in first-use order already

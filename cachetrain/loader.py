@@ -168,15 +168,19 @@ class CacheLoader:
                 copied: dict[int, torch.cuda.Event]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """(slot, x in the storage dtype, y), gathered in the calling thread when asked for, under the
         same contract as `_filled`. Before batch b is gathered, the kernel is asked to read ahead the
-        samples of batch b+1 (their byte ranges only: a random order touches every chunk in each batch),
-        so a cold page cache is read from disk while batch b trains."""
+        chunks batch b+1 reads that it was not asked for yet, so a cold page cache is read from disk
+        while batch b trains. At most about two batches' bytes are asked for at a time: a random order
+        touches every chunk in its first batch, and asking for a whole store at once would stall."""
         ring = self._ring(batch_size)
+        asked: set[int] = set()
+        budget = max(1, -(-2 * batch_size // cs))  # chunks
 
         def read_ahead(b: int) -> None:
             if b < len(plan):
-                idx = plan[b]
-                for c, lo, hi in chunk_runs(idx, cs):
-                    feed.will_need(c, int(idx[lo] % cs), int(idx[hi - 1] % cs))
+                new = [c for c in np.unique(plan[b] // cs).tolist() if c not in asked][:budget]
+                asked.update(new)
+                for c in new:
+                    feed.will_need(c)
 
         read_ahead(0)
         try:

@@ -112,44 +112,52 @@ def test_abandoning_an_epoch_midway_returns_promptly(readers, left, background):
     assert not [t for t in threading.enumerate() if t.name == "cache-loader"]
 
 
-def test_a_cpu_step_gets_its_batches_from_its_own_thread_with_the_next_batch_read_ahead(tmp_path, monkeypatch):
+@pytest.mark.parametrize("order", ["sequential", "random"])
+def test_a_cpu_step_gets_its_batches_from_its_own_thread_with_chunks_read_ahead(tmp_path, monkeypatch, order):
     """On a CPU host the gather runs in the consumer's thread (a thread beside the step stalled its OpenMP
-    team), and before batch b is gathered the kernel is asked for the samples batch b+1 reads."""
+    team), and before batch b is gathered the kernel is asked for the chunks batch b+1 reads, at most two
+    batches' worth at a time (a random order touches every chunk in its first batch)."""
     import threading
 
     from cachetrain.feeds import MemmapFeed
     from cachetrain.loader import CacheLoader, batch_plan
 
-    reader = make_store(tmp_path / "train.zarr", codec="none")
+    reader = make_store(tmp_path / "train.zarr", codec="none")  # chunks of 32 samples
     events = []
-    monkeypatch.setattr(MemmapFeed, "will_need", lambda self, c, first, last: events.append(("ahead", c, first, last)))
+    monkeypatch.setattr(MemmapFeed, "will_need", lambda self, c: events.append(("ahead", c)))
     get = MemmapFeed.get
-    monkeypatch.setattr(MemmapFeed, "get", lambda self, c: events.append(("get", threading.get_ident())) or get(self, c))
+    monkeypatch.setattr(MemmapFeed, "get", lambda self, c: events.append(("get", c, threading.get_ident())) or
+                        get(self, c))
     loader = CacheLoader(reader, torch.device("cpu"), workers=0)
-    order = np.random.default_rng(0).permutation(N)
-    plan = batch_plan(order, 40)
-    for b, (x, _) in enumerate(loader.batches(order, 40)):
+    indices = np.arange(N) if order == "sequential" else np.random.default_rng(0).permutation(N)
+    plan = batch_plan(indices, 40)
+    for b, (x, _) in enumerate(loader.batches(indices, 40)):
         assert torch.equal(x[:, 0, 0, 0].long(), torch.from_numpy(plan[b]))
-        # what was asked for by now: batches 0..b+1, each sample's chunk and offset covered by one request
-        asked = [e[1:] for e in events if e[0] == "ahead"]
-        for i in np.concatenate(plan[:b + 2]):
-            assert any(c == i // 32 and first <= i % 32 <= last for c, first, last in asked)
-    assert {e[1] for e in events if e[0] == "get"} == {threading.get_ident()}  # gathered in this thread
+        events.append(("yield", b))
+    assert {e[2] for e in events if e[0] == "get"} == {threading.get_ident()}  # gathered in this thread
+    asked = [e[1] for e in events if e[0] == "ahead"]
+    assert sorted(asked) == list(range(reader.info.num_chunks))  # every chunk, once
+    budget = -(-2 * 40 // 32)
+    between = np.split(np.array([e[0] == "ahead" for e in events]), np.flatnonzero([e[0] == "yield" for e in events]))
+    assert between[0].sum() <= 2 * budget and max(part.sum() for part in between[1:]) <= budget  # batch 0 asks for 0 and 1
+    if order == "sequential":  # each chunk asked for a batch before the one that first reads it
+        first_get = {c: i for i, e in reversed(list(enumerate(events))) if e[0] == "get" for c in [e[1]]}
+        yields = [i for i, e in enumerate(events) if e[0] == "yield"]
+        for c, i in first_get.items():
+            b = next(k for k, y in enumerate(yields) if y > i)  # the batch that first reads c
+            assert events.index(("ahead", c)) < (yields[b - 1] if b > 0 else i)
 
 
-def test_read_ahead_asks_for_exactly_the_bytes_of_the_samples(tmp_path, monkeypatch):
-    import cachetrain.cache.reader as reader_module
-
+def test_a_chunk_is_read_ahead_once_per_mapping(tmp_path):
     reader = make_store(tmp_path / "train.zarr", codec="none")
-    reader.will_need(1, 3, 5)  # the real madvise, on an offset that is not page-aligned
-    asked = []
-    monkeypatch.setattr(reader_module, "_advise", lambda mm, offset, length: asked.append((offset, length)))
-    reader.will_need(2, 3, 5)
-    sb = reader.info.sample_bytes
-    assert asked == [(3 * sb, 3 * sb)]
+    reader.will_need(1)  # the real madvise
+    assert reader._advised == {1} and list(reader._maps) == [1]
+    view = reader.chunk_view(1)
+    reader.will_need(1)
+    assert reader.chunk_view(1) is view  # not mapped again
     zstd = make_store(tmp_path / "z.zarr", codec="zstd")
-    zstd.will_need(0, 0, 31)  # nothing to map: decoded stores are read ahead by their workers
-    assert len(asked) == 1
+    zstd.will_need(0)  # nothing to map: decoded stores are read ahead by their worker processes
+    assert not zstd._advised and not zstd._maps
 
 
 def test_a_truncated_chunk_file_is_an_error_naming_it(tmp_path):

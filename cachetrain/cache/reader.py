@@ -39,6 +39,7 @@ class CacheReader:
         self.info: StoreInfo = info
         self._features: zarr.Array | None = None
         self._maps: OrderedDict[int, tuple[torch.Tensor, mmap.mmap]] = OrderedDict()  # chunk -> its mapping
+        self._advised: set[int] = set()  # mapped chunks the kernel was asked to read ahead
         self.labels = zarr.open_array(str(self.path / "labels"), mode="r")[:]  # (N,) int64, small
 
     @property
@@ -49,7 +50,7 @@ class CacheReader:
         return self._features
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_features": None, "_maps": OrderedDict()}
+        return {**self.__dict__, "_features": None, "_maps": OrderedDict(), "_advised": set()}
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -88,16 +89,18 @@ class CacheReader:
             mapped = self._maps[c] = (_as_tensor(block.reshape(stop - start, *self.info.sample_shape),
                                                  self.info.dtype), mm)
             while len(self._maps) > MAX_MAPS:  # an mmap each: stay far below the kernel's vm.max_map_count
-                self._maps.popitem(last=False)
+                self._advised.discard(self._maps.popitem(last=False)[0])
         return mapped[0]
 
-    def will_need(self, c: int, first: int, last: int) -> None:
-        """Ask the kernel to start reading samples first..last of chunk c into the page cache, without
-        waiting (a no-op for pages already there, and for stores that are not memory-mapped)."""
-        if self.memmappable:
-            self.chunk_view(c)  # maps it (and names a missing chunk file)
-            sample_bytes = self.info.sample_bytes
-            _advise(self._maps[c][1], first * sample_bytes, (last + 1 - first) * sample_bytes)
+    def will_need(self, c: int) -> None:
+        """Ask the kernel to start reading chunk c into the page cache, without waiting. Once per mapping:
+        after its first epoch a chunk stays in the page cache unless the store outgrows memory, and
+        asking again walks every page of it for nothing (70 us per 4 MiB chunk here)."""
+        if self.memmappable and c not in self._advised:
+            self.chunk_view(c)  # maps it (and names a missing or short chunk file)
+            if hasattr(mmap, "MADV_WILLNEED"):
+                self._maps[c][1].madvise(mmap.MADV_WILLNEED)
+            self._advised.add(c)
 
     def _check_chunk(self, c: int) -> None:
         """zarr would read a missing chunk as zeros, and a short file maps garbage: a store that lost or
@@ -118,13 +121,6 @@ class CacheReader:
         start, stop = self.chunk_bounds(c)
         self._check_chunk(c)
         return _as_tensor(np.ascontiguousarray(self.features[start:stop]), self.info.dtype)
-
-
-def _advise(mm: mmap.mmap, offset: int, length: int) -> None:
-    """MADV_WILLNEED over bytes [offset, offset + length) of a mapping; madvise wants a page-aligned start."""
-    if hasattr(mmap, "MADV_WILLNEED"):
-        aligned = offset - offset % mmap.PAGESIZE
-        mm.madvise(mmap.MADV_WILLNEED, aligned, length + offset - aligned)
 
 
 def _as_tensor(block: np.ndarray, dtype: str) -> torch.Tensor:
