@@ -7,9 +7,9 @@ buffer. Where that gather runs depends on who is idle during the step:
 - CUDA: a background thread assembles batches ahead, and the host-to-device copy of the next batch
   is issued before the current one is handed out, so both overlap the step;
 - CPU: the step runs on every core, so the gather (a memcpy out of the page cache) runs in the
-  consumer's thread between steps, and the kernel is asked to read the samples of the next batch
-  ahead. Beside the step, an assembling thread preempted one of the step's OpenMP threads, and the
-  whole parallel region waited for it: 1.23x the step time (benchmarks/feed_bench.py). Only a store
+  consumer's thread between steps, and the kernel is asked to read the next batch's chunks ahead.
+  Beside the step, an assembling thread preempted one of the step's OpenMP threads, and the whole
+  parallel region waited for it: 1.04-1.23x the step time (benchmarks/feed_bench.py). Only a store
   this process decodes itself (compressed, workers=0) keeps the thread there, for the decode.
 Batches are then converted to float32 on their device. A batch is a set of samples: which samples
 form batch b is a pure function of (seed, epoch, b); within a batch they come in index order.

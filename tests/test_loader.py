@@ -300,3 +300,25 @@ def test_batches_come_channels_last_as_a_frozen_forward_gives_them(readers, augm
         assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
     x, _ = next(iter(src.eval_batches("test", 32)))
     assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_mappings_are_capped_by_the_open_file_limit_and_evicted_least_recently_used(tmp_path, monkeypatch):
+    """Before Python 3.13 every mapping holds an open file: a store of more chunks than the soft limit on
+    open files allows must still read, remapping what it evicted."""
+    import sys
+
+    import cachetrain.cache.reader as reader_module
+
+    if sys.version_info < (3, 13):
+        monkeypatch.setattr(reader_module.resource, "getrlimit", lambda which: (64, 64))
+        monkeypatch.setattr(reader_module.resource, "setrlimit", lambda which, limits: pytest.fail("above hard"))
+        assert reader_module._max_maps() == 16  # max(16, 64 // 8)
+    reader = make_store(tmp_path / "train.zarr", codec="none", chunk=8)  # 38 chunks
+    reader._max_maps = 4
+    for c in (0, 1, 2, 3):
+        reader.will_need(c)
+    reader.chunk_view(0)  # used again: now the most recent
+    reader.chunk_view(4)
+    assert list(reader._maps) == [2, 3, 0, 4] and reader._advised == {0, 2, 3}  # 1 went, and its advice with it
+    ids = torch.cat([reader.chunk_view(c)[:, 0, 0, 0] for c in range(reader.info.num_chunks)]).long()
+    assert torch.equal(ids, torch.arange(N)) and len(reader._maps) == 4

@@ -7,6 +7,8 @@ than a memmap here), so the unit of reading is the chunk; the loader does the sh
 from __future__ import annotations
 
 import mmap
+import resource
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -18,7 +20,24 @@ from cachetrain.cache.manifest import DTYPES, CacheError, CacheState, StoreInfo,
 from cachetrain.cache.quant import dequantize
 
 
-MAX_MAPS = 8192
+MAX_MAPS = 8192  # an mmap each: far below the kernel's vm.max_map_count
+
+
+def _max_maps() -> int:
+    """Mappings one reader keeps. Before Python 3.13 an mmap holds an open file descriptor, so a store of
+    more chunks than the soft limit on open files (often 1024) would fail with EMFILE: the soft limit is
+    raised to the hard one where it may be, and each reader keeps at most an eighth of it."""
+    if sys.version_info >= (3, 13):
+        return MAX_MAPS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MAX_MAPS * 8 if hard == resource.RLIM_INFINITY else min(hard, MAX_MAPS * 8)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return MAX_MAPS if soft == resource.RLIM_INFINITY else max(16, min(MAX_MAPS, soft // 8))
 
 
 class CacheReader:
@@ -40,6 +59,7 @@ class CacheReader:
         self._features: zarr.Array | None = None
         self._maps: OrderedDict[int, tuple[torch.Tensor, mmap.mmap]] = OrderedDict()  # chunk -> its mapping
         self._advised: set[int] = set()  # mapped chunks the kernel was asked to read ahead
+        self._max_maps = _max_maps()
         self.labels = zarr.open_array(str(self.path / "labels"), mode="r")[:]  # (N,) int64, small
 
     @property
@@ -78,17 +98,20 @@ class CacheReader:
         if not self.memmappable:
             return self.read_chunk(c)
         mapped = self._maps.get(c)
-        if mapped is None:
+        if mapped is not None:
+            self._maps.move_to_end(c)  # least recently used goes first
+        else:
             start, stop = self.chunk_bounds(c)
             self._check_chunk(c)
             with open(self.chunk_path(c), "rb") as f:
                 # private (copy-on-write): torch gets a writable view without a copy; nothing writes to it
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY,
+                               **({"trackfd": False} if sys.version_info >= (3, 13) else {}))
             count = (stop - start) * int(np.prod(self.info.sample_shape))
             block = np.frombuffer(mm, dtype=DTYPES[self.info.dtype][0], count=count)
             mapped = self._maps[c] = (_as_tensor(block.reshape(stop - start, *self.info.sample_shape),
                                                  self.info.dtype), mm)
-            while len(self._maps) > MAX_MAPS:  # an mmap each: stay far below the kernel's vm.max_map_count
+            while len(self._maps) > self._max_maps:
                 self._advised.discard(self._maps.popitem(last=False)[0])
         return mapped[0]
 

@@ -1,8 +1,9 @@
 """Integrity checks: read every chunk of a store and name the ones that are missing or corrupt.
 
 Every chunk ends with a crc32c checksum (zarr v3's Crc32cCodec, last in the codec chain), so a
-flipped byte anywhere in a chunk file fails its decode. A chunk file that does not exist would
-silently read as the fill value, so existence is checked separately.
+flipped byte anywhere in a chunk file fails its decode, and so does a file cut short or empty (what
+a power cut can leave). A chunk file that does not exist would silently read as the fill value, so
+existence is checked separately.
 """
 
 from __future__ import annotations

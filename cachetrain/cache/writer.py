@@ -44,12 +44,13 @@ class BackgroundWriter:
     caller's thread. One thread, because zarr encodes on one event loop per process: with crc32c it
     wrote about 0.9 GB/s on an H200 host whatever fed it (benchmarks/writer_bench.py).
 
-    Each chunk file written is fsynced by the same thread right after, so the disk writes while the next
-    batches compute instead of after the last one (the kernel holds writeback back until gigabytes are
-    dirty); `write_store` makes the rest durable before it marks the store complete."""
+    Each block's chunk files, then the folders naming them, are fsynced by the same thread right after
+    it is written, so the disk writes while the next batches compute instead of after the last one (the
+    kernel holds writeback back until gigabytes are dirty); `write_store` makes the rest durable before
+    it marks the store complete."""
 
-    def __init__(self, array: zarr.Array, chunk_path: Callable[[int], Path], depth: int = 3):
-        self._array, self._chunk_path = array, chunk_path
+    def __init__(self, array: zarr.Array, chunk_path: Callable[[int], Path], folder: Path, depth: int = 3):
+        self._array, self._chunk_path, self._folder = array, chunk_path, folder  # folder: the array's own
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
@@ -62,9 +63,14 @@ class BackgroundWriter:
                 try:
                     self._array[start:start + len(block)] = block
                     cs = self._array.chunks[0]
+                    folders: set[Path] = set()
                     for c in range(start // cs, -(-(start + len(block)) // cs)):
-                        _fsync(self._chunk_path(c))
+                        chunk = self._chunk_path(c)
+                        _fsync(chunk)
+                        folders.update(_folders_up_to(chunk, self._folder))
                         fault_point("cache_chunk", str(self._array.store_path))  # fault points count chunks
+                    for folder in sorted(folders, key=lambda p: -len(p.parts)):  # then the entries naming them
+                        _fsync(folder)
                 except BaseException as e:  # noqa: BLE001 - handed to the main thread
                     self._error = e
 
@@ -158,7 +164,7 @@ def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn
     # opened for writing; without it zarr also tests every chunk for all-zeros, at more CPU than the write
     with zarr.config.set({"array.write_empty_chunks": True}):
         features = zarr.open_array(str(path / "features"), mode="r+")
-    writer = BackgroundWriter(features, lambda c: chunk_file(path, features, c))
+    writer = BackgroundWriter(features, lambda c: chunk_file(path, features, c), path / "features")
     computed = 0
     threads = torch.get_num_threads()
     if device.type == "cpu" and threads > 1 and info.codec != "none":
@@ -194,13 +200,23 @@ def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn
     return computed
 
 
+def _folders_up_to(file: Path, top: Path) -> list[Path]:
+    """The folders from `file`'s own up to `top`, inclusive (zarr nests chunk c's file as c/<c>/0/0/0)."""
+    folders = []
+    for folder in file.parents:
+        folders.append(folder)
+        if folder == top:
+            return folders
+    raise ValueError(f"{file} is not below {top}")
+
+
 def _make_durable(path: Path, resumed: list[Path]) -> None:
-    """fsync what the writer thread's per-chunk fsyncs did not cover: the chunk files an interrupted
-    pass left (it may have died before syncing them; a clean file costs next to nothing), the labels
-    and metadata, then every folder, deepest first (their entries name the new files)."""
+    """fsync what the writer thread did not cover: the chunk files an interrupted pass left (it may have
+    died before syncing them; a clean file costs next to nothing), the labels and metadata, then the
+    folders naming them, deepest first."""
     files = [*resumed, path / "features" / "zarr.json", *(p for p in (path / "labels").rglob("*") if p.is_file())]
-    folders = sorted((Path(root) for root, _, _ in os.walk(path)), key=lambda p: -len(p.parts))
-    for item in [*files, *folders, path.parent]:
+    folders = {folder for file in files for folder in _folders_up_to(file, path)}
+    for item in [*files, *sorted(folders, key=lambda p: -len(p.parts)), path.parent]:
         _fsync(item)
 
 
