@@ -28,8 +28,9 @@ class ChunkFeed(Protocol):
     def release(self, c: int) -> None:
         """The loader reads nothing more from chunk c this epoch."""
 
-    def will_need(self, c: int) -> None:
-        """Chunk c will be read soon: start fetching it, without waiting."""
+    def will_need(self, c: int) -> bool:
+        """Chunk c will be read soon: start fetching it, without waiting. True if that asked for a read
+        now (False: already asked, or nothing to ask)."""
 
 
 class MemmapFeed:
@@ -44,8 +45,8 @@ class MemmapFeed:
     def release(self, c: int) -> None:
         pass  # mappings stay for the next epoch (remapping costs a page fault per page); the reader caps them
 
-    def will_need(self, c: int) -> None:
-        self.readers[self.view_of[c]].will_need(c)
+    def will_need(self, c: int) -> bool:
+        return self.readers[self.view_of[c]].will_need(c)
 
 
 class RecentFeed:
@@ -67,8 +68,8 @@ class RecentFeed:
     def release(self, c: int) -> None:
         pass
 
-    def will_need(self, c: int) -> None:
-        pass
+    def will_need(self, c: int) -> bool:
+        return False
 
 
 class _Chunks(Dataset):
@@ -113,5 +114,5 @@ class WorkerFeed:
     def release(self, c: int) -> None:
         self._resident.pop(c, None)
 
-    def will_need(self, c: int) -> None:
-        pass  # the worker processes decode ahead in first-use order already
+    def will_need(self, c: int) -> bool:
+        return False  # the worker processes decode ahead in first-use order already

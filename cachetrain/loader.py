@@ -7,11 +7,12 @@ buffer. Where that gather runs depends on who is idle during the step:
 - CUDA: a background thread assembles batches ahead, and the host-to-device copy of the next batch
   is issued before the current one is handed out, so both overlap the step;
 - CPU: the step runs on every core, so the gather (a memcpy out of the page cache) runs in the
-  consumer's thread between steps, and the kernel is asked to read the next batch's chunks ahead.
-  Beside the step, an assembling thread preempted one of the step's OpenMP threads, and the whole
-  parallel region waited for it: 1.04-1.23x the step time (benchmarks/feed_bench.py). Only a store
-  this process decodes itself (compressed, workers=0) keeps the thread there, for the decode.
-Batches are then converted to float32 on their device. A batch is a set of samples: which samples
+  consumer's thread between steps. Beside the step, an assembling thread preempted one of the step's
+  OpenMP threads, and the whole parallel region waited for it: 1.04-1.23x the step time
+  (benchmarks/feed_bench.py). Only a store this process decodes itself (compressed, workers=0)
+  keeps the thread there, for the decode.
+Either way the kernel is asked to read the next batch's chunks ahead, and batches are then converted
+to float32 on their device. A batch is a set of samples: which samples
 form batch b is a pure function of (seed, epoch, b); within a batch they come in index order.
 
 Resume state is (seed, epoch, start_batch): `train_batches(epoch, bs, start_batch)` yields exactly
@@ -60,7 +61,8 @@ def gather(feed: ChunkFeed, idx: np.ndarray, chunk_samples: int, out: torch.Tens
     one thread's memcpy out of the page cache moved about 5 GB/s on an H200 host, a fraction of what
     the GPU consumed at stage 1 of the ImageNet layout (3.2 MB per sample)."""
     local = torch.from_numpy(idx % chunk_samples)
-    runs = [(feed.get(c), lo, hi) for c, lo, hi in chunk_runs(idx, chunk_samples)]
+    chunks = chunk_runs(idx, chunk_samples)
+    runs = [(feed.get(c), lo, hi) for c, lo, hi in chunks]
 
     def copy(part: list[tuple[torch.Tensor, int, int]]) -> None:
         for src, lo, hi in part:  # index_select releases the GIL: the parts copy in parallel
@@ -71,7 +73,44 @@ def gather(feed: ChunkFeed, idx: np.ndarray, chunk_samples: int, out: torch.Tens
     else:
         parts = np.array_split(np.arange(len(runs)), min(threads, len(runs)))
         list(pool.map(copy, [[runs[i] for i in part] for part in parts]))
-    return [int(idx[lo] // chunk_samples) for _, lo, _ in runs]
+    return [c for c, _, _ in chunks]
+
+
+def in_background(items: Iterator, depth: int) -> Iterator:
+    """`items`, produced up to `depth` ahead by a thread of their own; its error is raised here, and a
+    consumer that stops early stops the thread promptly (it never blocks on a queue nobody reads)."""
+    out: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer's thread
+            put(e)
+
+    thread = threading.Thread(target=produce, name="cache-loader", daemon=True)
+    thread.start()
+    try:
+        while (item := out.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
 
 
 def chunk_schedule(plan: list[np.ndarray], chunk_samples: int) -> tuple[list[int], dict[int, int]]:
@@ -146,8 +185,8 @@ class CacheLoader:
 
     def _assembled(self, indices: np.ndarray, batch_size: int, view_of: np.ndarray | None,
                    copied: dict[int, torch.cuda.Event]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(slot, x in the storage dtype, y) in a ring of reused (pinned, on CUDA) buffers, assembled by a
-        background thread (`_filled`) or by the caller's (`_inline`). Slot s is refilled only after the
+        """(slot, x in the storage dtype, y) in a ring of reused (pinned, on CUDA) buffers, filled by a
+        background thread or by the caller's (`self.background`). Slot s is refilled only after the
         consumer is done with it: on the CPU, once it asked for the next batch; on CUDA, once the event
         it put in `copied[s]` (its asynchronous copy out of the buffer) has completed."""
         plan = batch_plan(indices, batch_size)
@@ -158,94 +197,44 @@ class CacheLoader:
         view_of = np.zeros(self.reader.info.num_chunks, dtype=np.int64) if view_of is None else view_of
         feeding = nullcontext(MemmapFeed(self.readers, view_of)) if self.reader.memmappable else \
             self._decoded([(int(view_of[c]), c) for c in first_use])
-        with feeding as feed:
-            if self.background:
-                yield from self._filled(plan, cs, last_use, feed, batch_size, copied)
-            else:
-                yield from self._inline(plan, cs, last_use, feed, batch_size, copied)
-
-    def _inline(self, plan: list[np.ndarray], cs: int, last_use: dict[int, int], feed: ChunkFeed, batch_size: int,
-                copied: dict[int, torch.cuda.Event]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(slot, x in the storage dtype, y), gathered in the calling thread when asked for, under the
-        same contract as `_filled`. Before batch b is gathered, the kernel is asked to read ahead the
-        chunks batch b+1 reads that it was not asked for yet, so a cold page cache is read from disk
-        while batch b trains. At most about two batches' bytes are asked for at a time: a random order
-        touches every chunk in its first batch, and asking for a whole store at once would stall."""
         ring = self._ring(batch_size)
-        asked: set[int] = set()
-        budget = max(1, -(-2 * batch_size // cs))  # chunks
-
-        def read_ahead(b: int) -> None:
-            if b < len(plan):
-                new = [c for c in np.unique(plan[b] // cs).tolist() if c not in asked][:budget]
-                asked.update(new)
-                for c in new:
-                    feed.will_need(c)
-
-        read_ahead(0)
         try:
-            for b, idx in enumerate(plan):
-                read_ahead(b + 1)
-                slot = b % len(ring)
-                if slot in copied:
-                    copied.pop(slot).synchronize()
-                x = ring[slot][: len(idx)]
-                for c in gather(feed, idx, cs, x):
-                    if last_use[c] == b:
-                        feed.release(c)
-                yield slot, x, self.labels[torch.from_numpy(idx)]
+            with feeding as feed:
+                slots = self._slots(plan, cs, last_use, feed, ring, copied)
+                yield from in_background(slots, self.depth) if self.background else slots
         finally:
-            for event in copied.values():
-                event.synchronize()
-            copied.clear()
-            self._rings[batch_size] = ring
-
-    def _filled(self, plan: list[np.ndarray], cs: int, last_use: dict[int, int], feed: ChunkFeed, batch_size: int,
-                copied: dict[int, torch.cuda.Event]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        ring = self._ring(batch_size)
-        out: queue.Queue = queue.Queue(maxsize=self.depth)
-        stop = threading.Event()
-
-        def put(item) -> bool:
-            """Hand an item over unless the consumer has gone away (then never block: it won't read)."""
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def assemble() -> None:
-            try:
-                for b, idx in enumerate(plan):
-                    slot = b % len(ring)
-                    if slot in copied:
-                        copied.pop(slot).synchronize()
-                    x = ring[slot][: len(idx)]
-                    for c in gather(feed, idx, cs, x, self._pool, self._copiers):
-                        if last_use[c] == b:
-                            feed.release(c)
-                    if not put((slot, x, self.labels[torch.from_numpy(idx)])):
-                        return
-                put(None)
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer's thread
-                put(e)
-
-        thread = threading.Thread(target=assemble, name="cache-loader", daemon=True)
-        thread.start()
-        try:
-            while (item := out.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            thread.join()
             for event in copied.values():  # no copy out of the ring may still be running when it is reused
                 event.synchronize()
             copied.clear()
             self._rings[batch_size] = ring
+
+    def _slots(self, plan: list[np.ndarray], cs: int, last_use: dict[int, int], feed: ChunkFeed,
+               ring: list[torch.Tensor], copied: dict[int, torch.cuda.Event]
+               ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Batch b of `plan` gathered into ring slot b % len(ring), when asked for. Before batch b is
+        gathered, the kernel is asked to read ahead the chunks batch b+1 reads, so a cold page cache is
+        read from disk while batch b trains; at most about two batches' bytes at a time, since a random
+        order touches every chunk in its first batch and asking for a whole store at once would stall."""
+        budget = max(1, -(-2 * len(plan[0]) // cs))  # chunks newly asked for per batch
+
+        def read_ahead(b: int) -> None:
+            left = budget
+            for c in (np.unique(plan[b] // cs).tolist() if b < len(plan) else []):
+                if left == 0:
+                    return
+                left -= feed.will_need(c)
+
+        read_ahead(0)
+        for b, idx in enumerate(plan):
+            read_ahead(b + 1)
+            slot = b % len(ring)
+            if slot in copied:
+                copied.pop(slot).synchronize()
+            x = ring[slot][: len(idx)]
+            for c in gather(feed, idx, cs, x, self._pool, self._copiers):
+                if last_use[c] == b:
+                    feed.release(c)
+            yield slot, x, self.labels[torch.from_numpy(idx)]
 
     def _to_float(self, x: torch.Tensor) -> torch.Tensor:
         """A batch in the storage dtype -> a new float32 batch in channels-last layout, in one pass. The

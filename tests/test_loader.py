@@ -94,18 +94,24 @@ def test_feature_augmentation_changes_batches_reproducibly(readers):
 
 @pytest.mark.parametrize("background", [True, False])
 @pytest.mark.parametrize("left", [1, 2, 3, 5])
-def test_abandoning_an_epoch_midway_returns_promptly(readers, left, background):
+def test_abandoning_an_epoch_midway_returns_promptly(readers, left, background, monkeypatch):
     """A consumer that stops early (a caching run ending mid-split, an exception in a training step) must not
     leave the assembling thread blocked on a full queue."""
     import threading
     import time
 
+    import cachetrain.loader as loader_module
+
+    threaded = []
+    run = loader_module.in_background
+    monkeypatch.setattr(loader_module, "in_background", lambda items, depth: threaded.append(1) or run(items, depth))
     src = source(readers)
     src.loaders["train"].background = background
     batches = src.train_batches(0, 25)
     n_batches = -(-N // 25)
     for _ in range(n_batches - left):
         next(batches)
+    assert bool(threaded) == background  # the path under test
     t0 = time.perf_counter()
     batches.close()  # what a `break` or an exception in the loop body does to the generator
     assert time.perf_counter() - t0 < 5
@@ -124,7 +130,8 @@ def test_a_cpu_step_gets_its_batches_from_its_own_thread_with_chunks_read_ahead(
 
     reader = make_store(tmp_path / "train.zarr", codec="none")  # chunks of 32 samples
     events = []
-    monkeypatch.setattr(MemmapFeed, "will_need", lambda self, c: events.append(("ahead", c)))
+    will_need = MemmapFeed.will_need
+    monkeypatch.setattr(MemmapFeed, "will_need", lambda self, c: will_need(self, c) and not events.append(("ahead", c)))
     get = MemmapFeed.get
     monkeypatch.setattr(MemmapFeed, "get", lambda self, c: events.append(("get", c, threading.get_ident())) or
                         get(self, c))
@@ -150,13 +157,13 @@ def test_a_cpu_step_gets_its_batches_from_its_own_thread_with_chunks_read_ahead(
 
 def test_a_chunk_is_read_ahead_once_per_mapping(tmp_path):
     reader = make_store(tmp_path / "train.zarr", codec="none")
-    reader.will_need(1)  # the real madvise
+    assert reader.will_need(1)  # the real madvise
     assert reader._advised == {1} and list(reader._maps) == [1]
     view = reader.chunk_view(1)
-    reader.will_need(1)
+    assert not reader.will_need(1)
     assert reader.chunk_view(1) is view  # not mapped again
     zstd = make_store(tmp_path / "z.zarr", codec="zstd")
-    zstd.will_need(0)  # nothing to map: decoded stores are read ahead by their worker processes
+    assert not zstd.will_need(0)  # nothing to map: decoded stores are read ahead by their worker processes
     assert not zstd._advised and not zstd._maps
 
 

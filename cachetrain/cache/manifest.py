@@ -95,6 +95,11 @@ class StoreInfo:
     def sample_bytes(self) -> int:
         return math.prod(self.sample_shape) * np.dtype(DTYPES[self.dtype][0]).itemsize
 
+    @property
+    def raw_chunk_file_bytes(self) -> int:
+        """An uncompressed chunk file: the chunk's raw bytes (the last one padded) and its 4-byte crc32c."""
+        return self.chunk_samples * self.sample_bytes + 4
+
 
 def output_fingerprint(stage: int, weights_hash: str, input_fingerprint: str, dtype: str) -> str:
     """The fingerprint of stage j's outputs as the next stage sees them: a function of everything that

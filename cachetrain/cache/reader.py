@@ -30,11 +30,10 @@ def _max_maps() -> int:
     if sys.version_info >= (3, 13):
         return MAX_MAPS
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = MAX_MAPS * 8 if hard == resource.RLIM_INFINITY else min(hard, MAX_MAPS * 8)
-    if soft != resource.RLIM_INFINITY and soft < want:
+    if soft != hard:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-            soft = want
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
         except (ValueError, OSError):
             pass
     return MAX_MAPS if soft == resource.RLIM_INFINITY else max(16, min(MAX_MAPS, soft // 8))
@@ -115,26 +114,30 @@ class CacheReader:
                 self._advised.discard(self._maps.popitem(last=False)[0])
         return mapped[0]
 
-    def will_need(self, c: int) -> None:
-        """Ask the kernel to start reading chunk c into the page cache, without waiting. Once per mapping:
-        after its first epoch a chunk stays in the page cache unless the store outgrows memory, and
-        asking again walks every page of it for nothing (about 70 us per 4 MiB chunk here, estimated from
-        a hand-timed loader harness)."""
-        if self.memmappable and c not in self._advised:
-            self.chunk_view(c)  # maps it (and names a missing or short chunk file)
-            if hasattr(mmap, "MADV_WILLNEED"):
-                self._maps[c][1].madvise(mmap.MADV_WILLNEED)
-            self._advised.add(c)
+    def will_need(self, c: int) -> bool:
+        """Ask the kernel to start reading chunk c into the page cache, without waiting; True if it asked
+        now. Once per mapping: after its first epoch a chunk stays in the page cache unless the store
+        outgrows memory, and asking again walks every page of it for nothing (about 70 us per 4 MiB
+        chunk here, estimated from a hand-timed loader harness)."""
+        if not self.memmappable or c in self._advised or not hasattr(mmap, "MADV_WILLNEED"):
+            return False
+        self.chunk_view(c)  # maps it (and names a missing or short chunk file)
+        self._maps[c][1].madvise(mmap.MADV_WILLNEED)
+        self._advised.add(c)
+        return True
 
     def _check_chunk(self, c: int) -> None:
         """zarr would read a missing chunk as zeros, and a short file maps garbage: a store that lost or
         truncated a chunk file must say so instead."""
         path = self.chunk_path(c)
-        problem = None if path.exists() else "is missing"
-        if problem is None and self.memmappable:  # mapped, not decoded: no checksum would catch a short file
-            want = self.info.chunk_samples * self.info.sample_bytes + 4
+        try:
             size = path.stat().st_size
-            problem = None if size == want else f"is {size} bytes, expected {want} ({path})"
+            problem = None
+        except FileNotFoundError:
+            problem = "is missing"
+        if problem is None and self.memmappable and size != self.info.raw_chunk_file_bytes:
+            # mapped, not decoded: no checksum would catch a short file
+            problem = f"is {size} bytes, expected {self.info.raw_chunk_file_bytes} ({path})"
         if problem:
             start, stop = self.chunk_bounds(c)
             raise CacheError(f"{self.path}: chunk {c} (samples {start}-{stop - 1}) {problem}; run: cachetrain "

@@ -106,7 +106,7 @@ def missing_chunks(path: Path, info: StoreInfo) -> list[int]:
     still leave a renamed file whose data never reached the disk: an uncompressed chunk must have its
     exact size (the padded chunk + the 4-byte crc32c), a compressed one more than its checksum."""
     array = zarr.open_array(str(path / "features"), mode="r")
-    want = info.chunk_samples * info.sample_bytes + 4 if info.codec == "none" else None
+    want = info.raw_chunk_file_bytes if info.codec == "none" else None
 
     def whole(c: int) -> bool:
         try:
