@@ -1,5 +1,11 @@
 """End to end vs each greedy stage, ImageNet-shaped, on one GPU (the body of gpu_check.sh).
 
+The question: on one GPU, how fast does each greedy stage train, and in how much memory, when its
+input sits in device memory, is recomputed through the frozen stages, or is read back from a cache;
+and what does that make of a whole greedy run, cached against recomputed? It prints each row as it is
+measured and the summary at the end, and saves OUT/results.json (the README's H200 table comes from
+its `stages`, `e2e` and `summary`), OUT/memory.png and OUT/throughput.png.
+
 Synthetic 224 px images, 1000 classes, Belilovsky's ImageNet k=3 layout (J=8, width 128, input
 space-to-depth, downsampling at j=2,4,6), AMP bf16 and channels_last on CUDA. Random-init stages
 stand in for trained ones: throughput and memory do not depend on the weights. Measured at --batch:
@@ -10,12 +16,15 @@ stand in for trained ones: throughput and memory do not depend on the weights. M
   (decoded by --workers processes), and through DALI where it is installed; next to each, the
   loader's own ceiling (batches landed on the device with no training step);
 - per stage, the time to cache its outputs (both codecs) against a bare forward over the same samples.
-The summary turns these into the issue's ratios, next to what a FLOP count predicts.
+The summary (`cachetrain.benchtools.gpu_summary`) turns these into the issue's ratios, next to what
+the planner's FLOP model predicts (`cachetrain.planner.cost_ratio`). Every step is the trainer's own
+(`cachetrain.trainer.train_step`), timed by `cachetrain.benchtools.time_total` after 2 warm-up steps.
 
-    python benchmarks/gpu_bench.py OUT [--batch 256] [--steps 20] [--tiny]
+    python benchmarks/gpu_bench.py OUT [--batch 256] [--steps 20] [--stages 8] [--tiny]
 
---tiny shrinks everything (32 px, width 8, batch 4, 3 steps) so the script runs on a CPU in seconds:
-the test suite runs it that way. Without zarr, (c) and the cache builds are left out.
+--tiny shrinks everything (32 px, width 8, batch 4, 3 steps, one CPU thread) so the script runs on a
+CPU in seconds; the test suite runs it that way, with --stages 2 --no-dali. Without zarr, (c) and
+the cache builds are left out.
 """
 
 from __future__ import annotations
@@ -34,9 +43,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from cachetrain.benchtools import (DataShape, gpu_summary, imagenet_config, stepper, stopwatch, store_layout,
+                                   time_total, write_features)
 from cachetrain.config import Config
+from cachetrain.device import autocast
 from cachetrain.e2e import e2e_network
 from cachetrain.models import build_network, make_head
+from cachetrain.planner import Workload, cost_ratio, stage_costs
 from cachetrain.profile import step_memory
 from cachetrain.trainer import StageModel, make_optimizer
 
@@ -44,48 +57,30 @@ HAVE_ZARR = importlib.util.find_spec("zarr") is not None and importlib.util.find
 HAVE_DALI = HAVE_ZARR and importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 
 
-class _Shape:
-    def __init__(self, shape, classes):
-        self.sample_shape, self.num_classes = shape, classes
-
-
-def config(tiny: bool, aux: str) -> Config:
-    size, width = (32, 8) if tiny else (224, 128)
-    return Config.from_dict({
-        "name": "gpu-check", "data": {"name": "synthetic", "shape": [3, size, size], "num_classes": 1000},
-        "model": {"arch": "layercnn", "stages": 8, "width": width, "input_psi": True, "downsample": [2, 4, 6],
-                  "k": 3, "aux": aux},
-        "train": {"lr": 0.1, "weight_decay": 1e-4, "amp": True, "channels_last": True}})
+def config(tiny: bool, aux: str, stages: int = 8) -> Config:
+    """The ImageNet layout (32 px and width 8 when tiny) with AMP bf16 and channels_last (CUDA only)."""
+    return imagenet_config(aux, size=32 if tiny else 224, width=8 if tiny else 128, stages=stages, amp=True)
 
 
 def timed_steps(model: nn.Module, batches, steps: int, device: torch.device, amp: bool) -> dict:
-    """Train `steps` steps on batches from `batches()`; samples/s after the first two steps; peak memory."""
-    opt = make_optimizer(model.parameters(), config(True, "conv").train)
-    model.train()
+    """Train `steps` steps on batches from `batches()`, waiting for each batch included; samples/s after
+    the first two steps; peak memory."""
+    step = stepper(model, make_optimizer(model.parameters(), config(True, "conv").train), device, amp,
+                   channels_last=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         # the benchmark's own resident data (images, the previous stage's outputs) is not training memory:
         # count the peak above what was allocated before the first step, plus the parameters
         base = torch.cuda.memory_allocated() - sum(p.numel() * p.element_size() for p in model.parameters())
-    it, n, t0 = batches(), 0, None
-    for step in range(steps + 2):
-        if step == 2:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0, n = time.perf_counter(), 0
-        x, y = next(it)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            loss = nn.functional.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        n += len(y)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    out = {"samples_per_s": n / (time.perf_counter() - t0)}
+    it, sizes = batches(), []
+
+    def one() -> None:
+        batch = next(it)
+        sizes.append(len(batch[1]))
+        step(batch)
+    seconds = time_total(one, steps, warmup=2, device=device)
+    out = {"samples_per_s": sum(sizes[2:]) / seconds}
     if device.type == "cuda":
         out["peak_allocated"] = torch.cuda.max_memory_allocated() - base
         out["peak_allocated_incl_resident_data"] = torch.cuda.max_memory_allocated()
@@ -100,51 +95,30 @@ def forever(x: torch.Tensor, y: torch.Tensor, batch: int, prefix: nn.Module | No
             for i in range(0, len(x) - batch + 1, batch):
                 xb = x[i:i + batch]
                 if prefix is not None:
-                    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16,
-                                                         enabled=amp and xb.device.type == "cuda"):
+                    with torch.no_grad(), autocast(xb.device, amp):
                         xb = prefix(xb)
                 yield xb, y[i:i + batch]
     return gen
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def build_cache(stage: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, device: torch.device,
                 path: Path, j: int, codec: str, amp: bool) -> float:
     """Cache `stage`'s outputs over x the way `cachetrain cache` does; returns the seconds it took."""
-    from cachetrain.cache import StoreInfo, plan_layout, write_store
-
     with torch.no_grad():
         shape = tuple(stage(x[:1]).shape[1:])
-    n = len(x)
-    probe = StoreInfo(j, 3, "train", "fp", "w", "i", "float16", codec, 1, n, shape, 1)
-    layout = plan_layout(probe.sample_bytes, 4.0, n, batch)
-    info = StoreInfo(j, 3, "train", "fp", "w", "i", "float16", codec, 1, n, shape, layout.chunk_samples)
-
-    def inputs(start, size):
-        for i in range(start, n, size):
-            yield x[i:i + size], None
-
-    sync(device)
-    t0 = time.perf_counter()
-    write_store(path, info, y.cpu().numpy(), stage, inputs, layout, device, amp=amp)
-    sync(device)
-    return time.perf_counter() - t0
+    info, layout = store_layout(shape, len(x), codec, batch, stage=j)
+    with stopwatch(device) as watch:
+        write_features(path, info, layout, x, y.cpu().numpy(), stage, amp)
+    return watch.seconds
 
 
 def bare_forward(stage: nn.Module, x: torch.Tensor, batch: int, device: torch.device, amp: bool) -> float:
     """Seconds for the same forward pass with the outputs thrown away (what caching is compared with)."""
     stage.eval()
-    sync(device)
-    t0 = time.perf_counter()
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+    with stopwatch(device) as watch, torch.no_grad(), autocast(device, amp):
         for i in range(0, len(x), batch):
             stage(x[i:i + batch])
-    sync(device)
-    return time.perf_counter() - t0
+    return watch.seconds
 
 
 def cached_batches(path: Path, batch: int, device: torch.device, workers: int, backend: str = "numpy"):
@@ -184,28 +158,21 @@ def cached_batches(path: Path, batch: int, device: torch.device, workers: int, b
 
 def loader_only(batches, steps: int, device: torch.device) -> dict:
     """The loader's own ceiling: batches/s landed on the device with no training step to hide behind."""
-    it = batches()
-    for _ in range(2):
-        next(it)
-    sync(device)
-    t0, n = time.perf_counter(), 0
-    for _ in range(steps):
-        n += len(next(it)[1])
-    sync(device)
-    seconds = time.perf_counter() - t0
-    return {"samples_per_s": n / seconds}
+    it, sizes = batches(), []
+
+    def one() -> None:
+        sizes.append(len(next(it)[1]))
+    seconds = time_total(one, steps, warmup=2, device=device)
+    return {"samples_per_s": sum(sizes[2:]) / seconds}
 
 
 def flop_prediction(cfg: Config, shape, classes: int, epochs: int) -> dict:
-    """Greedy-cached / greedy-recompute time as FLOPs predict it (cached: E epochs of each stage's own
-    training plus one caching forward per stage; recompute: E epochs that also forward the prefix)."""
-    from cachetrain.planner import stage_costs
-
+    """Greedy-cached / greedy-recompute time as the planner's FLOP model predicts it, per training
+    sample: E epochs of each stage's own training plus one caching forward per cached stage (all but
+    the last), against E epochs that also forward the frozen prefix."""
     costs = stage_costs(cfg, shape, classes)
-    train = sum(c.train_flops for c in costs)
-    cached = epochs * train + sum(c.forward_flops for c in costs[:-1])
-    recompute = epochs * (train + sum(sum(c.forward_flops for c in costs[:j]) for j in range(len(costs))))
-    return {"epochs": epochs, "cached_over_recompute": cached / recompute,
+    return {"epochs": epochs,
+            "cached_over_recompute": cost_ratio(costs, Workload(train=1, test=0, epochs=epochs), range(len(costs) - 1)),
             "train_gflop_per_sample": [c.train_flops / 1e9 for c in costs],
             "forward_gflop_per_sample": [c.forward_flops / 1e9 for c in costs]}
 
@@ -222,16 +189,18 @@ def main() -> None:
     p.add_argument("--cache-dir", default=None, help="where the caches are written (default: the temp dir); "
                                                      "/dev/shm separates the writer's own speed from the disk's")
     p.add_argument("--no-dali", action="store_true", help="skip the DALI loader even where DALI is installed")
-    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--stages", type=int, default=8, help="J: the first J stages of the layout (default all 8)")
+    p.add_argument("--tiny", action="store_true", help="32 px, width 8, batch 4, 3 steps, one CPU thread: a smoke run")
     args = p.parse_args()
     if args.tiny:
         args.batch, args.steps, args.workers = 4, 3, 1
+        torch.set_num_threads(1)  # toy-sized ops on a shared CPU: more threads only wait for each other
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = device.type == "cuda"
     codecs = [c for c in args.codecs.split(",") if c]
-    cfg, cfg_conv = config(args.tiny, "sr"), config(args.tiny, "conv")
+    cfg, cfg_conv = config(args.tiny, "sr", args.stages), config(args.tiny, "conv", args.stages)
     shape, classes = tuple(cfg.data.shape), cfg.data.num_classes
     n = args.samples or 4 * args.batch
     g = torch.Generator().manual_seed(0)
@@ -244,14 +213,15 @@ def main() -> None:
                "codecs": codecs, "cache_dir": args.cache_dir or tempfile.gettempdir(),
                "stage_input": "zarr cache via the cache loader" if HAVE_ZARR else "tensor in device memory (no zarr)",
                "date": time.strftime("%Y-%m-%d %H:%M")}
-    print(f"device {results['device']}, stage inputs from: {results['stage_input']}", flush=True)
+    print(f"gpu_check: torch {torch.__version__} | cuda {torch.cuda.is_available()} | {results['device']}; stage "
+          f"inputs from: {results['stage_input']}", flush=True)
 
     def memory_layout(model: nn.Module) -> nn.Module:
         return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
     results["e2e"] = {}
     for aux, c in (("sr", cfg), ("conv", cfg_conv)):
-        e2e = memory_layout(e2e_network(c, _Shape(shape, classes)).to(device))
+        e2e = memory_layout(e2e_network(c, DataShape(shape, classes)).to(device))
         row = timed_steps(e2e, forever(images, labels, args.batch), args.steps, device, amp)
         if device.type != "cuda":
             row["counted_bytes"] = step_memory(e2e, images[:args.batch], labels[:args.batch],
@@ -311,48 +281,13 @@ def main() -> None:
             results["stages"].append(row)
             print(f"stage {j}: {json.dumps(row)}", flush=True)
             del model, sr_model
-    summarise(results, cfg, shape, classes, args.epochs, device)
+    key = "peak_allocated" if device.type == "cuda" else "counted_bytes"
+    results["summary"] = {**gpu_summary(results, args.epochs, key),
+                          "flop_prediction": flop_prediction(cfg, shape, classes, args.epochs)}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    plot(results, out, "peak_allocated" if device.type == "cuda" else "counted_bytes")
+    plot(results, out, key)
     print(json.dumps(results["summary"], indent=2))
     print(f"wrote {out}")
-
-
-def summarise(r: dict, cfg: Config, shape, classes: int, epochs: int, device: torch.device) -> None:
-    key = "peak_allocated" if device.type == "cuda" else "counted_bytes"
-    s: dict = {}
-    for aux in ("sr", "conv"):
-        s[f"largest_stage_over_e2e_memory_{aux}"] = (max(st[f"in_memory_{aux}"][key] for st in r["stages"])
-                                                     / r["e2e"][aux][key])
-    st = r["stages"]
-    per_sample = {  # seconds per sample of one epoch of every stage
-        "in_memory": sum(1 / x["in_memory_sr"]["samples_per_s"] for x in st),
-        "recompute": 1 / st[0]["in_memory_sr"]["samples_per_s"] + sum(1 / x["recompute"]["samples_per_s"]
-                                                                      for x in st[1:])}
-    if r["have_zarr"]:
-        n = r["samples"]
-        for codec in r["codecs"]:
-            build = sum(x[f"cache_build_{codec}_s"] for x in st[:-1])
-            s[f"cache_build_over_bare_forward_{codec}"] = build / sum(x["bare_forward_s"] for x in st[:-1])
-            s[f"cache_build_MB_per_s_{codec}"] = sum(x[f"cache_bytes_{codec}"] for x in st[:-1]) / build / 1e6
-        for source in r.get("sources", r["codecs"]):
-            build = sum(x[f"cache_build_{source.split('_')[0]}_s"] for x in st[:-1]) / n
-            per_sample[f"cached_{source}"] = (1 / st[0]["in_memory_sr"]["samples_per_s"]
-                                              + sum(1 / x[f"cached_{source}"]["samples_per_s"] for x in st[1:]))
-            s[f"cached_{source}_over_recompute_{epochs}_epochs"] = ((epochs * per_sample[f"cached_{source}"] + build)
-                                                                    / (epochs * per_sample["recompute"]))
-            s[f"cached_{source}_over_in_memory_per_epoch"] = per_sample[f"cached_{source}"] / per_sample["in_memory"]
-        # the best plan by these measured rates: per stage, whichever of cache or recompute trains faster
-        best = 1 / st[0]["in_memory_sr"]["samples_per_s"] + sum(
-            min(1 / x["recompute"]["samples_per_s"], *(1 / x[f"cached_{c}"]["samples_per_s"] for c in r["codecs"]))
-            for x in st[1:])
-        s["best_of_cache_or_recompute_per_stage_over_recompute"] = best / per_sample["recompute"]
-        s["cache_wins_at_stages"] = [x["stage"] for x in st[1:] if max(
-            x[f"cached_{c}"]["samples_per_s"] for c in r["codecs"]) > x["recompute"]["samples_per_s"]]
-    s["in_memory_over_recompute_per_epoch"] = per_sample["in_memory"] / per_sample["recompute"]
-    s["flop_prediction"] = flop_prediction(cfg, shape, classes, epochs)
-    s["seconds_per_sample_one_epoch_each_stage"] = per_sample
-    r["summary"] = s
 
 
 def plot(r: dict, out: Path, key: str) -> None:

@@ -9,9 +9,18 @@ file, an uncompressed cache store and a zstd cache store, then read with a warm 
 - cache loader, zstd: chunks decoded by 0, 1, 2 worker processes; plus raw zstd decode speed of
   one core (numcodecs) and zarr's own chunk read, to show what limits it;
 - the training step of the next stage (its block + a k=2 head, forward + backward + SGD step) at the
-  same batch size, so a reader sees whether the loader or the model is the bottleneck.
+  same batch size, so a reader sees whether the loader or the model is the bottleneck;
+- checked reads: the uncompressed loader, quasi-random order, with every chunk's crc32c checked and
+  with the checks switched off (`cachetrain.cache.reader.VERIFY = False`, which nothing but this
+  benchmark sets). Both arms are measured side by side, interleaved over `--rounds` rounds (which arm
+  goes first alternates), and the median of the per-round ratios is reported, twice: for a first
+  epoch (a fresh reader in a process that has checked nothing: every chunk mapped and hashed, from a
+  warm page cache) and for later epochs (mapped chunks already checked; a stat per chunk per epoch).
+  Each arm's rate is also reported per CPU second of this process (`time.process_time`), which is
+  steadier than wall time on a machine shared with other work.
 
-    python benchmarks/loader_bench.py [--samples 10000] [--width 32] [--batch 256] [--out bench/loader]
+    python benchmarks/loader_bench.py [--samples 10000] [--width 32] [--batch 256] [--rounds 9] [--checks-only]
+                                      [--out bench/loader]
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import cachetrain.cache.reader as reader_module
 from cachetrain.cache import CacheReader, StoreInfo, plan_layout, write_store
 from cachetrain.config import DataConfig, ModelConfig
 from cachetrain.data import load_fmnist
@@ -69,11 +79,60 @@ def rate(fn, n_samples: int, repeats: int = 2) -> float:
     return n_samples / best
 
 
+def checked_vs_unchecked(path: Path, batch: int, rounds: int) -> dict:
+    """Epoch rates of the uncompressed loader, quasi-random, with checked reads on and off (module
+    docstring): per-round ratios and their medians, for a first epoch and for later epochs."""
+    probe = CacheReader(path, "fp")
+    n, cs = probe.info.num_samples, probe.info.chunk_samples
+    idx = ORDERS["quasi_random"](n, cs, 4, seed=0).indices(0)
+
+    def epoch(loader: CacheLoader, verify: bool) -> tuple[float, float]:
+        """(samples per wall second, samples per CPU second of this process)"""
+        reader_module.VERIFY = verify
+        try:
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in loader.host_batches(idx, batch):
+                pass
+            return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
+        finally:
+            reader_module.VERIFY = True
+
+    def first_epoch(verify: bool) -> tuple[float, float]:
+        reader_module.forget_checks()  # this process has checked nothing yet
+        return epoch(CacheLoader(CacheReader(path, "fp"), torch.device("cpu"), workers=0), verify)
+
+    later = {True: CacheLoader(CacheReader(path, "fp"), torch.device("cpu"), workers=0),
+             False: CacheLoader(CacheReader(path, "fp"), torch.device("cpu"), workers=0)}
+    for verify, loader in later.items():  # map (and check) every chunk once
+        epoch(loader, verify)
+    first_epoch(True)  # and warm the page cache
+    rates: dict[str, dict[bool, list[tuple[float, float]]]] = {"first": {True: [], False: []},
+                                                               "later": {True: [], False: []}}
+    for r in range(rounds):
+        for verify in ((True, False) if r % 2 == 0 else (False, True)):
+            rates["first"][verify].append(first_epoch(verify))
+        for verify in ((True, False) if r % 2 == 0 else (False, True)):
+            rates["later"][verify].append(epoch(later[verify], verify))
+    out = {"rounds": rounds, "order": "quasi_random", "codec": "none"}
+    for name, arms in rates.items():
+        ratios = [c[0] / u[0] for c, u in zip(arms[True], arms[False])]
+        cpu_ratios = [c[1] / u[1] for c, u in zip(arms[True], arms[False])]
+        out[name] = {"checked_samples_per_s": [r[0] for r in arms[True]],
+                     "unchecked_samples_per_s": [r[0] for r in arms[False]],
+                     "checked_samples_per_cpu_s": [r[1] for r in arms[True]],
+                     "unchecked_samples_per_cpu_s": [r[1] for r in arms[False]],
+                     "ratios": ratios, "median_ratio": float(np.median(ratios)),
+                     "cpu_ratios": cpu_ratios, "median_cpu_ratio": float(np.median(cpu_ratios))}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=10000)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=9, help="interleaved rounds of the checked/unchecked comparison")
+    p.add_argument("--checks-only", action="store_true", help="only the checked/unchecked comparison")
     p.add_argument("--out", default="bench/loader")
     args = p.parse_args()
     out = Path(args.out)
@@ -93,6 +152,19 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         tmp = Path(tmp)
+        raw = write(tmp / "raw.zarr", x, "none")
+        chunk = raw.info.chunk_samples
+        checks = checked_vs_unchecked(tmp / "raw.zarr", args.batch, args.rounds)
+        for name, what in (("first", "first epoch"), ("later", "later epochs")):
+            c = checks[name]
+            record(f"uncompressed, quasi_random, checked, {what}", float(np.median(c["checked_samples_per_s"])),
+                   f"median checked/unchecked {c['median_ratio']:.3f} (per CPU second {c['median_cpu_ratio']:.3f}) "
+                   f"over {args.rounds} rounds")
+            record(f"uncompressed, quasi_random, unchecked, {what}", float(np.median(c["unchecked_samples_per_s"])),
+                   "cachetrain.cache.reader.VERIFY = False")
+        if args.checks_only:
+            _save(out, args, x, n, sample_bytes, mb, chunk, rows, checks)
+            return
         np.save(tmp / "x.npy", x.numpy())
         mm = np.load(tmp / "x.npy", mmap_mode="r")
         perm = np.random.default_rng(0).permutation(n)
@@ -104,9 +176,7 @@ def main() -> None:
         limit = rate(memmap_epoch, n)
         record("numpy memmap, random batches (the limit)", limit)
 
-        raw = write(tmp / "raw.zarr", x, "none")
         zst = write(tmp / "zstd.zarr", x, "zstd")
-        chunk = raw.info.chunk_samples
 
         def loader_epoch(reader, order, workers):
             loader = CacheLoader(reader, torch.device("cpu"), workers=workers)
@@ -116,6 +186,7 @@ def main() -> None:
         for order in ("quasi_random", "random"):
             r = rate(loader_epoch(raw, order, 0), n)
             record(f"cache loader, uncompressed, {order}", r, f"{r / limit:.2f}x memmap")
+            loader_rate = r if order == "quasi_random" else loader_rate
         zstd_rates = {}
         for workers in (0, 1, 2):
             r = rate(loader_epoch(zst, "quasi_random", workers), n)
@@ -149,20 +220,31 @@ def main() -> None:
     step_rate = rate(steps, 5 * args.batch, repeats=1)
     record("next stage's training step (compute only)", step_rate, "fwd+bwd+SGD, k=2 head")
 
+    _save(out, args, x, n, sample_bytes, mb, chunk, rows, checks, {
+        "zstd_ratio": ratio, "uncompressed_vs_memmap": loader_rate / limit,
+        "zstd_MB_per_s_per_worker": {w: r * sample_bytes / 1e6 / max(1, w) for w, r in zstd_rates.items()}})
+
+
+def _save(out: Path, args, x: torch.Tensor, n: int, sample_bytes: int, mb: float, chunk: int, rows: list[dict],
+          checks: dict, more: dict | None = None) -> None:
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
                    f"torch {torch.__version__}",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d"),
         "samples": n, "sample_shape": list(x.shape[1:]), "sample_bytes": sample_bytes, "dataset_MB": mb,
-        "chunk_samples": chunk, "batch": args.batch, "zstd_ratio": ratio, "rows": rows,
-        "uncompressed_vs_memmap": rows[1]["samples_per_s"] / limit,
-        "zstd_MB_per_s_per_worker": {w: r * sample_bytes / 1e6 / max(1, w) for w, r in zstd_rates.items()},
+        "chunk_samples": chunk, "batch": args.batch, "rows": rows, "checked_reads": checks, **(more or {}),
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))
+    ratio = result.get("zstd_ratio")
     lines = [f"Machine: {result['machine']}; {result['date']}; `{result['command']}`", "",
              f"{n} samples of {tuple(x.shape[1:])} fp16 ({sample_bytes / 1024:.1f} KiB each, {mb:.0f} MB), chunks of "
-             f"{chunk} samples, batch {args.batch}, zstd-3 ratio {ratio:.2f}x, warm page cache.", "",
+             f"{chunk} samples, batch {args.batch}" + (f", zstd-3 ratio {ratio:.2f}x" if ratio else "") +
+             ", warm page cache.", "",
+             f"Checked reads (uncompressed, quasi-random), median checked/unchecked over {checks['rounds']} "
+             f"interleaved rounds: first epoch {checks['first']['median_ratio']:.3f} (per CPU second "
+             f"{checks['first']['median_cpu_ratio']:.3f}), later epochs {checks['later']['median_ratio']:.3f} (per CPU "
+             f"second {checks['later']['median_cpu_ratio']:.3f}).", "",
              "| reader | samples/s | MB/s | note |", "|---|---:|---:|---|"]
     lines += [f"| {r['reader']} | {r['samples_per_s']:,.0f} | {r['MB_per_s']:,.0f} | {r['note']} |" for r in rows]
     (out / "results.md").write_text("\n".join(lines) + "\n")

@@ -1,12 +1,16 @@
-"""Training memory of each greedy stage vs the end-to-end network, ImageNet-shaped.
+"""Training memory of each greedy stage vs the end-to-end network, ImageNet-shaped, counted on a CPU.
+
+The question: how much less memory does one training step of the largest greedy stage hold than one
+of the whole network, at full ImageNet size, without a GPU? It prints one line per stage and the
+table the README quotes, and saves OUT/results.json and OUT/results.md.
 
 Belilovsky et al.'s ImageNet k=3 layout (224 px input space-to-depth'd to 12x112x112, J=8, width 128,
 downsampling at j=2,4,6) on synthetic data with 1000 classes. For every stage (block + auxiliary head
 on its input) and for the whole network end to end, one training step is run at `--batch` and its
-memory is counted: tensors saved for backward + parameters + gradients + SGD momentum (on CUDA, the
-allocator's peak instead). Saved tensors grow with the batch and the rest does not, so the figures
-are also given scaled to batch 256. Two auxiliary heads: the naive k=3 head (two full-resolution
-convs) and the space-reducing `sr` head.
+memory is counted by `cachetrain.profile.step_memory` (the trainer's own step): tensors saved for
+backward + parameters + gradients + SGD momentum. Saved tensors grow with the batch and the rest does
+not, so the figures are also given scaled to batch 256. Two auxiliary heads: the naive k=3 head (two
+full-resolution convs) and the space-reducing `sr` head.
 
     python benchmarks/memory_bench.py [--batch 2] [--out bench/memory]
 """
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from cachetrain.benchtools import DataShape, imagenet_config
 from cachetrain.config import Config
 from cachetrain.e2e import e2e_network
 from cachetrain.models import build_network, make_head
@@ -30,23 +35,6 @@ from cachetrain.profile import step_memory
 from cachetrain.trainer import StageModel, make_optimizer
 
 MIB = 2**20
-
-
-class _Shape:
-    """What e2e_network needs to know about the data."""
-
-    def __init__(self, shape, classes):
-        self.sample_shape, self.num_classes = shape, classes
-
-
-def imagenet_config(aux: str, k: int = 3) -> Config:
-    return Config.from_dict({
-        "name": f"imagenet-shaped-{aux}",
-        "data": {"name": "synthetic", "shape": [3, 224, 224], "num_classes": 1000},
-        "model": {"arch": "layercnn", "stages": 8, "width": 128, "input_psi": True, "downsample": [2, 4, 6],
-                  "k": k, "aux": aux},
-        "train": {"batch_size": 256, "lr": 0.1, "weight_decay": 1e-4},
-    })
 
 
 def scaled(mem: dict, batch: int, to: int) -> int:
@@ -66,7 +54,7 @@ def measure(cfg: Config, batch: int, device: torch.device) -> dict:
         rows.append({"stage": j, "in_shape": list(net.in_shapes[j]), **mem, "at_256": scaled(mem, batch, 256)})
         print(f"  stage {j}: {mem['total_bytes'] / MIB:8.1f} MiB at batch {batch}, "
               f"{rows[-1]['at_256'] / 2**30:6.2f} GiB at 256", flush=True)
-    e2e = e2e_network(cfg, _Shape(shape, cfg.data.num_classes)).to(device)
+    e2e = e2e_network(cfg, DataShape(shape, cfg.data.num_classes)).to(device)
     x = torch.randn(batch, *shape, device=device)
     mem = step_memory(e2e, x, y, make_optimizer(e2e.parameters(), cfg.train)).to_dict()
     e2e_row = {**mem, "at_256": scaled(mem, batch, 256)}

@@ -1,8 +1,13 @@
 """Cache storage formats on Fashion-MNIST: bytes per sample, compression, caching time, final accuracy.
 
-Every variant runs the same greedy schedule from the same trained stage 0 (see variants.py) and
-differs only in cache.dtype / codec / bitround. Bytes are what the stores take on disk (chunks +
-metadata) divided by the samples stored; the ratio compares with the raw fp16 size.
+The question: what does each storage format (dtype, codec, BitRound) cost in bytes and caching time,
+and what does it cost in final accuracy? It prints a markdown table and saves OUT/results.json and
+OUT/results.md.
+
+Every variant runs the same greedy schedule from the same trained stage 0
+(`cachetrain.benchtools.run_variants`) and differs only in cache.dtype / codec / bitround. Bytes are
+what the stores take on disk (chunks + metadata) divided by the samples stored; the ratio compares
+with the raw fp16 size.
 
     python benchmarks/storage_bench.py [--config configs/fmnist.yaml] [--out bench/storage]
 """
@@ -20,8 +25,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from cachetrain.benchtools import run_variants, stopwatch
 from cachetrain.config import load_config
-from variants import run_variants
 
 VARIANTS = {
     "float16+zstd": ["cache.dtype=float16"],
@@ -44,13 +49,13 @@ def main() -> None:
     out = Path(args.out)
     cfg = load_config(args.config, args.set)
     variants = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only}
-    t0 = time.perf_counter()
-    results = run_variants(cfg, variants, out, Console())
+    with stopwatch() as watch:
+        results = run_variants(cfg, variants, out, Console())
     fp16_raw = next(iter(results.values()))["raw_bytes_per_sample"]
     ref = results.get("float16+zstd", next(iter(results.values())))["final_test_acc"]
     summary = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
                "command": " ".join([Path(sys.executable).name, *sys.argv]), "date": time.strftime("%Y-%m-%d"),
-               "config": args.config, "wall_seconds": time.perf_counter() - t0, "variants": results}
+               "config": args.config, "wall_seconds": watch.seconds, "variants": results}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     lines = [f"{summary['machine']}; {summary['date']}; `{summary['command']}` ({summary['wall_seconds'] / 60:.0f} min)",
              "", "| variant | bytes/sample, stage 0 | vs raw fp16 | all caches, MiB | caching s | final test acc | "

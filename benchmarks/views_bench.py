@@ -1,5 +1,9 @@
 """Augmented cache views on Fashion-MNIST: what V = 1, 2, 4 views do to accuracy and overfitting.
 
+The question: do several augmented views of the training set in the cache stop later stages from
+overfitting their cached inputs, and at what accuracy and caching cost? It prints a markdown table and
+saves OUT/results.json and OUT/results.md. The runs are `cachetrain.benchtools.run_variants`.
+
 With a cache, stages after the first see the same feature map of each image every epoch; the seed
 thesis (Trinh 2019) found early layers overfit in layerwise training. Each variant caches V views of
 the training set (view 0 plain, the others under stage-0 augmentation) and trains with feature-space
@@ -21,8 +25,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from cachetrain.benchtools import run_variants, stopwatch
 from cachetrain.config import load_config
-from variants import run_variants
 
 
 def main() -> None:
@@ -35,11 +39,11 @@ def main() -> None:
     out = Path(args.out)
     cfg = load_config(args.config, args.set)
     variants = {f"V={v}": [f"cache.views={v}", "train.feature_crop_padding=1"] for v in args.views}
-    t0 = time.perf_counter()
-    results = run_variants(cfg, variants, out, Console())
+    with stopwatch() as watch:
+        results = run_variants(cfg, variants, out, Console())
     summary = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
                "command": " ".join([Path(sys.executable).name, *sys.argv]), "date": time.strftime("%Y-%m-%d"),
-               "wall_seconds": time.perf_counter() - t0, "variants": results}
+               "wall_seconds": watch.seconds, "variants": results}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     depth = len(next(iter(results.values()))["stages"])
     lines = [f"{summary['machine']}; {summary['date']}; `{summary['command']}` ({summary['wall_seconds'] / 60:.0f} min)",

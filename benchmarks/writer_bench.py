@@ -1,5 +1,9 @@
 """Where a caching pass spends its time: the cache writer's throughput, piece by piece.
 
+The question: when a caching pass writes far slower than the disk can, which part of the write path
+is slow? It prints MB/s and MB per CPU-second per row, and saves OUT/results.json (the README's
+writer table, `benchmarks/figures/writer_h200_*.json`), including whether the store read back exactly.
+
 On an H200 host a caching pass of the ImageNet layout's stage 0 wrote about 150 MB/s, into tmpfs as
 into the disk, while `dd` moved 1.2-2 GB/s: the forward took 0.05 s of a 54 s pass. This splits the
 pass up. Samples are the shape of that stage's outputs (128x112x112 fp16, 3.2 MB; --tiny shrinks
@@ -25,15 +29,14 @@ import platform
 import resource
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from cachetrain.cache import CacheReader, StoreInfo, plan_layout, write_store
+from cachetrain.benchtools import stopwatch, store_layout, write_features
+from cachetrain.cache import CacheReader
 
 
 def cpu_seconds() -> float:
@@ -41,31 +44,30 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def timed(fn, nbytes: int) -> dict:
-    c0, t0 = cpu_seconds(), time.perf_counter()
-    fn()
-    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+def timed(fn, nbytes: int, device: torch.device | None = None) -> dict:
+    c0 = cpu_seconds()
+    with stopwatch(device) as watch:
+        fn()
+    wall, cpu = watch.seconds, cpu_seconds() - c0
     return {"seconds": wall, "MB_per_s": nbytes / wall / 1e6, "MB_per_cpu_s": nbytes / max(cpu, 1e-9) / 1e6}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=1024)
     p.add_argument("--batch", type=int, default=256, help="forward batch of the caching pass")
     p.add_argument("--dir", default=None, help="where to write (default: the temp dir)")
     p.add_argument("--out", default="bench/writer")
     p.add_argument("--tiny", action="store_true")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     shape = (8, 16, 16) if args.tiny else (128, 112, 112)
     n = 64 if args.tiny else args.samples
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x = torch.randn(n, *shape, generator=torch.Generator().manual_seed(0)).relu_().half()
     host = x.numpy()
     nbytes = host.nbytes
-    layout = plan_layout(host[0].nbytes, 4.0, n, args.batch)
-    info = StoreInfo(0, 3, "train", "fp", "w", "i", "float16", "none", 1, n, shape, layout.chunk_samples)
+    info, layout = store_layout(shape, n, "none", args.batch)
     cs = info.chunk_samples
-    labels = np.zeros(n, dtype=np.int64)
     rows: dict = {}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)
@@ -88,10 +90,7 @@ def main() -> None:
                 a[s:s + layout.forward_batch] = host[s:s + layout.forward_batch]
 
         def store(source: torch.Tensor) -> None:
-            def batches(start, size):
-                for i in range(start, n, size):
-                    yield source[i:i + size], None
-            write_store(fresh("store.zarr"), info, labels, torch.nn.Identity(), batches, layout, source.device)
+            write_features(fresh("store.zarr"), info, layout, source)
 
         rows["raw_files"] = timed(raw, nbytes)
         rows["zarr_no_checksum"] = timed(lambda: through_zarr([]), nbytes)
@@ -105,13 +104,13 @@ def main() -> None:
         exact = {"write_store_from_host": read_back_equal()}
         if device.type == "cuda":
             xd = x.to(device)
-            rows["write_store_from_device"] = timed(lambda: store(xd), nbytes)
+            rows["write_store_from_device"] = timed(lambda: store(xd), nbytes, device)
             exact["write_store_from_device"] = read_back_equal()
 
             def d2h() -> None:
                 for i in range(0, n, layout.forward_batch):
                     xd[i:i + layout.forward_batch].cpu()
-            rows["d2h_pageable"] = timed(d2h, nbytes)
+            rows["d2h_pageable"] = timed(d2h, nbytes, device)
     result = {"machine": f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}, "
                          f"zarr {zarr.__version__}",
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

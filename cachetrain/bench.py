@@ -5,7 +5,9 @@ Each regime trains the same network on the same data in its own run directory un
 steady-state training samples/s, wall time per epoch, cache build time next to a bare forward pass
 over the same data, cache bytes and compression ratio, the memory one training step holds, test
 accuracy; and the ratios the product is judged by, with the greedy-cached / greedy-recompute time
-ratio that a FLOP count predicts for the same configuration.
+ratio that a FLOP count predicts for the same configuration (the planner's FLOP model,
+`cachetrain.planner.cost_ratio`, on the FLOPs measured here). Times come from
+`cachetrain.benchtools.stopwatch`, which synchronises CUDA.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from cachetrain.benchtools import stopwatch
 from cachetrain.config import Config
 from cachetrain.data import SPLITS
 from cachetrain.device import autocast
 from cachetrain.e2e import E2E, e2e_network, train_e2e
 from cachetrain.greedy import Greedy
 from cachetrain.models import build_network, make_head
+from cachetrain.planner import StageCost, Workload, cost_ratio, sample_bytes
 from cachetrain.profile import forward_flops, peak_rss_bytes, step_memory, train_step_flops
 from cachetrain.trainer import StageModel, make_optimizer, make_scheduler, train_one_epoch
 
@@ -64,30 +68,27 @@ def _epoch_figures(rows: list[dict]) -> dict:
 def _bare_forward_seconds(g: Greedy, j: int) -> float:
     """A forward pass of trained stage j over both splits of its input, writing nothing."""
     source, stage = g.input_source(j), g.trained_stage(j)
-    t0 = time.perf_counter()
-    with torch.no_grad(), autocast(g.device, g.cfg.train.amp):  # as the caching pass runs it
+    with stopwatch(g.device) as watch, torch.no_grad(), autocast(g.device, g.cfg.train.amp):  # as caching runs it
         for split in SPLITS:
             for x, _ in source.eval_batches(split, g.cfg.cache.batch_size):
                 stage(x)
-    if g.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return watch.seconds
 
 
 def greedy_stage(g: Greedy, j: int, cached: bool) -> dict:
     """Train stage j of `g` (and cache it, if `cached` and the plan caches it); its figures."""
-    t0 = time.perf_counter()
-    g.train_stage(j)
-    figures = {"stage": j, "wall_seconds": time.perf_counter() - t0, **_epoch_figures(g.run.read_metrics(j))}
+    with stopwatch(g.device) as watch:
+        g.train_stage(j)
+    figures = {"stage": j, "wall_seconds": watch.seconds, **_epoch_figures(g.run.read_metrics(j))}
     if cached and j in g.cached_stages():
         # the bare forward runs on a quiet disk (what earlier stages left in the page cache is written out
         # first), and the caching pass is timed until its bytes are on disk: the writer fsyncs every chunk
         # before it marks the store complete, so nothing it wrote lands on whatever runs next
         os.sync()
         figures["bare_forward_seconds"] = _bare_forward_seconds(g, j)
-        t0 = time.perf_counter()
-        g.cache_stage(j)
-        figures["cache_seconds"] = time.perf_counter() - t0
+        with stopwatch(g.device) as watch:
+            g.cache_stage(j)
+        figures["cache_seconds"] = watch.seconds
         row = g.status()[j]
         figures["cache_bytes"], figures["raw_bytes"] = row.cache_bytes, row.raw_bytes
     return figures
@@ -154,15 +155,16 @@ def memory_and_flops(g: Greedy, batch: int) -> dict:
     return out
 
 
-def predicted_time_ratio(costs: dict, n_train: int, n_test: int, epochs: int, cached: set[int]) -> float:
-    """greedy-cached / greedy-recompute total FLOPs, counting training steps, test evaluations, caching
-    passes and (for recompute) the frozen forwards every batch needs."""
-    st = costs["stages"]
-    block = [s["block_flops_per_sample"] for s in st]
-    own = [epochs * (n_train * s["train_flops_per_sample"] + n_test * s["eval_flops_per_sample"]) for s in st]
-    caching = sum((n_train + n_test) * block[j] for j in cached)
-    recompute = sum(epochs * (n_train + n_test) * sum(block[:j]) for j in range(len(st)))
-    return (sum(own) + caching) / (sum(own) + recompute)
+def planner_costs(costs: dict, out_shapes: list) -> list[StageCost]:
+    """The per-stage FLOPs measured by `memory_and_flops`, as the planner's cost table."""
+    return [StageCost(s["stage"], tuple(shape), s["block_flops_per_sample"], s["train_flops_per_sample"],
+                      sample_bytes(shape), s["eval_flops_per_sample"]) for s, shape in zip(costs["stages"], out_shapes)]
+
+
+def predicted_time_ratio(costs: dict, out_shapes: list, workload: Workload, cached: set[int]) -> float:
+    """greedy-cached / greedy-recompute total FLOPs by the planner's FLOP model: training steps, test
+    evaluations, caching passes and (for recompute) the frozen forwards every batch needs."""
+    return cost_ratio(planner_costs(costs, out_shapes), workload, sorted(cached))
 
 
 def run_bench(cfg: Config, out: Path, console: Console, quick: bool = False) -> dict:
@@ -179,10 +181,10 @@ def run_bench(cfg: Config, out: Path, console: Console, quick: bool = False) -> 
     cached, recompute = pair["cached"], pair["recompute"]
     console.print("[bold]end to end[/bold]")
     e2e_cfg = regime_config(cfg, out, "e2e")
-    t0 = time.perf_counter()
-    e2e_acc = train_e2e(e2e_cfg, console, data=cached["greedy"].data)
+    with stopwatch(cached["greedy"].device) as watch:
+        e2e_acc = train_e2e(e2e_cfg, console, data=cached["greedy"].data)
     e2e_rows = Greedy(e2e_cfg, console).run.read_metrics(E2E)
-    e2e = {"total_seconds": time.perf_counter() - t0, "test_acc": e2e_acc, **_epoch_figures(e2e_rows)}
+    e2e = {"total_seconds": watch.seconds, "test_acc": e2e_acc, **_epoch_figures(e2e_rows)}
 
     g = cached["greedy"]
     costs = memory_and_flops(g, min(cfg.train.batch_size, 32 if g.device.type == "cpu" else cfg.train.batch_size))
@@ -196,8 +198,8 @@ def run_bench(cfg: Config, out: Path, console: Console, quick: bool = False) -> 
     cache_stages = [s for s in cached["stages"] if "cache_seconds" in s]
     results["ratios"] = {
         "cached_over_recompute_time": cached["total_seconds"] / recompute["total_seconds"],
-        "flop_predicted_cached_over_recompute": predicted_time_ratio(costs, n_train, n_test, cfg.train.epochs,
-                                                                     g.cached_stages()),
+        "flop_predicted_cached_over_recompute": predicted_time_ratio(
+            costs, g.net.out_shapes, Workload(n_train, n_test, cfg.train.epochs, cfg.cache.views), g.cached_stages()),
         "largest_stage_over_e2e_memory": largest / costs["e2e"]["memory"]["total_bytes"],
         "cached_over_recompute_step_time": (sum(s["step_seconds"] for s in cached["stages"]) /
                                             sum(s["step_seconds"] for s in recompute["stages"])),

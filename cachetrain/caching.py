@@ -116,7 +116,7 @@ def drop_corrupt_chunks(g, j: int) -> list[ChunkProblem]:
     so the next caching pass recomputes exactly them."""
     dropped = []
     for problems in verify(g, [j]).values():
-        if not problems or problems[0].problem == "store missing":  # the caching pass rebuilds it anyway
+        if not problems or problems[0].whole_store:  # missing, or no usable metadata: the caching pass rebuilds it
             continue
         zarr.open_group(str(problems[0].store), mode="r+").attrs["complete"] = False
         for p in problems:

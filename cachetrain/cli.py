@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -16,13 +18,16 @@ from rich.console import Console
 from rich.table import Table
 
 from cachetrain.cache import CacheError
-from cachetrain.config import ConfigError, load_config, save_config
+from cachetrain.config import Config, ConfigError, K_RANGE, load_config, save_config
+from cachetrain.durable import write_json
+from cachetrain.identity import config_hash, describe
 from cachetrain.dali import DaliMissing
 from cachetrain.data import DataError
 from cachetrain.greedy import Greedy, StageError
 from cachetrain.report import status_table
 from cachetrain.rundir import CheckpointError, RunLocked
 
+LOCKED = ("train", "stage", "cache", "e2e", "eval")  # commands that take the run's lock (and may start it)
 USER_ERRORS = (ConfigError, DataError, CacheError, StageError, CheckpointError, RunLocked, DaliMissing)
 
 
@@ -38,9 +43,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a config key, e.g. --set train.epochs=3 (repeatable)")
         return c
 
-    command("train", "train all J stages greedily (train, then cache, each), skipping finished ones")
-    stage = command("stage", "train one stage: by default the first unfinished one, on the cache of the one before")
-    stage.add_argument("--k", type=int, help="auxiliary depth for this stage (default: model.k)")
+    def from_stage(c: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        c.add_argument("--from-stage", type=int, metavar="J", dest="from_stage",
+                       help="accept a config that differs from the run's: stages J and later are retrained with "
+                            "it, the change is recorded in the run's history")
+        return c
+
+    from_stage(command("train", "train all J stages greedily (train, then cache, each), skipping finished ones"))
+    stage = from_stage(command("stage", "train one stage: by default the first unfinished one, on the cache of the "
+                                        "one before"))
+    stage.add_argument("--k", type=int, help=f"auxiliary depth for this stage, {K_RANGE[0]}..{K_RANGE[1]} "
+                                             f"(default: model.k)")
     stage.add_argument("--j", type=int, help="train this stage (from scratch if it was already trained)")
     stage.add_argument("--no-cache", action="store_true", help="do not cache the stage's outputs afterwards")
     cache = command("cache", "(re)build the cache of a trained stage; only missing chunks are computed")
@@ -51,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--j", type=int, help="only this stage's stores")
     command("status", "show each stage: trained epochs, k, accuracy, cache state, size on disk")
     command("eval", "test accuracy of the assembled network on the raw test images")
-    command("e2e", "train the same network end to end with backprop (the baseline); resumes like a stage")
+    from_stage(command("e2e", "train the same network end to end with backprop (the baseline); resumes like a "
+                              "stage"))
     plan = command("plan", "choose which stage outputs to cache under a disk budget; saves <run>/plan.json")
     plan.add_argument("--samples", type=int, help="training samples (default: the configured dataset's)")
     plan.add_argument("--test-samples", type=int, help="test samples (default: the configured dataset's, or 0 "
@@ -70,14 +84,65 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace) -> tuple[Config, str]:
+    """The resolved config, and the options that name this run, to repeat in the commands we suggest."""
     path = args.config
     if path is None and args.run:
         path = Path(args.run) / "config.yaml"  # a run directory remembers its resolved config
     if path is None:
         raise ConfigError("--config: required (or --run DIR of an existing run)")
     overrides = list(args.set) + ([f"run_dir={args.run}"] if args.run else [])
-    return load_config(path, overrides), str(args.config or path)
+    named = ([f"--config {shlex.quote(args.config)}"] if args.config else []) + \
+        ([f"--run {shlex.quote(args.run)}"] if args.run else []) + [f"--set {shlex.quote(a)}" for a in args.set]
+    return load_config(path, overrides), " ".join(named)
+
+
+HINT = re.compile(r"\bcachetrain (train|stage|cache|verify|status|eval|e2e|plan)\b")
+
+
+def with_run_options(text: str, named: str) -> str:
+    """Suggested commands in `text` ("run: cachetrain cache --j 0 --repair") completed with the options that
+    name this run, so they point at the same run when pasted. Only the CLI knows how the user named it."""
+    return HINT.sub(lambda m: f"{m.group(0)} {named}", text) if named else text
+
+
+def check_ranges(args: argparse.Namespace, greedy: Greedy) -> None:
+    """Every stage index and k a command takes, checked in one place against this run."""
+    last = greedy.depth - 1
+    if getattr(args, "k", None) is not None and not K_RANGE[0] <= args.k <= K_RANGE[1]:
+        raise ConfigError(f"--k {args.k}: expected an auxiliary depth in [{K_RANGE[0]}, {K_RANGE[1]}] (as model.k)")
+    for option in ("j", "from_stage"):
+        value = getattr(args, option, None)
+        if value is not None and not 0 <= value <= last:
+            raise ConfigError(f"--{option.replace('_', '-')} {value}: expected a stage index in [0, {last}] "
+                              f"(model.stages is {greedy.depth})")
+    if args.command == "cache":
+        cached = sorted(greedy.cached_stages())
+        if args.j not in cached:
+            which = f"the stages that have one are {', '.join(map(str, cached))}" if cached else \
+                f"no stage has one with cache.mode {greedy.cfg.cache.mode!r}"
+            why = " (the last stage is never cached: nothing reads it)" if args.j == last else ""
+            raise ConfigError(f"--j {args.j}: stage {args.j} has no cache{why}; {which}")
+
+
+def _identity(args: argparse.Namespace, greedy: Greedy, console: Console) -> None:
+    """Start the run (its config.yaml, written once) or check that this command's config is the run's
+    (cachetrain.identity); called with the run locked, so two commands cannot race on it."""
+    cfg, identity = greedy.cfg, greedy.identity
+    from_stage = getattr(args, "from_stage", None)
+    if not identity.started():
+        describe_data = getattr(greedy.data, "metadata", None)
+        identity.start(cfg, save_config, write_json, describe_data() if describe_data else None)
+        return
+    changes = identity.check(cfg, from_stage)
+    if from_stage is None:
+        return
+    if not changes:
+        console.print(f"--from-stage {from_stage}: the config is the run's own; nothing is retrained for it")
+        return
+    identity.record_change(cfg, from_stage, changes, save_config, write_json)
+    greedy.history = identity.history()
+    console.print(f"config changed from stage {from_stage}: {describe(changes)}; stages {from_stage}.. are retrained")
 
 
 def main(argv: list[str] | None = None, console: Console | None = None) -> int:
@@ -88,26 +153,27 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     # not a terminal (CI logs, pipes): a fixed wide console, so tables do not wrap at 80 columns
     console = console or Console(width=None if sys.stdout.isatty() else 120, soft_wrap=True)
-    greedy = None
+    greedy, named = None, ""
     try:
-        cfg, config_arg = _config(args)
-        greedy = Greedy(cfg, console, config_arg)
+        cfg, named = _config(args)
+        greedy = Greedy(cfg, console)
+        check_ranges(args, greedy)
+        if args.command not in ("bench",) and args.command not in LOCKED and greedy.identity.started():
+            greedy.identity.check(cfg, None)  # reading a run with another config would misreport it
         if args.command == "status":
-            console.print(status_table(greedy.status(), title=f"{cfg.run_path}"))
-            console.print(f"next: {greedy.next_action()}")
-            return 0
+            return _status(greedy, console, named)
         if args.command == "verify":
-            return _verify(greedy, args.j, console)
+            return _verify(greedy, args.j, console, named)
         if args.command == "bench":
             from cachetrain.bench import run_bench
             out = Path(args.out or f"bench/{cfg.name}")
-            results = run_bench(cfg, out, console, quick=args.quick)
+            run_bench(cfg, out, console, quick=args.quick)
             console.print(results_markdown_note(out))
             return 0
         if args.command == "plan":
             return _plan(greedy, args, console)
         greedy.run.lock()
-        save_config(cfg, greedy.run.path / "config.yaml")
+        _identity(args, greedy, console)
         if args.command == "train":
             rows = greedy.train_all()
             console.print(status_table(rows, title=f"{cfg.run_path}: per-stage test accuracy"))
@@ -116,15 +182,11 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
             if j is None:
                 console.print(f"all {greedy.depth} stages are trained; retrain one with --j J")
                 return 0
-            if not 0 <= j < greedy.depth:
-                raise ConfigError(f"--j {j}: expected a stage index in [0, {greedy.depth - 1}]")
             greedy.train_stage(j, k=args.k, restart=args.j is not None and greedy.stage_state(j) == "trained")
             if j in greedy.cached_stages() and not args.no_cache:
                 greedy.cache_stage(j)
             console.print(status_table(greedy.status(), title=f"{cfg.run_path}"))
         elif args.command == "cache":
-            if not 0 <= args.j < greedy.depth:
-                raise ConfigError(f"--j {args.j}: expected a stage index in [0, {greedy.depth - 1}]")
             computed = greedy.cache_stage(args.j, repair=args.repair)
             console.print(f"stage {args.j} cache: computed {computed['train']} train and {computed['test']} test samples")
         elif args.command == "e2e":
@@ -143,9 +205,17 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
             console.print(table)
         return 0
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {with_run_options(str(e), named)}", file=sys.stderr)
         return 2
     except OSError as e:
+        from cachetrain.data import data_root
+        from cachetrain.durable import UNWRITABLE, unwritable_message
+
+        if e.errno in UNWRITABLE:  # a read-only or not-ours run directory or data root
+            cfg = greedy.cfg if greedy is not None else None
+            print(f"error: {unwritable_message(e, cfg and cfg.run_path, cfg and data_root(cfg.data))}",
+                  file=sys.stderr)
+            return 2
         if e.errno != errno.ENOSPC:
             raise
         print(f"error: disk full while writing {e.filename or 'the run directory'}: free some space and rerun the same "
@@ -163,8 +233,6 @@ def results_markdown_note(out: Path) -> str:
 
 
 def _plan(greedy: Greedy, args: argparse.Namespace, console: Console) -> int:
-    import json
-
     from cachetrain import planner
     from cachetrain.report import plan_table
 
@@ -185,7 +253,7 @@ def _plan(greedy: Greedy, args: argparse.Namespace, console: Console) -> int:
     console.print(plan_table(result, title=f"{cfg.name}: cache plan for {n_train:,} + {n_test:,} samples, "
                                            f"budget {args.disk_budget}, {dtype}"))
     greedy.run.path.mkdir(parents=True, exist_ok=True)
-    (greedy.run.path / "plan.json").write_text(json.dumps(result, indent=2))
+    greedy.run.save_plan(result)  # atomic and durable (cachetrain.durable)
     console.print(f"saved {greedy.run.path / 'plan.json'}; train with it: --set cache.mode=plan")
     return 0
 
@@ -215,12 +283,26 @@ def _rates(args: argparse.Namespace):
     return Rates(values["--flop-rate"], values["--read-rate"], values["--write-rate"])
 
 
-def _verify(greedy: Greedy, j: int | None, console: Console) -> int:
-    if j is not None and not 0 <= j < greedy.depth:
-        raise ConfigError(f"--j {j}: expected a stage index in [0, {greedy.depth - 1}]")
+def _status(greedy: Greedy, console: Console, named: str) -> int:
+    rows = greedy.status()
+    console.print(status_table(rows, title=f"{greedy.cfg.run_path}"))
+    for r in rows:
+        if r.reason:
+            console.print(f"stage {r.j} is stale: {r.reason}", markup=False, highlight=False)
+    console.print(f"config {config_hash(greedy.cfg)}" + ("" if greedy.identity.started() else " (run not started)"),
+                  highlight=False)
+    for change in greedy.history:
+        console.print(f"  {change['time']}: from stage {change['from_stage']}: "
+                      f"{describe({k: tuple(v) for k, v in change['changes'].items()})}", markup=False, highlight=False)
+    console.print(with_run_options(f"next: {greedy.next_action()}", named), markup=False, highlight=False)
+    return 0
+
+
+def _verify(greedy: Greedy, j: int | None, console: Console, named: str) -> int:
     stages = [j] if j is not None else list(range(greedy.depth))
     bad = 0
-    for (stage, split), problems in greedy.verify(stages).items():
+    results = greedy.verify(stages)
+    for (stage, split), problems in results.items():
         if problems is None:
             continue
         for p in problems:
@@ -229,8 +311,9 @@ def _verify(greedy: Greedy, j: int | None, console: Console) -> int:
         if not problems:
             console.print(f"stage {stage} {split}: every chunk verified", highlight=False)
     if bad:
-        console.print(f"{bad} corrupt or missing chunks; fix with: cachetrain cache --config {greedy.config_arg} "
-                      f"--j J --repair", markup=False, highlight=False)
+        broken = sorted({stage for (stage, _), problems in results.items() if problems})
+        fixes = "; ".join(with_run_options(f"cachetrain cache --j {stage} --repair", named) for stage in broken)
+        console.print(f"{bad} corrupt or missing chunks; fix with: {fixes}", markup=False, highlight=False)
     return 1 if bad else 0
 
 

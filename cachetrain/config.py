@@ -39,6 +39,9 @@ class DataConfig:
     crop_padding: int = 2  # random crop with this zero padding (0 = no crop)
     flip: bool = True
     image_size: int = 224  # imagefolder: crop size
+    # imagefolder: leave out files that are not decodable images (checked when the dataset is opened, so
+    # every epoch sees the same files), count them and print the count; false: a bad file is an error
+    skip_bad_images: bool = False
     # synthetic data
     shape: list[int] = field(default_factory=lambda: [3, 32, 32])  # (C, H, W)
     num_classes: int = 10
@@ -58,6 +61,9 @@ class DataConfig:
         _check(self.image_size >= 8, "data.image_size", "an integer >= 8", self.image_size)
 
 
+K_RANGE = (1, 8)  # auxiliary depths k a stage may have (model.k, `stage --k`)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     arch: Literal["layercnn", "vgg", "resnet"] = "layercnn"
@@ -74,7 +80,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.stages >= 1, "model.stages", "an integer >= 1", self.stages)
         _check(self.width >= 1, "model.width", "an integer >= 1", self.width)
-        _check(1 <= self.k <= 8, "model.k", "an integer in [1, 8]", self.k)
+        _check(K_RANGE[0] <= self.k <= K_RANGE[1], "model.k", f"an integer in [{K_RANGE[0]}, {K_RANGE[1]}]", self.k)
         _check(self.aux_width >= 0, "model.aux_width", "an integer >= 0", self.aux_width)
         bad = [j for j in self.downsample if not 0 <= j < self.stages] if self.arch == "layercnn" else []
         _check(not bad, "model.downsample", f"stage indices in [0, {self.stages - 1}]", self.downsample)
@@ -301,4 +307,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the resolved config atomically and durably: a crash leaves the old file or the new one."""
+    from cachetrain.durable import atomic_write
+
+    atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -10,7 +10,8 @@ CHW; `fn.flip` on the CPU does not).
 
 Image folders (stage 0 at ImageNet scale): the callback reads the JPEG bytes of batch b,
 `fn.decoders.image` decodes them (on the GPU with device "mixed"), then random resized crop + flip +
-normalize for training, or resize + center crop for evaluation and caching.
+normalize for training, or resize + center crop for evaluation and caching. A file the decoder
+fails on stops the pass with one DataError line naming it (found among the batches handed out).
 
 Without a GPU, pipelines run CPU-only (`device_id=None`), which is how the test suite exercises them.
 DALI draws its augmentation randomness from the pipeline's seed, not from (seed, epoch, batch): a
@@ -19,12 +20,14 @@ run resumed mid-epoch sees the same samples in the same batches, with different 
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cachetrain.cache.manifest import CacheError
 from cachetrain.cache.reader import CacheReader
 from cachetrain.config import ConfigError
 from cachetrain.feeds import RecentFeed
@@ -61,7 +64,9 @@ def _device_id(device: torch.device) -> int | None:
 
 class FeatureBatches:
     """The external_source callback: batch `info.iteration` of epoch `first_epoch + info.epoch_idx`
-    (the first epoch starting at `start_batch`), as (x (B, C, H, W) storage dtype, y (B,))."""
+    (the first epoch starting at `start_batch`), as (x (B, C, H, W) storage dtype, y (B,)). Its chunks
+    are checked in the worker process (cachetrain/cache/reader.py); a corrupt one raises CacheError
+    there, which `DaliFeatureLoader.train_batches` turns back into one line."""
 
     def __init__(self, reader: CacheReader, order, batch_size: int, first_epoch: int, start_batch: int):
         self.reader, self.order, self.batch_size = reader, order, batch_size
@@ -136,13 +141,30 @@ class DaliFeatureLoader:
         return DALIGenericIterator(pipe, ["x", "y"], last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
 
     def train_batches(self, epoch: int, batch_size: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self._iter is None or self._next != (epoch, start_batch, batch_size):
-            self._iter = self._build(batch_size, epoch, start_batch)
+        rebuild = self._iter is None or self._next != (epoch, start_batch, batch_size)
         self._next = None  # an epoch abandoned half way leaves the pipeline mid-epoch: rebuild next time
-        for data in self._iter:
-            x, y = data[0]["x"], data[0]["y"].reshape(-1)
-            yield x.to(self.device, non_blocking=True).float(), y.to(self.device, non_blocking=True).long()
+        try:
+            if rebuild:
+                self._iter = self._build(batch_size, epoch, start_batch)  # runs the first batches already
+            for data in self._iter:
+                x, y = data[0]["x"], data[0]["y"].reshape(-1)
+                yield x.to(self.device, non_blocking=True).float(), y.to(self.device, non_blocking=True).long()
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is a worker's CacheError
+            self._iter = None
+            message = _cache_error_in(str(e))
+            if message is None:
+                raise
+            raise CacheError(message) from None
         self._next = (epoch + 1, 0, batch_size)
+
+
+def _cache_error_in(text: str) -> str | None:
+    """The message of a CacheError raised in a DALI worker process (a corrupt or missing chunk): DALI
+    re-raises it in this process as a plain Exception carrying the worker's traceback as text, whose
+    last line is `<module>.CacheError: <message>` (CacheError messages are one line)."""
+    mark = f"{CacheError.__module__}.{CacheError.__qualname__}: "
+    lines = [line[len(mark):] for line in text.splitlines() if line.startswith(mark)]
+    return lines[-1].strip() if lines else None
 
 
 class ImageBatches:
@@ -152,6 +174,9 @@ class ImageBatches:
                  first_epoch: int, start: int):
         self.files, self.labels, self.batch_size = files, np.asarray(labels, dtype=np.int64), batch_size
         self.seed, self.shuffle, self.first_epoch, self.start = seed, shuffle, first_epoch, start
+        # the sample indices of the last few batches handed out: the pipeline runs ahead of its consumer
+        # (prefetch_queue_depth), so a decode error is in one of these; `bad_file` finds which
+        self.recent: deque[np.ndarray] = deque(maxlen=4)
 
     def __call__(self, info):
         epoch = self.first_epoch + info.epoch_idx
@@ -161,7 +186,19 @@ class ImageBatches:
         if first >= n:
             raise StopIteration
         idx = order[first:first + self.batch_size]
+        self.recent.append(idx)
         return [np.fromfile(self.files[i], dtype=np.uint8) for i in idx], self.labels[idx]
+
+    def bad_file(self) -> tuple[str, str] | None:
+        """(path, reason) of the first file of the recent batches that PIL cannot decode, if any."""
+        from cachetrain.folder import image_problem
+
+        for idx in self.recent:
+            for i in idx:
+                problem = image_problem(self.files[i])
+                if problem is not None:
+                    return self.files[i], problem
+        return None
 
 
 def image_batches(files: list[str], labels: list[int], size: int, train: bool, batch_size: int, seed: int,
@@ -196,11 +233,21 @@ def image_batches(files: list[str], labels: list[int], size: int, train: bool, b
 
     pipe = pipeline()
     pipe.build()
-    for data in DALIGenericIterator(pipe, ["x", "y"], last_batch_policy=LastBatchPolicy.PARTIAL):
-        yield (data[0]["x"].to(device, non_blocking=True),
-               data[0]["y"].reshape(-1).to(device, non_blocking=True).long())
+    try:
+        for data in DALIGenericIterator(pipe, ["x", "y"], last_batch_policy=LastBatchPolicy.PARTIAL):
+            yield (data[0]["x"].to(device, non_blocking=True),
+                   data[0]["y"].reshape(-1).to(device, non_blocking=True).long())
+    except RuntimeError:
+        # DALI reports a file it cannot decode as a multi-line pipeline error naming no file (and its own
+        # log lines on stderr): name the file in one line when it is one of the batches handed out
+        bad = source.bad_file()
+        if bad is None:
+            raise
+        from cachetrain.folder import bad_image_error
+        raise bad_image_error(*bad) from None
 
 
 def folder_files(dataset) -> tuple[list[str], list[int]]:
-    """(paths, labels) of a torchvision ImageFolder, in its own (sorted) order."""
+    """(paths, labels) of a folder split (cachetrain.folder.ImageFiles, or a torchvision ImageFolder), in its
+    own (sorted) order; the labels index the train split's class list."""
     return [str(Path(p)) for p, _ in dataset.samples], [int(t) for _, t in dataset.samples]

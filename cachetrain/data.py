@@ -3,13 +3,22 @@
 Each dataset is an `ImageSource`, the same interface the cache loader offers to later stages:
 `train_batches(epoch)` yields augmented, shuffled batches (a pure function of (seed, epoch)) and
 `eval_batches(split)` yields plain batches in sample order, which is what the caching pass reads.
+
+Fashion-MNIST is unpacked from the Debian package's .gz files into the data root on first use; runs
+starting together on one empty data root take turns under a lock, so none ever reads a half-written
+file, and a data root that cannot be written is one DataError line saying how to choose another.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import gzip
 import hashlib
 import json
 import os
+import shutil
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,26 +103,65 @@ def _subset(x: torch.Tensor, y: torch.Tensor, n: int) -> tuple[torch.Tensor, tor
     return (x[:n], y[:n]) if n else (x, y)
 
 
+FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte")
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _not_writable(e: OSError, root: Path) -> DataError:
+    return DataError(f"data.root: cannot write to {e.filename or root} ({e.strerror}); Fashion-MNIST is unpacked "
+                     f"into the data root {root} on first use: set data.root or $CACHETRAIN_DATA to a writable folder")
+
+
+def _unpack_fmnist(root: Path, raw: Path) -> None:
+    """Unpack the missing .gz files into `raw`. Several processes may start on one empty data root at once:
+    they take turns under an flock on raw/.unpack.lock, and each file is written under a name of this
+    process's own, then renamed into place, so a file under its final name is always whole."""
+    sources = {}
+    for name in FMNIST_FILES:
+        if not (raw / name).exists():
+            sources[name] = next((d / f"{name}.gz" for d in (raw, DEBIAN_FMNIST) if (d / f"{name}.gz").exists()), None)
+            if sources[name] is None:
+                raise DataError(f"Fashion-MNIST file {name}.gz not found in {raw} or {DEBIAN_FMNIST}; "
+                                f"install it with: {FMNIST_INSTALL}")
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+        lock = os.open(raw / ".unpack.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        if e.errno in READ_ONLY:
+            raise _not_writable(e, root) from None
+        raise
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # waits while another process unpacks; it may leave nothing to do
+        for name, gz in sources.items():
+            if (raw / name).exists():  # unpacked by another process while this one waited
+                continue
+            tmp = raw / f".{name}.{os.getpid()}.tmp"
+            try:
+                with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+                os.replace(tmp, raw / name)
+            except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+                raise DataError(f"{gz}: not a readable gzip file ({e}); reinstall it with: {FMNIST_INSTALL}") from None
+            except OSError as e:
+                if e.errno in READ_ONLY:
+                    raise _not_writable(e, root) from None
+                raise
+            finally:
+                tmp.unlink(missing_ok=True)
+    finally:
+        os.close(lock)  # releases the flock
+
+
 def load_fmnist(cfg: DataConfig, seed: int, device: torch.device) -> TensorImages:
     from torchvision.datasets import FashionMNIST
-    from torchvision.datasets.utils import extract_archive
 
     root = data_root(cfg)
     raw = root / "FashionMNIST" / "raw"
-    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
-    for name in names:
-        if (raw / name).exists():
-            continue
-        gz = next((d / f"{name}.gz" for d in (raw, DEBIAN_FMNIST) if (d / f"{name}.gz").exists()), None)
-        if gz is None:
-            raise DataError(f"Fashion-MNIST file {name}.gz not found in {raw} or {DEBIAN_FMNIST}; "
-                            f"install it with: {FMNIST_INSTALL}")
-        raw.mkdir(parents=True, exist_ok=True)
-        # unpack into a side folder, then rename: an interrupted unpack is never taken for the dataset
-        tmp = raw / ".unpacking"
-        tmp.mkdir(exist_ok=True)
-        extract_archive(str(gz), str(tmp))
-        (tmp / name).rename(raw / name)
+    if not all((raw / name).exists() for name in FMNIST_FILES):
+        _unpack_fmnist(root, raw)
     splits = []
     for train in (True, False):
         ds = FashionMNIST(str(root), train=train, download=False)

@@ -1,24 +1,25 @@
 """The end-to-end baseline: the same stages plus the last stage's auxiliary head, trained jointly with
 backprop on the same data, augmentation, optimizer and schedule family as a greedy stage.
 
-Run directory: `<run>/e2e/{checkpoint.pt, metrics.jsonl}`, with the same atomic checkpoints, mid-epoch
-resume and metrics rows as a greedy stage, so the benchmark can put the two side by side.
+Run directory: `<run>/e2e/{checkpoint.pt, metrics.jsonl}`, with the same atomic checkpoints (the same
+schema, cachetrain.checkpoint: model, optimizer, scheduler, position, RNG, config), mid-epoch resume and
+metrics rows as a greedy stage, so the benchmark can put the two side by side. Resuming on the CPU gives
+bit-identical weights to an uninterrupted run, as for a stage.
 """
 
 from __future__ import annotations
-
-from dataclasses import asdict
 
 import torch
 from rich.console import Console
 from torch import nn
 
+from cachetrain import checkpoint as ckpt
 from cachetrain.config import Config
 from cachetrain.data import open_dataset
 from cachetrain.device import resolve_device
 from cachetrain.models import build_network, make_head, stage_seed
 from cachetrain.rundir import RunDir
-from cachetrain.trainer import EpochStats, Position, fit, make_optimizer, make_scheduler
+from cachetrain.trainer import Position, fit, make_optimizer, make_scheduler
 
 E2E = "e2e"  # the run directory's unit for the baseline: <run>/e2e/
 
@@ -39,16 +40,13 @@ def train_e2e(cfg: Config, console: Console, data=None) -> float:
         model = model.to(memory_format=torch.channels_last)
     steps = data.steps_per_epoch(t.batch_size)
     ck = run.load_checkpoint(E2E, warn=lambda m: console.print(f"warning: {m}", markup=False))
-    resume = ck is not None and ck.get("data") == data.fingerprint
+    resume = ck is not None and ckpt.input_fingerprint(ck) == data.fingerprint
     epochs = ck["epochs"] if resume else (t.e2e_epochs or t.epochs)
     optimizer = make_optimizer(model.parameters(), t)
     scheduler = make_scheduler(optimizer, t, steps, epochs)
     start = Position()
     if resume and ck["epoch"] < ck["epochs"]:
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        start = Position(ck["epoch"], ck.get("batch", 0), EpochStats(**ck["stats"]) if ck.get("stats") else None)
+        start = ckpt.restore(ck, {"model": model}, optimizer, scheduler)  # shapes checked; weights, rng, ...
         run.truncate_metrics(E2E, start.epoch)
         console.print(f"e2e: resuming at epoch {start.epoch + 1}, batch {start.batch}/{steps}")
     elif resume:
@@ -58,11 +56,10 @@ def train_e2e(cfg: Config, console: Console, data=None) -> float:
         run.metrics_path(E2E).unlink(missing_ok=True)
 
     def save(at: Position, test_acc: float | None) -> None:
-        run.save_checkpoint(E2E, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "epoch": at.epoch, "batch": at.batch,
-                                "stats": asdict(at.stats) if at.stats else None, "epochs": epochs,
-                                "step": at.epoch * steps + at.batch, "data": data.fingerprint,
-                                "test_acc": test_acc, "config": cfg.to_dict()})
+        run.save_checkpoint(E2E, ckpt.build(unit=E2E, k=cfg.model.k, model=model, optimizer=optimizer,
+                                            scheduler=scheduler, at=at, epochs=epochs, steps_per_epoch=steps,
+                                            input_fingerprint=data.fingerprint, test_acc=test_acc,
+                                            config=cfg.to_dict()))
 
     return fit(model, data, t, device, optimizer, scheduler, epochs, start, save,
                log=lambda row: run.append_metrics(E2E, row), console=console, title="e2e")

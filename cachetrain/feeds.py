@@ -7,6 +7,11 @@ of the storage dtype, (n_c, C, H, W), and is told when the loader is done with o
   holding its last sample (zarr's own thread pool did not scale on this machine; processes did).
 - `RecentFeed`: chunks decoded in the calling process, the few most recently used kept, for readers
   that get batches in an order they do not control (DALI's parallel workers).
+
+Every chunk a feed hands out was checked by the reader (crc32c and checksum manifest, see
+cachetrain/cache/reader.py). A worker process that finds a chunk corrupt returns the CacheError as
+its item instead of raising it (torch would re-raise it wrapped, with the worker's traceback in the
+message), and `WorkerFeed` raises it, as one line, when the loader asks for that chunk.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from cachetrain.cache.manifest import CacheError
 from cachetrain.cache.reader import CacheReader
 
 
@@ -34,19 +40,29 @@ class ChunkFeed(Protocol):
 
 
 class MemmapFeed:
-    """Chunks of uncompressed stores, mapped on demand; the page cache is the only buffer."""
+    """Chunks of uncompressed stores, mapped on demand; the page cache is the only buffer. One feed
+    serves one epoch: the first time it meets a chunk, the reader checks that the file it keeps mapped
+    is still the one it checked (a stat)."""
 
     def __init__(self, readers: list[CacheReader], view_of: np.ndarray):
         self.readers, self.view_of = readers, view_of
+        self._seen: set[int] = set()
+
+    def _reader(self, c: int) -> CacheReader:
+        reader = self.readers[self.view_of[c]]
+        if c not in self._seen:
+            self._seen.add(c)
+            reader.recheck(c)
+        return reader
 
     def get(self, c: int) -> torch.Tensor:
-        return self.readers[self.view_of[c]].chunk_view(c)
+        return self._reader(c).chunk_view(c)
 
     def release(self, c: int) -> None:
         pass  # mappings stay for the next epoch (remapping costs a page fault per page); the reader caps them
 
     def will_need(self, c: int) -> bool:
-        return self.readers[self.view_of[c]].will_need(c)
+        return self._reader(c).will_need(c)
 
 
 class RecentFeed:
@@ -73,14 +89,18 @@ class RecentFeed:
 
 
 class _Chunks(Dataset):
-    """Item (v, c) is (c, chunk c of view v, decoded): what one worker process produces at a time."""
+    """Item (v, c) is (c, chunk c of view v, decoded): what one worker process produces at a time; or
+    (c, the CacheError) when the chunk is corrupt or missing."""
 
     def __init__(self, readers: list[CacheReader]):
         self.readers = readers
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[int, torch.Tensor]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[int, torch.Tensor | CacheError]:
         v, c = item
-        return c, self.readers[v].read_chunk(c)
+        try:
+            return c, self.readers[v].read_chunk(c)
+        except CacheError as e:  # as data: raised by WorkerFeed in the loader's process, one line
+            return c, CacheError(str(e))
 
 
 class ChunkOrder(Sampler):
@@ -109,7 +129,10 @@ class WorkerFeed:
         while c not in self._resident:
             got, data = next(self._stream)
             self._resident[got] = data
-        return self._resident[c]
+        data = self._resident[c]
+        if isinstance(data, CacheError):
+            raise CacheError(str(data)) from None
+        return data
 
     def release(self, c: int) -> None:
         self._resident.pop(c, None)

@@ -1,59 +1,172 @@
 """ImageFolder datasets (a user's own data, ImageNet-style `train/` and `val/` trees) on the CPU path.
 
-torchvision's ImageFolder + transforms in a DataLoader with worker processes; training uses
-random-resized-crop + flip, evaluation and the caching pass resize + center-crop. The shuffle order
-is drawn from (seed, epoch) and handed to the DataLoader as an explicit index list, so it is the
+Images are decoded with PIL + torchvision transforms in a DataLoader with worker processes; training
+uses random-resized-crop + flip, evaluation and the caching pass resize + center-crop. The shuffle
+order is drawn from (seed, epoch) and handed to the DataLoader as an explicit index list, so it is the
 same order the tensor datasets and the cache loader would use, and resumable mid-epoch.
+
+What the tree must look like (checked when the dataset is opened, each failure one DataError line):
+- The class list is the sorted names of the folders in `train/` (`FolderImages.classes`); the labels
+  of both splits are indices into that one list, so a class has the same label in train and val.
+  A `val/` class folder that `train/` lacks is refused; a train class with no `val/` folder is
+  allowed with a warning (it is trained, not evaluated).
+- Every class folder holds at least one image; every file in it (subfolders included, names starting
+  with "." ignored) has an image extension.
+- Images that cannot be decoded (truncated, not an image, unreadable) stop the run with a DataError
+  naming the file when a batch reaches them, from DataLoader workers too; with
+  `data.skip_bad_images: true` they are found when the dataset is opened instead, left out and
+  counted (`FolderImages.skipped_files`, a printed line, the dataset fingerprint).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from cachetrain.config import DataConfig
 from cachetrain.data import Batch, DataError, data_root, fingerprint
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# torchvision's ImageFolder extensions (all of them decode in PIL and in DALI)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+FIX = "replace or remove it, or set data.skip_bad_images: true to leave bad files out"
 
 
-def _subset(ds, n: int):
+def _names(names: list[str], most: int = 8) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > most else "")
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+def _class_files(class_dir: Path) -> list[str]:
+    """Every file under a class folder, in torchvision ImageFolder's order (os.walk following links, sorted)."""
+    def walk():
+        for dirpath, dirnames, fnames in os.walk(class_dir, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            yield dirpath, fnames
+    return [os.path.join(dirpath, f) for dirpath, fnames in sorted(walk()) for f in sorted(fnames)
+            if not f.startswith(".")]
+
+
+def image_problem(path: str, fast: bool = False) -> str | None:
+    """Why `path` is not a usable image, in a few words, or None when it decodes. `fast`: JPEGs are decoded
+    at 1/8 scale (PIL draft mode), which still reads the whole compressed stream, so truncation shows."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if fast:
+                im.draft("RGB", (1, 1))
+            im.load()  # PIL reports a truncated file only when it decodes it all
+    except UnidentifiedImageError:
+        return "not an image file PIL can read"
+    except OSError as e:  # errno errors (permission, I/O) have a strerror; PIL's own ("image file is truncated") not
+        return e.strerror if e.strerror else f"truncated or corrupt image ({e})"
+    except Exception as e:  # noqa: BLE001 - PIL raises SyntaxError, ValueError, DecompressionBombError...
+        return f"unreadable image ({type(e).__name__}: {e})"
+    return None
+
+
+def bad_image_error(path: str, reason: str) -> DataError:
+    reason = " ".join(str(reason).split())  # one line whatever the library said
+    return DataError(f"data.root: {path}: {reason}; {FIX}")
+
+
+class ImageFiles(Dataset):
+    """(path, label) samples, decoded with PIL. A file that fails to decode is not raised here: in a
+    DataLoader worker the exception would reach the main process as a multi-line traceback. The sample
+    comes back as zeros with label -1 - index instead, and `FolderImages` names the file."""
+
+    def __init__(self, samples: list[tuple[str, int]], classes: list[str], transform, size: int):
+        self.samples, self.classes, self.transform, self.size = samples, classes, transform, size
+        self.targets = [t for _, t in samples]
+        self.class_to_idx = {c: i for i, c in enumerate(classes)}
+
+    @property
+    def imgs(self) -> list[tuple[str, int]]:  # torchvision's name
+        return self.samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        path, target = self.samples[i]
+        try:
+            with Image.open(path) as im:
+                im.load()  # decode all of it now: PIL notices a truncated file only at the end
+                img = im.convert("RGB")
+        except Exception:  # noqa: BLE001 - reported by the main process, see the class docstring
+            return torch.zeros(3, self.size, self.size), -1 - i
+        return self.transform(img), target
+
+
+def _subset(samples: list[tuple[str, int]], n: int) -> list[tuple[str, int]]:
     """Keep n samples spread evenly over the (class-sorted) file list, so every class stays represented."""
-    if n and n < len(ds.samples):
-        keep = np.linspace(0, len(ds.samples) - 1, n).round().astype(int)
-        ds.samples = [ds.samples[i] for i in keep]
-        ds.targets = [ds.targets[i] for i in keep]
-        ds.imgs = ds.samples
-    return ds
+    if n and n < len(samples):
+        keep = np.linspace(0, len(samples) - 1, n).round().astype(int)
+        samples = [samples[i] for i in keep]
+    return samples
 
 
 class FolderImages:
     def __init__(self, cfg: DataConfig, seed: int, device: torch.device, workers: int, backend: str = "auto"):
-        from torchvision import datasets, transforms as T
+        from torchvision import transforms as T
 
         root = Path(data_root(cfg))
         for split in ("train", "val"):
             if not (root / split).is_dir():
                 raise DataError(f"data.root: {root / split} is not a directory; an imagefolder dataset needs "
                                 f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg")
+        self.root = root
         size = cfg.image_size
         self.train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip() if cfg.flip else T.Identity(),
                                    T.ToTensor(), T.Normalize(MEAN, STD)])
         self.eval_tf = T.Compose([T.Resize(size * 8 // 7), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
-        train = _subset(datasets.ImageFolder(str(root / "train"), transform=self.train_tf), cfg.train_subset)
-        train_eval = copy.copy(train)  # the same file list (scanned once), evaluation transforms
+        # one class list for both splits: label i is classes[i] in train and in val (ImageFolder would number
+        # each tree's folders on its own, and a val/ with one folder more would shift every val label)
+        self.classes: list[str] = _class_folders(root / "train")
+        if not self.classes:
+            raise DataError(f"data.root: {root / 'train'} has no class folders; expected {root}/train/<class>/*.jpg")
+        val_classes = _class_folders(root / "val")
+        extra = sorted(set(val_classes) - set(self.classes))
+        self.missing_val_classes: list[str] = sorted(set(self.classes) - set(val_classes))
+        if extra:
+            lacks = f"; it lacks {_names(self.missing_val_classes)}" if self.missing_val_classes else ""
+            raise DataError(f"data.root: {root / 'val'} has class folders that {root / 'train'} does not: "
+                            f"{_names(extra)}{lacks}; val/ needs the class names of train/, whose sorted folder "
+                            f"names are the labels")
+        if self.missing_val_classes:
+            print(f"warning: data.root: {root / 'val'} has no folder for {len(self.missing_val_classes)} of "
+                  f"{len(self.classes)} train classes ({_names(self.missing_val_classes)}); they are trained on "
+                  f"but not in the test accuracy", flush=True)
+        self.skipped_files: list[tuple[str, str]] = []  # (path relative to data.root, reason), scan order
+        train = self._scan(root / "train", cfg.train_subset, cfg.skip_bad_images)
+        test = self._scan(root / "val", cfg.test_subset, cfg.skip_bad_images, present=set(val_classes))
+        if self.skipped_files:
+            path, reason = self.skipped_files[0]
+            print(f"data: skipped {len(self.skipped_files)} bad files under {root} (data.skip_bad_images), "
+                  f"first {path}: {reason}", flush=True)
+        for split, samples in (("train", train), ("val", test)):
+            if not samples:
+                raise DataError(f"data.root: {root / split} holds no images; expected {root / split}/<class>/*.jpg")
+        train_ds = ImageFiles(train, self.classes, self.train_tf, size)
+        train_eval = copy.copy(train_ds)  # the same file list (scanned once), evaluation transforms
         train_eval.transform = self.eval_tf
-        self._sets = {"train": train, "train_eval": train_eval,
-                      "test": _subset(datasets.ImageFolder(str(root / "val"), transform=self.eval_tf), cfg.test_subset)}
-        for name, ds in self._sets.items():
-            if len(ds) == 0:
-                raise DataError(f"data.root: {root / ('val' if name == 'test' else 'train')} holds no images")
-        self.num_classes = len(self._sets["train"].classes)
+        self._sets = {"train": train_ds, "train_eval": train_eval,
+                      "test": ImageFiles(test, self.classes, self.eval_tf, size)}
+        self.num_classes = len(self.classes)
         self.sample_shape = (3, size, size)
         self.seed, self.device, self.workers = seed, device, workers
         self.size, self.flip_aug = size, cfg.flip
@@ -61,9 +174,58 @@ class FolderImages:
         if backend == "dali":
             require_dali()
         self.use_dali = backend == "dali" or (backend == "auto" and device.type == "cuda" and dali_available())
-        files = [str(Path(p).relative_to(root)) for p, _ in self._sets["train"].samples + self._sets["test"].samples]
-        self.fingerprint = fingerprint({"dataset": "imagefolder", "files": fingerprint(files), "size": size,
-                                        "eval": "resize8/7-centercrop", "mean": MEAN, "std": STD})
+        files = [str(Path(p).relative_to(root)) for p, _ in train + test]
+        # the classes are the label space; the file list leaves out skipped files, so what was skipped
+        # is part of the fingerprint as well
+        self.fingerprint = fingerprint({"dataset": "imagefolder", "classes": self.classes, "files": fingerprint(files),
+                                        "size": size, "eval": "resize8/7-centercrop", "mean": MEAN, "std": STD})
+
+    def _scan(self, split_dir: Path, subset: int, skip: bool, present: set[str] | None = None) -> list[tuple[str, int]]:
+        """(path, label) of the split's images, subset applied; bad files raise DataError or, with `skip`,
+        are added to self.skipped_files."""
+        samples = []
+        for label, name in enumerate(self.classes):
+            if present is not None and name not in present:
+                continue
+            files = _class_files(split_dir / name)
+            images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+            for f in files:
+                if not f.lower().endswith(IMAGE_EXTENSIONS):
+                    if not skip:
+                        raise DataError(f"data.root: {f}: not an image file (expected a name ending in "
+                                        f"{', '.join(IMAGE_EXTENSIONS)}); {FIX}")
+                    self.skipped_files.append((os.path.relpath(f, self.root), "not an image file name"))
+            if not images:
+                raise DataError(f"data.root: class folder {split_dir / name} holds no images; add images to it or "
+                                f"remove the folder")
+            samples += [(f, label) for f in images]
+        samples = _subset(samples, subset)
+        if skip and samples:
+            # Decided here, once, so the sample set is the same in every epoch and every command, and the
+            # fingerprint says what was left out. Only with skip_bad_images: this decodes every image (at 1/8
+            # scale), which for ImageNet is minutes of CPU on each command that opens the data; without it a
+            # bad file stops the run, naming the file, when a batch reads it. Only the files the run uses
+            # (after data.train_subset/test_subset) are decoded.
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            threads = min(32, cpus)
+            with ThreadPoolExecutor(threads) as pool:  # PIL decodes without the GIL
+                problems = list(pool.map(lambda s: image_problem(s[0], fast=True), samples, chunksize=64))
+            before = {label for _, label in samples}
+            for (path, _), problem in zip(samples, problems):
+                if problem is not None:
+                    self.skipped_files.append((os.path.relpath(path, self.root), problem))
+            samples = [s for s, problem in zip(samples, problems) if problem is None]
+            emptied = sorted(before - {label for _, label in samples})
+            if emptied:
+                raise DataError(f"data.root: no image of class folder {split_dir / self.classes[emptied[0]]} could "
+                                f"be decoded (data.skip_bad_images left them all out); replace them or remove the "
+                                f"folder")
+        return samples
+
+    def metadata(self) -> dict:
+        """What a run should record about its data: label i is classes[i]; the files left out and why."""
+        return {"classes": self.classes, "missing_val_classes": self.missing_val_classes,
+                "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped_files]}
 
     def num_samples(self, split: str) -> int:
         return len(self._sets[split])
@@ -79,6 +241,9 @@ class FolderImages:
         loader = DataLoader(ds, batch_sampler=batches, num_workers=self.workers,
                             generator=torch.Generator().manual_seed(seed), pin_memory=self.device.type == "cuda")
         for x, y in loader:
+            if (y < 0).any():  # a file that did not decode (ImageFiles.__getitem__): name it, in one line
+                path = ds.samples[-1 - int(y[y < 0][0])][0]
+                raise bad_image_error(path, image_problem(path) or "could not be decoded while loading")
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _dali(self, name: str, train: bool, batch_size: int, epoch: int, start: int) -> Iterator[Batch]:

@@ -13,18 +13,17 @@ stage stale without touching their files.
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 from torch import nn
 
 from cachetrain.cache import (CacheError, CacheReader, CacheState, StoreInfo, disk_bytes, output_fingerprint,
                               store_state, weights_hash)
+from cachetrain.cache.manifest import content_digest
 from cachetrain.cache.verify import ChunkProblem
 from cachetrain.cache.writer import missing_chunks
 from cachetrain import caching
@@ -32,12 +31,12 @@ from cachetrain.config import Config
 from cachetrain.data import SPLITS, open_dataset
 from cachetrain.device import resolve_device
 from cachetrain.faults import fault_point
+from cachetrain.identity import RunIdentity, stage_config_ok
 from cachetrain.loader import CacheSource
 from cachetrain.models import Network, build_network, make_head, stage_seed
 from cachetrain.recompute import RecomputeSource
 from cachetrain.rundir import RunDir
-from cachetrain.trainer import (EpochStats, Position, StageModel, fit, make_optimizer, make_scheduler,
-                                predict)
+from cachetrain.trainer import Position, StageModel, fit, make_optimizer, make_scheduler, predict
 
 
 class StageError(RuntimeError):
@@ -58,16 +57,18 @@ class StageStatus:
     cache_bytes: int
     raw_bytes: int
     chunks_missing: int = 0  # over both splits, when the cache is being written
+    reason: str | None = None  # why the stage is stale, in words
 
 
 class Greedy:
-    def __init__(self, cfg: Config, console: Console | None = None, config_path: str = "C"):
+    def __init__(self, cfg: Config, console: Console | None = None):
         self.cfg = cfg
         self.run = RunDir(cfg.run_path)
+        self.identity = RunIdentity(cfg.run_path)
         self.device = resolve_device(cfg.train.device)
         self.console = console or Console()
-        self.config_arg = config_path  # how the user named the config, for the commands we suggest
         self._ckpts: dict[int, dict | None] = {}
+        self._digests: dict[Path, str | None] = {}  # store -> content digest, read once per command
         self._plan: set[int] | None = None
 
     @cached_property
@@ -83,8 +84,15 @@ class Greedy:
     def depth(self) -> int:
         return self.cfg.model.stages
 
-    def command(self, verb: str, j: int | None = None) -> str:
-        return f"cachetrain {verb} --config {self.config_arg}" + (f" --j {j}" if j is not None else "")
+    @cached_property
+    def history(self) -> list[dict]:
+        """The run's recorded config changes (cachetrain.identity)."""
+        return self.identity.history()
+
+    @staticmethod
+    def command(verb: str, j: int | None = None) -> str:
+        """A command to suggest; the CLI adds the user's own --config/--run/--set to it."""
+        return f"cachetrain {verb}" + (f" --j {j}" if j is not None else "")
 
     # -- what is done --------------------------------------------------------------------------
     def checkpoint(self, j: int) -> dict | None:
@@ -131,9 +139,44 @@ class Greedy:
         ck = self.checkpoint(j)
         if ck is None:
             return "untrained"
-        if ck["input_fingerprint"] != self.input_fingerprint(j):
+        if self.stale_reason(j) is not None:
             return "stale"
         return "trained" if ck["epoch"] >= ck["epochs"] else "partial"
+
+    def stale_reason(self, j: int) -> str | None:
+        """Why stage j's checkpoint no longer fits the run, or None when it does: its input was produced
+        differently (a stage before it retrained, another storage), its input store's bytes changed
+        (a rebuild or a repair that did not restore them exactly), or the config changed from a stage
+        at or before j (--from-stage)."""
+        ck = self.checkpoint(j)
+        if ck is None:
+            return None
+        if ck["input_fingerprint"] != self.input_fingerprint(j):
+            return "its input changed since it was trained (an earlier stage was retrained or re-stored)"
+        for store, recorded in (ck.get("input_digests") or {}).items():
+            now = self.content_digest(self.run.path / store)
+            if recorded is not None and now != recorded:
+                return (f"the bytes of its input store {store} changed since it was trained (content digest "
+                        f"{recorded} -> {now or 'none'}: rebuilt or repaired to different values)")
+        if not stage_config_ok(ck.get("config"), self.cfg, self.history, j):
+            return "the run's config changed from this stage or an earlier one (--from-stage)"
+        return None
+
+    # -- lineage by content ------------------------------------------------------------------------
+    def content_digest(self, path: Path) -> str | None:
+        if path not in self._digests:
+            self._digests[path] = content_digest(path)
+        return self._digests[path]
+
+    def input_stores(self, j: int) -> list[Path]:
+        """The stores stage j's input is read from: every store of the nearest cached stage before j
+        (its outputs, forwarded through the frozen stages in between when that is not j-1)."""
+        a = max((i for i in self.cached_stages() if i < j), default=-1)
+        return [] if a < 0 else [path for _, _, path in self.stores(a)]
+
+    def input_digests(self, j: int) -> dict[str, str | None]:
+        """{store relative to the run: its content digest now}, recorded in stage j's checkpoint."""
+        return {str(path.relative_to(self.run.path)): self.content_digest(path) for path in self.input_stores(j)}
 
     def next_stage(self) -> int | None:
         return next((j for j in range(self.depth) if self.stage_state(j) != "trained"), None)
@@ -148,11 +191,11 @@ class Greedy:
                 cache, infos = self.cache_state(j)
                 size = sum(disk_bytes(path) for _, _, path in self.stores(j))
                 raw = sum(info.num_samples * info.sample_bytes for info in infos.values() if info)
-                if cache is CacheState.WRITING:
+                if cache in (CacheState.WRITING, CacheState.DAMAGED):
                     missing = sum(len(missing_chunks(path, infos[path])) for _, _, path in self.stores(j)
                                   if infos[path])
             rows.append(StageStatus(
-                j=j, state=self.stage_state(j), k=ck["k"] if ck else None, epochs_done=ck["epoch"] if ck else 0,
+                j=j, state=self.stage_state(j), reason=self.stale_reason(j), k=ck["k"] if ck else None, epochs_done=ck["epoch"] if ck else 0,
                 batch=ck.get("batch", 0) if ck else 0, epochs=ck["epochs"] if ck else self.cfg.train.epochs,
                 train_acc=metrics[-1]["train_acc"] if metrics else None,
                 test_acc=metrics[-1]["test_acc"] if metrics else None, cache=cache, cache_bytes=size, raw_bytes=raw,
@@ -169,6 +212,8 @@ class Greedy:
             return (CacheState.ABSENT if all(st is CacheState.ABSENT for st in states) else CacheState.STALE), infos
         if CacheState.STALE in states:
             return CacheState.STALE, infos
+        if CacheState.DAMAGED in states:
+            return CacheState.DAMAGED, infos
         if all(st is states[0] for st in states):
             return states[0], infos
         return CacheState.WRITING, infos
@@ -185,6 +230,8 @@ class Greedy:
                 return f"train trains stage {j}"
             if row.cache is CacheState.WRITING:
                 return f"train finishes the cache of stage {j} ({row.chunks_missing} chunks left to write)"
+            if row.cache is CacheState.DAMAGED:
+                return f"train repairs the damaged cache of stage {j} ({row.chunks_missing} chunks lost)"
             if row.cache in (CacheState.ABSENT, CacheState.STALE):
                 return f"train builds the cache of stage {j}"
         return "every stage is trained: cachetrain eval tests the assembled network"
@@ -223,13 +270,17 @@ class Greedy:
     def trained_stage(self, j: int) -> nn.Module:
         """Stage j with its trained weights, in eval mode (its BN uses running statistics)."""
         stage = self.net.stages[j]
-        stage.load_state_dict(self.checkpoint(j)["model"])
+        from cachetrain.checkpoint import load_state  # names the file and shapes if they do not fit
+
+        load_state(stage, self.checkpoint(j), "model")
         return stage.to(self.device).eval()
 
     def trained_head(self, j: int) -> nn.Module:
         ck = self.checkpoint(j)
         head = make_head(self.cfg.model, self.net, j, ck["k"], self.data.num_classes, self.cfg.train.seed)
-        head.load_state_dict(ck["head"])
+        from cachetrain.checkpoint import load_state  # names the file and shapes if they do not fit
+
+        load_state(head, ck, "head")
         return head.to(self.device).eval()
 
     # -- training --------------------------------------------------------------------------------
@@ -243,7 +294,7 @@ class Greedy:
         ck = self.checkpoint(j)
         resume = (ck is not None and not restart and self.stage_state(j) == "partial"
                   and (k is None or k == ck["k"]))
-        k = ck["k"] if resume else (k or self.cfg.model.k)
+        k = ck["k"] if resume else (self.cfg.model.k if k is None else k)
         # a fresh network: stage j starts from its seeded initial weights even if this process loaded
         # trained weights into it earlier
         self.net = build_network(self.cfg.model, self.data.sample_shape, t.seed)
@@ -258,27 +309,23 @@ class Greedy:
         scheduler = make_scheduler(optimizer, t, steps, epochs)
         start = Position()
         if resume:
-            stage.load_state_dict(ck["model"])
-            head.load_state_dict(ck["head"])
-            optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
-            torch.set_rng_state(ck["rng"]["torch"])
-            start = Position(ck["epoch"], ck.get("batch", 0), EpochStats(**ck["stats"]) if ck.get("stats") else None)
+            from cachetrain.checkpoint import restore  # shapes checked, then weights, optimizer, scheduler, rng
+
+            start = restore(ck, {"model": stage, "head": head}, optimizer, scheduler)
             self.run.truncate_metrics(j, start.epoch)
             self.console.print(f"stage {j}: resuming at epoch {start.epoch + 1}, batch {start.batch}/{steps}")
         else:
             self.run.metrics_path(j).unlink(missing_ok=True)
         input_fp = self.input_fingerprint(j)
+        input_digests = self.input_digests(j)  # the bytes it trains on: a later rebuild that changes them makes it stale
 
         def save(at: Position, test_acc: float | None) -> None:
-            checkpoint = {"stage": j, "k": k, "model": stage.state_dict(), "head": head.state_dict(),
-                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "epoch": at.epoch, "batch": at.batch, "stats": asdict(at.stats) if at.stats else None,
-                          "epochs": epochs, "step": at.epoch * steps + at.batch,
-                          "rng": {"torch": torch.get_rng_state()}, "input_fingerprint": input_fp,
-                          "test_acc": test_acc, "config": self.cfg.to_dict()}
-            if at.epoch == epochs:
-                checkpoint["weights_hash"] = weights_hash(stage)
+            from cachetrain.checkpoint import build  # the schema: cachetrain/checkpoint.py
+
+            checkpoint = build(unit=j, k=k, model=stage, head=head, optimizer=optimizer, scheduler=scheduler, at=at,
+                               epochs=epochs, steps_per_epoch=steps, input_fingerprint=input_fp, test_acc=test_acc,
+                               config=self.cfg.to_dict(), input_digests=input_digests,
+                               weights_hash=weights_hash(stage) if at.epoch == epochs else None)
             self.run.save_checkpoint(j, checkpoint)
             self._ckpts = {}  # stage j changed: every fingerprint derived from it may have too
 
@@ -295,7 +342,10 @@ class Greedy:
         return [(split, v, self.run.store_path(j, split, v)) for split in SPLITS for v in range(views[split])]
 
     def cache_stage(self, j: int, repair: bool = False) -> dict[str, int]:
-        return caching.cache_stage(self, j, repair)
+        try:
+            return caching.cache_stage(self, j, repair)
+        finally:
+            self._digests = {}  # the stores' digests may have changed
 
     def verify(self, stages: list[int]) -> dict[tuple[int, str], list[ChunkProblem] | None]:
         return caching.verify(self, stages)

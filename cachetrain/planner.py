@@ -7,7 +7,9 @@ Caching stage s costs one forward pass over the data (through its own uncached a
 its store's bytes. The planner picks the set of cached stages of least total cost whose stores fit
 the budget, under one of two cost models:
 - FLOPs (the default): recompute + caching passes; reading a cache is free. Right where compute is
-  the scarce thing (a CPU, or deep narrow stages).
+  the scarce thing (a CPU, or deep narrow stages). This is also the FLOP prediction of the
+  greedy-cached / greedy-recompute time ratio that `cachetrain bench` and benchmarks/gpu_bench.py
+  report (`cost_ratio`), so there is one FLOP model in the package.
 - Seconds, from a machine's measured rates (FLOP/s, cache read and write bytes/s): a stage's epoch
   takes the longer of its compute and reading its input cache (the loader prefetches while the step
   runs), a caching pass the longest of its forward, read and write. On an H200 this is what decides:
@@ -42,6 +44,7 @@ class StageCost:
     forward_flops: float  # per sample, the block alone (what recomputing it costs)
     train_flops: float  # per sample, one training step of block + head (forward + backward): the same in every plan
     sample_bytes: dict[str, int]  # per storage dtype
+    eval_flops: float = 0.0  # per sample, a forward of block + head (each epoch's test evaluation): every plan
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,8 @@ class Plan:
 
 
 class FlopCost:
-    """Recompute and caching-pass FLOPs; reading a cache costs nothing. Every plan trains every stage
-    the same, so the stages' own training is left out of the comparison (`constant` adds it back)."""
+    """Recompute and caching-pass FLOPs; reading a cache costs nothing. Every plan trains (and evaluates)
+    every stage the same, so the stages' own work is left out of the comparison (`constant` adds it back)."""
 
     unit = "FLOP"
 
@@ -74,7 +77,8 @@ class FlopCost:
         return (w.train * w.views + w.test) * _recompute(costs, a, j + 1)
 
     def constant(self, costs: list[StageCost], w: Workload) -> float:
-        return sum(w.epochs * w.train * c.train_flops for c in costs)
+        """Each stage's own training steps and test evaluations, every epoch."""
+        return sum(w.epochs * (w.train * c.train_flops + w.test * c.eval_flops) for c in costs)
 
 
 FLOPS = FlopCost()  # stateless: the default cost model
@@ -95,8 +99,8 @@ class Rates:
 
     def train(self, costs: list[StageCost], w: Workload, a: int, j: int, dtype: str) -> float:
         recompute, read = _recompute(costs, a, j) / self.flops_per_s, self._read(costs, a, dtype)
-        own = costs[j].train_flops / self.flops_per_s
-        return w.epochs * (w.train * max(own + recompute, read) + w.test * max(recompute, read))
+        own, own_eval = costs[j].train_flops / self.flops_per_s, costs[j].eval_flops / self.flops_per_s
+        return w.epochs * (w.train * max(own + recompute, read) + w.test * max(own_eval + recompute, read))
 
     def build(self, costs: list[StageCost], w: Workload, a: int, j: int, dtype: str) -> float:
         return (w.train * w.views + w.test) * max(_recompute(costs, a, j + 1) / self.flops_per_s,
@@ -123,16 +127,21 @@ def input_shape(cfg: Config, image_size: int | None = None) -> tuple[int, int, i
     return (c, image_size, image_size) if image_size else (c, h, w)
 
 
+def sample_bytes(out_shape: tuple[int, ...]) -> dict[str, int]:
+    """Bytes of one stored sample of shape `out_shape`, per storage dtype."""
+    n = int(np.prod(out_shape))
+    return {d: n * np.dtype(DTYPES[d][0]).itemsize for d in DTYPES}
+
+
 def stage_costs(cfg: Config, in_shape: tuple[int, int, int], num_classes: int = 10) -> list[StageCost]:
     net = build_network(cfg.model, in_shape, cfg.train.seed)
     costs = []
     for j, stage in enumerate(net.stages):
         x = torch.zeros(2, *net.in_shapes[j])  # batch 2: BN in training mode needs more than one value
         model = torch.nn.Sequential(stage, make_head(cfg.model, net, j, cfg.model.k, num_classes, 0))
-        n = int(np.prod(net.out_shapes[j]))
         costs.append(StageCost(j, net.out_shapes[j], forward_flops(stage, x) / 2,
                                train_step_flops(model, x, torch.zeros(2, dtype=torch.long)) / 2,
-                               {d: n * np.dtype(DTYPES[d][0]).itemsize for d in DTYPES}))
+                               sample_bytes(net.out_shapes[j]), forward_flops(model, x) / 2))
     return costs
 
 
@@ -151,6 +160,15 @@ def evaluate(costs: list[StageCost], w: Workload, cached: tuple[int, ...], dtype
             disk += (w.train * w.views + w.test) * costs[j].sample_bytes[dtype]
             a = j
     return Plan(tuple(sorted(cached)), cost, disk)
+
+
+def cost_ratio(costs: list[StageCost], w: Workload, cached, dtype: str = "float16", model=FLOPS) -> float:
+    """The whole greedy run (the stages' own training and test evaluations included) with the outputs of
+    the stages in `cached` stored, over the same run recomputing every stage's input from the images.
+    With FLOPS this is the FLOP prediction of the greedy-cached / greedy-recompute time ratio."""
+    own = model.constant(costs, w)
+    with_cache, without = evaluate(costs, w, tuple(cached), dtype, model), evaluate(costs, w, (), dtype, model)
+    return (own + with_cache.cost) / (own + without.cost)
 
 
 def brute_force(costs: list[StageCost], w: Workload, budget: int, dtype: str, model=FLOPS) -> Plan:
@@ -203,9 +221,9 @@ def describe(costs: list[StageCost], w: Workload, chosen: Plan, dtype: str, mode
         if j in chosen.cached:
             a = j
     none = evaluate(costs, w, (), dtype, model)
-    own = model.constant(costs, w)
     return {"cached": list(chosen.cached), "dtype": dtype, "disk_bytes": chosen.disk_bytes,
             "cost_unit": model.unit, "rates": asdict(model) if isinstance(model, Rates) else None,
             "cost_plan": chosen.cost, "cost_recompute_everything": none.cost, "cost_saved": none.cost - chosen.cost,
-            "cost_constant": own, "total_vs_recompute_everything": (own + chosen.cost) / (own + none.cost),
+            "cost_constant": model.constant(costs, w),
+            "total_vs_recompute_everything": cost_ratio(costs, w, chosen.cached, dtype, model),
             "workload": asdict(w), "stages": stages}

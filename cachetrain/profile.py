@@ -4,7 +4,8 @@ Memory on the CPU is counted, not sampled: the bytes of every tensor autograd sa
 (seen through `torch.autograd.graph.saved_tensors_hooks`, each storage once, parameters excluded)
 plus parameters, gradients and optimizer state. That is what a GPU would have to hold at the peak of
 a step (less the allocator's slack), so stage-vs-end-to-end ratios computed here carry over. On
-CUDA the allocator's own peak is read instead. FLOPs come from torch.utils.flop_counter.
+CUDA the allocator's own peak is read instead. FLOPs come from torch.utils.flop_counter. Both run
+the trainer's own step (`cachetrain.trainer.train_step`), so they count what training does.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from cachetrain.trainer import train_step
 
 
 @dataclass
@@ -55,12 +58,9 @@ def step_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: t
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     model.train()
+    # backward and the optimizer step save nothing for a graph, so the hooks see the forward's tensors only
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and cuda):
-            loss = nn.functional.cross_entropy(model(x).float(), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+        train_step(model, x, y, optimizer, amp=amp)
     peak_alloc = peak_reserved = None
     if cuda:
         torch.cuda.synchronize()
@@ -81,10 +81,11 @@ def forward_flops(module: nn.Module, x: torch.Tensor) -> int:
 
 
 def train_step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """FLOPs of forward + backward on the batch (x, y)."""
+    """FLOPs of one training step on the batch (x, y): forward + backward (the optimizer's elementwise
+    update counts none). Runs the step with a zero learning rate, so the weights stay as they were."""
     model.train()
     with FlopCounterMode(display=False) as counter:
-        nn.functional.cross_entropy(model(x), y).backward()
+        train_step(model, x, y, torch.optim.SGD(model.parameters(), lr=0.0))
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 

@@ -54,7 +54,7 @@ def status_table(rows, title: str = "stages") -> Table:
         epochs = f"{r.epochs_done}/{r.epochs}" + (f" +{r.batch} batches" if r.batch else "")
         cache = r.cache.value if r.cache else "not cached"
         if r.chunks_missing:
-            cache += f" ({r.chunks_missing} chunks left)"
+            cache += f" ({r.chunks_missing} chunks {'lost' if r.cache.value == 'damaged' else 'left'})"
         table.add_row(str(r.j), str(r.k or "-"), r.state, epochs, _pct(r.train_acc),
                       _pct(r.test_acc), cache,
                       _size(r.cache_bytes) if r.cache_bytes else "-", ratio)

@@ -1,14 +1,18 @@
 """The run directory: where every stage's checkpoint, metrics and cache live, and its lock.
 
-    <run>/config.yaml                        resolved config of the last command
-    <run>/stages/stage_<j>/checkpoint.pt     one plain dict (see `checkpoint` below)
+    <run>/config.yaml                        resolved config of the run (cachetrain.identity)
+    <run>/plan.json                          `cachetrain plan`'s choice of cached stages (save_plan)
+    <run>/stages/stage_<j>/checkpoint.pt     one dict of tensors and plain data (schema: cachetrain.checkpoint)
     <run>/stages/stage_<j>/metrics.jsonl     one JSON object per finished epoch
     <run>/cache/stage_<j>/{train,test}.zarr  stage j's outputs (see cachetrain.cache.manifest)
     <run>/e2e/{checkpoint.pt,metrics.jsonl}   the end-to-end baseline (cachetrain.e2e)
     <run>/.lock                              held (flock) by the process working on the run
 
 Everything a command needs to decide what to do next is derived from these files; there is no
-separate state file to fall out of step with them.
+separate state file to fall out of step with them. The small files (config, plan, checkpoints) are
+replaced atomically and durably (temp file, fsync, rename, fsync of the folder: cachetrain.durable);
+metrics lines are appended and fsynced one by one; the caches have their own protocol
+(cachetrain.cache.writer).
 """
 
 from __future__ import annotations
@@ -21,14 +25,15 @@ from pathlib import Path
 
 import torch
 
+from cachetrain import checkpoint as ckpt
+from cachetrain.checkpoint import CheckpointError, UnreadableCheckpoint, UnsafeCheckpoint
+from cachetrain.durable import append_line, atomic_write, write_json
 from cachetrain.faults import fault_point
+
+__all__ = ["CheckpointError", "RunDir", "RunLocked"]
 
 
 class RunLocked(RuntimeError):
-    pass
-
-
-class CheckpointError(RuntimeError):
     pass
 
 
@@ -57,68 +62,89 @@ class RunDir:
     def previous_checkpoint_path(self, j: int) -> Path:
         return self.stage_dir(j) / "checkpoint.prev.pt"
 
-    def save_checkpoint(self, j: int, checkpoint: dict) -> None:
-        """Write a temp file, fsync it, keep the current checkpoint as checkpoint.prev.pt (a hard link, so
-        the current name is never missing), then rename the temp file into place. A crash or a full disk
-        at any moment leaves a readable checkpoint.pt: the new one or the one before it."""
+    def save_checkpoint(self, j: int | str, checkpoint: dict) -> None:
+        """Write the checkpoint with cachetrain.durable.atomic_write; between the temp file's fsync and its
+        rename, keep the current checkpoint as checkpoint.prev.pt (a hard link, so the current name is
+        never missing). A crash or a full disk at any moment leaves a readable checkpoint.pt: the new one
+        or the one before it; the folder is fsynced after the rename."""
         path = self.checkpoint_path(j)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".pt.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
+        prev = self.previous_checkpoint_path(j)
+
+        def keep_previous(tmp: Path) -> None:
             fault_point("checkpoint_write", str(tmp))
             # keep the current file as the previous one, unless it is the unreadable one we fell back from
             if path.exists() and j not in self._unreadable:
-                prev_tmp = self.previous_checkpoint_path(j).with_suffix(".pt.tmp")
+                prev_tmp = prev.with_name(prev.name + ".tmp")
                 prev_tmp.unlink(missing_ok=True)
-                os.link(path, prev_tmp)
-                os.replace(prev_tmp, self.previous_checkpoint_path(j))
-            os.replace(tmp, path)
-            self._unreadable.discard(j)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+                try:
+                    os.link(path, prev_tmp)
+                    os.replace(prev_tmp, prev)
+                except BaseException:
+                    prev_tmp.unlink(missing_ok=True)
+                    raise
 
-    def load_checkpoint(self, j: int, warn=lambda msg: None) -> dict | None:
-        """The stage's checkpoint: one dict with stage, k, model, head, optimizer, scheduler, epoch (finished
-        epochs), batch (batches done in the next epoch), stats (its running sums), epochs, step, rng,
-        input_fingerprint, weights_hash (once trained), test_acc and config. An unreadable checkpoint.pt
-        (truncated by hand, say) falls back to checkpoint.prev.pt, with a warning."""
+        atomic_write(path, lambda f: torch.save(checkpoint, f), before_replace=keep_previous)
+        self._unreadable.discard(j)
+
+    def load_checkpoint(self, j: int | str, warn=lambda msg: None) -> dict | None:
+        """The unit's checkpoint (keys: cachetrain.checkpoint), read as data, never as code. An unreadable
+        checkpoint.pt (truncated by hand, say) falls back to checkpoint.prev.pt, with a warning. One that
+        would need code to load is refused (CheckpointError) without falling back: no crash writes such
+        a file, so it was planted or tampered with, and the user should know rather than lose it to the
+        next save."""
         path = self.checkpoint_path(j)
         if not path.exists():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same answer
-            reason = f"{type(e).__name__}"
+            return ckpt.load(path, j)
+        except UnreadableCheckpoint as e:
+            reason = e.reason
+        except UnsafeCheckpoint as e:
+            raise self._refusal(j, e) from None
         prev = self.previous_checkpoint_path(j)
         if prev.exists():
             try:
-                checkpoint = torch.load(prev, map_location="cpu", weights_only=False)
-            except Exception:  # noqa: BLE001
+                checkpoint = ckpt.load(prev, j)
+            except UnreadableCheckpoint:
                 pass
+            except UnsafeCheckpoint as e:
+                raise self._refusal(j, e) from None
             else:
                 self._unreadable.add(j)
                 warn(f"{path}: unreadable checkpoint ({reason}); using the previous one, {prev.name} "
                      f"(epoch {checkpoint['epoch']}, batch {checkpoint.get('batch', 0)})")
                 return checkpoint
         raise CheckpointError(f"{path}: unreadable checkpoint ({reason}) and no readable previous one; delete "
-                              f"{path} to retrain stage {j} from scratch")
+                              f"{path} to retrain {self._unit(j)} from scratch")
 
-    def append_metrics(self, j: int, row: dict) -> None:
-        self.stage_dir(j).mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_path(j), "a") as f:
-            f.write(json.dumps(row) + "\n")
+    def _refusal(self, j: int | str, e: UnsafeCheckpoint) -> CheckpointError:
+        folder = self.stage_dir(j)
+        return CheckpointError(f"{e}; cachetrain did not write it (or it was tampered with), and none of its code "
+                               f"was run; replace it with a checkpoint you trust, or delete {folder}/checkpoint*.pt "
+                               f"to retrain {self._unit(j)} from scratch")
 
-    def truncate_metrics(self, j: int, epochs: int) -> None:
-        """Drop rows of epochs after `epochs` (written by a run that died before checkpointing them)."""
+    @staticmethod
+    def _unit(j: int | str) -> str:
+        return "the end-to-end baseline" if j == "e2e" else f"stage {j}"
+
+    # -- metrics and other small files ---------------------------------------------------------------
+    def append_metrics(self, j: int | str, row: dict) -> None:
+        """One JSON line, fsynced (cachetrain.durable.append_line)."""
+        append_line(self.metrics_path(j), json.dumps(row))
+
+    def truncate_metrics(self, j: int | str, epochs: int) -> None:
+        """Drop rows of epochs after `epochs` (written by a run that died before checkpointing them), and a
+        torn last line."""
         rows = [r for r in self.read_metrics(j) if r["epoch"] <= epochs]
-        tmp = self.metrics_path(j).with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, self.metrics_path(j))
+        atomic_write(self.metrics_path(j), "".join(json.dumps(r) + "\n" for r in rows))
+
+    @property
+    def plan_path(self) -> Path:
+        return self.path / "plan.json"
+
+    def save_plan(self, plan: dict) -> None:
+        """`cachetrain plan`'s result, written atomically."""
+        write_json(self.plan_path, plan)
 
     def read_metrics(self, j: int) -> list[dict]:
         """The rows of finished epochs; a last line torn by a crash mid-append is skipped (its epoch was

@@ -4,6 +4,10 @@ The model trained at stage j is its block followed by its auxiliary head; everyt
 either a cache (its batches come from the loader) or, for j = 0, the images. Time spent waiting
 for the next batch is measured separately from the step itself, since the loader's speed is the
 product's claim.
+
+`train_step` is the one training step (forward, loss, backward, optimizer step, scheduler step):
+`train_one_epoch` runs it, and so do the memory count (cachetrain/profile.py) and every benchmark
+that times a step (cachetrain/benchtools.py, benchmarks/), so what they measure is what training runs.
 """
 
 from __future__ import annotations
@@ -83,6 +87,27 @@ class EpochStats:
 WARMUP = 5
 
 
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+               scheduler=None, device: torch.device | None = None, amp: bool = False,
+               channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step of `model` on the batch (x, y): forward (bf16 autocast on CUDA when `amp`),
+    cross-entropy on fp32 logits, backward, optimizer step and, when given, scheduler step. On CUDA
+    with `channels_last` the batch is made channels-last first. Returns (loss, logits), still on the
+    device and not synchronised; the caller sets train mode."""
+    device = device or x.device
+    if channels_last and device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp):
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return loss, logits
+
+
 def timed(batches: Iterable, stats: EpochStats) -> Iterator:
     """Yield from `batches`, adding the time spent waiting for each to stats.data_seconds."""
     it = iter(batches)
@@ -104,7 +129,6 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     `sync_every` steps (a host sync each time: on CUDA, not every step)."""
     stats = stats or EpochStats()
     model.train()
-    loss_fn = nn.CrossEntropyLoss()
     data_before = stats.data_seconds
     loss_acc = torch.zeros((), device=device)
     correct_acc = torch.zeros((), dtype=torch.long, device=device)
@@ -118,15 +142,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     for x, y in timed(batches, stats):
         t0 = time.perf_counter()
         waited = stats.data_seconds - data_before
-        if channels_last and device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            logits = model(x)
-            loss = loss_fn(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        loss, logits = train_step(model, x, y, optimizer, scheduler, device, amp, channels_last)
         loss_acc += loss.detach() * len(y)
         correct_acc += (logits.argmax(1) == y).sum()
         stats.samples += len(y)

@@ -5,16 +5,14 @@ from __future__ import annotations
 import torch
 
 from cachetrain.cli import main
-from cachetrain.config import Config
 from cachetrain.e2e import e2e_network
 from cachetrain.greedy import Greedy
 from cachetrain.recompute import RecomputeSource
-from tests.conftest import synthetic_raw, write_config
+from tests.conftest import tiny_greedy, tiny_run
 
 
 def test_cache_none_recomputes_through_frozen_stages_and_writes_no_cache(tmp_path):
-    cfg = Config.from_dict(synthetic_raw(tmp_path / "run", cache={"mode": "none"}))
-    g = Greedy(cfg)
+    g = tiny_greedy(tmp_path / "run", cache={"mode": "none"})
     rows = g.train_all()
     assert [r.state for r in rows] == ["trained"] * 3 and all(r.cache is None for r in rows)
     assert not (tmp_path / "run" / "cache").exists()
@@ -29,20 +27,18 @@ def test_cache_none_recomputes_through_frozen_stages_and_writes_no_cache(tmp_pat
 def test_recompute_and_cache_train_the_same_architecture_to_similar_accuracy(tmp_path):
     accs = {}
     for mode in ("all", "none"):
-        cfg = Config.from_dict(synthetic_raw(tmp_path / mode, cache={"mode": mode}, train={"epochs": 2}))
-        accs[mode] = Greedy(cfg).train_all()[-1].test_acc
+        accs[mode] = tiny_greedy(tmp_path / mode, cache={"mode": mode}, train={"epochs": 2}).train_all()[-1].test_acc
     assert min(accs.values()) > 0.5 and abs(accs["all"] - accs["none"]) < 0.15, accs
 
 
 def test_e2e_trains_the_assembled_network_and_resumes(tmp_path, capsys):
-    raw = synthetic_raw(tmp_path / "run", train={"epochs": 1, "e2e_epochs": 2})
-    path = write_config(tmp_path / "c.yaml", raw)
+    path, cfg = tiny_run(tmp_path, train={"epochs": 1, "e2e_epochs": 2})
     assert main(["e2e", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "e2e epoch 2/2" in out and "end-to-end test accuracy" in out
     ck = torch.load(tmp_path / "run" / "e2e" / "checkpoint.pt", weights_only=False)
     assert ck["epoch"] == 2 and ck["test_acc"] > 0.5
-    g = Greedy(Config.from_dict(raw))
+    g = Greedy(cfg)
     net = e2e_network(g.cfg, g.data)
     assert [type(m).__name__ for m in net] == ["Sequential"] * 4  # 3 stages + the last stage's head
     assert main(["e2e", "--config", str(path)]) == 0
@@ -50,6 +46,6 @@ def test_e2e_trains_the_assembled_network_and_resumes(tmp_path, capsys):
 
 
 def test_plan_mode_without_a_plan_names_the_command(tmp_path, capsys):
-    path = write_config(tmp_path / "c.yaml", synthetic_raw(tmp_path / "run", cache={"mode": "plan"}))
+    path, _ = tiny_run(tmp_path, cache={"mode": "plan"})
     assert main(["train", "--config", str(path)]) == 2
     assert f"make one with: cachetrain plan --config {path}" in capsys.readouterr().err

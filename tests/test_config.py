@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-import yaml
 
 from cachetrain.cli import main
 from cachetrain.config import Config, ConfigError, load_config, save_config
-from tests.conftest import synthetic_raw, write_config
+from tests.conftest import cli, synthetic_raw, write_config
 
 
 def test_demo_config_loads_and_round_trips(repo_root, tmp_path):
@@ -58,8 +54,7 @@ def test_cli_config_error_is_one_line_and_nonzero(tmp_path, capsys):
 
 
 def test_cli_subprocess_exit_code_for_wrong_type_override(tiny_config_file):
-    proc = subprocess.run([sys.executable, "-m", "cachetrain.cli", "status", "--config", str(tiny_config_file),
-                           "--set", "model.width=wide"], capture_output=True, text=True)
+    proc = cli(["status", "--config", str(tiny_config_file), "--set", "model.width=wide"])
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: {tiny_config_file} with --set model.width=wide: model.width: expected an integer, got 'wide'"]

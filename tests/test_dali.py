@@ -4,16 +4,17 @@ when DALI is missing. (GPU placement, `mixed` decoding and the CUDA copy path ne
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from cachetrain.cache import plan_layout
 from cachetrain.config import LoaderConfig
 from cachetrain.loader import CacheSource
-from tests.test_loader import N, make_store
+from tests.conftest import STORE_N as N, make_store
 
 import nvidia.dali  # noqa: F401  - a test dependency: missing, this module fails rather than skips
 
@@ -50,14 +51,23 @@ def test_dali_labels_travel_with_samples(readers):
 
 
 def test_dali_feature_augmentation_is_a_padded_crop_and_flip(tmp_path):
-    reader_pair = (make_store(tmp_path / "train.zarr"), make_store(tmp_path / "test.zarr", n=70))
-    # overwrite sample contents with a position pattern, so every crop/flip is recognisable
-    import zarr
-    for r in reader_pair:
-        arr = zarr.open_array(str(r.path / "features"), mode="r+")
-        n = r.info.num_samples
-        pattern = (np.arange(9, dtype=np.float16).reshape(1, 1, 3, 3) + 1) * np.ones((n, 2, 1, 1), np.float16)
-        arr[:] = pattern
+    # every sample holds the same position pattern, so every crop/flip is recognisable (written by the
+    # caching pass: a store rewritten behind its back no longer matches its checksum manifest, and is refused)
+    from cachetrain.cache import CacheReader, write_store
+
+    class Pattern(torch.nn.Module):
+        def forward(self, x):
+            return (torch.arange(9, dtype=torch.float32).reshape(1, 1, 3, 3) + 1).expand(len(x), 2, 3, 3)
+
+    def pattern_store(path, n):
+        reader = make_store(path, n=n)  # for its layout
+        info = dataclasses.replace(reader.info, fingerprint="pattern")
+        layout = plan_layout(info.sample_bytes, info.chunk_samples * info.sample_bytes / 2**20, n, info.chunk_samples)
+        write_store(path, info, reader.labels, Pattern(), lambda start, size: ((torch.zeros(min(size, n - i), 2, 3, 3),
+                    None) for i in range(start, n, size)), layout, torch.device("cpu"))
+        return CacheReader(path, "pattern")
+
+    reader_pair = (pattern_store(tmp_path / "train.zarr", N), pattern_store(tmp_path / "test.zarr", 70))
     src = source(reader_pair, "dali", crop_padding=1, flip=True)
     base = torch.arange(9, dtype=torch.float32).reshape(3, 3) + 1
     padded = F.pad(base, (1, 1, 1, 1))

@@ -1,4 +1,4 @@
-"""Image folders (the ImageNet path) on the CPU: torchvision's ImageFolder + DataLoader workers, and
+"""Image folders (the ImageNet path) on the CPU: PIL + torchvision transforms in DataLoader workers, and
 DALI's CPU-only decoding, for stage 0 training and its caching pass, on real Fashion-MNIST JPEGs."""
 
 from __future__ import annotations

@@ -3,7 +3,6 @@ and loses nothing."""
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ from cachetrain.config import Config
 from cachetrain.greedy import Greedy
 from cachetrain.rundir import RunDir
 from tests.conftest import synthetic_raw, write_config
-from tests.test_resume import cli
+from tests.conftest import cli
 
 
 @pytest.fixture
@@ -88,11 +87,13 @@ def test_input_cache_incomplete_is_refused(trained, capsys):
 
 def test_stale_input_cache_is_refused_with_the_rebuild_command(trained, capsys):
     path, cfg = trained
-    assert main(["stage", "--config", str(path), "--j", "0", "--no-cache", "--set", "train.seed=9"]) == 0
+    assert main(["stage", "--config", str(path), "--j", "0", "--no-cache", "--set", "train.seed=9",
+                 "--from-stage", "0"]) == 0
     capsys.readouterr()
     assert main(["stage", "--config", str(path), "--j", "1", "--set", "train.seed=9"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "stale cache: fingerprint" in err and f"run: cachetrain cache --config {path} --j 0" in err
+    # the suggested command names the run the way the user did
+    assert "stale cache: fingerprint" in err and f"run: cachetrain cache --config {path} --set train.seed=9 --j 0" in err
 
 
 def test_second_process_on_the_same_run_is_refused_naming_the_holder(tiny_config_file, tiny_config):

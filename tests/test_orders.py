@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cachetrain.orders import ORDERS, QuasiRandom
+from cachetrain.orders import ORDERS, QuasiRandom, Sequential
 
 
 @pytest.mark.parametrize("name", sorted(ORDERS))
@@ -22,6 +22,13 @@ def test_shuffled_orders_differ_across_epochs_and_repeat_for_same_seed(name):
     assert np.array_equal(a.indices(4), b.indices(4))
     assert not np.array_equal(a.indices(4), a.indices(5))
     assert not np.array_equal(a.indices(4), ORDERS[name](1000, 64, 3, seed=2).indices(4))
+
+
+def test_sequential_ranks_by_hand():
+    """10 samples in chunks of 4 (0-3, 4-7, 8-9) over 2 ranks: rank 0 reads chunks 0 and 2, rank 1 chunk 1."""
+    assert Sequential(10, 4).indices(0).tolist() == list(range(10))
+    assert Sequential(10, 4, rank=0, world=2).indices(3).tolist() == [0, 1, 2, 3, 8, 9]
+    assert Sequential(10, 4, rank=1, world=2).indices(3).tolist() == [4, 5, 6, 7]
 
 
 def test_quasi_random_windows_hold_whole_chunks():

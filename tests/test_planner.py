@@ -1,4 +1,5 @@
-"""The cache planner: exact under the budget (checked by brute force), and training follows a plan."""
+"""The cache planner: exact under the budget (checked by brute force), its FLOP prediction of the cached /
+recompute ratio (by hand and by the properties a wrong model would break), and training follows a plan."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from cachetrain.cache import CacheState
 from cachetrain.cli import main
 from cachetrain.config import Config
 from cachetrain.greedy import Greedy
-from cachetrain.planner import FLOPS, Rates, StageCost, Workload, brute_force, evaluate, parse_size, plan
+from cachetrain.planner import (FLOPS, Rates, StageCost, Workload, brute_force, cost_ratio, describe, evaluate,
+                                parse_size, plan)
 from cachetrain.recompute import RecomputeSource
 from tests.conftest import synthetic_raw, write_config
 
@@ -58,6 +60,58 @@ def test_timed_plan_recomputes_what_is_slower_to_read_than_to_compute():
     assert timed.cost == pytest.approx(by_hand)
     # instant storage: the seconds model agrees with FLOPs
     assert plan(costs, w, 10**9, "float16", Rates(100.0, 1e12, 1e12)).cached == (0, 1, 2)
+
+
+def test_timed_cost_counts_each_epochs_test_evaluation():
+    """Two stages; per sample: forwards 2 and 4 FLOPs, evaluations (block + head) 3 and 6, training steps 6
+    and 12; 10 B per stored sample. 1 FLOP/s, reads 5 B/s, writes 2 B/s; 10 training and 5 test samples,
+    2 epochs. Recomputing: stage 0 takes 2 * (10 * 6 + 5 * 3) = 150 s, stage 1 adds stage 0's forward:
+    2 * (10 * (12 + 2) + 5 * (6 + 2)) = 360 s. Caching stage 0: its pass is bound by the write (10 B at 2 B/s,
+    15 samples: 75 s), and stage 1 then computes for longer than it reads (2 s a sample):
+    2 * (10 * 12 + 5 * 6) = 300 s."""
+    costs = [StageCost(0, (1, 1, 1), 2.0, 6.0, {"float16": 10}, 3.0),
+             StageCost(1, (1, 1, 1), 4.0, 12.0, {"float16": 10}, 6.0)]
+    w, rates = Workload(train=10, test=5, epochs=2), Rates(1.0, 5.0, 2.0)
+    assert evaluate(costs, w, (), "float16", rates).cost == pytest.approx(150 + 360)
+    assert evaluate(costs, w, (0,), "float16", rates).cost == pytest.approx(150 + 75 + 300)
+    assert plan(costs, w, 10**9, "float16", rates).cached == ()  # caching loses here: 525 s against 510
+    assert cost_ratio(costs, w, (0,), "float16", rates) == pytest.approx(525 / 510)
+
+
+def _stages(depth: int, forward: float = 1.0, train: float = 3.0) -> list[StageCost]:
+    return [StageCost(j, (1, 1, 1), forward, train, {"float16": 1}, forward) for j in range(depth)]
+
+
+def test_predicted_ratio_is_below_one_and_falls_with_depth():
+    """Caching every stage but the last against recomputing every input: with a positive recompute cost
+    and more than one epoch the cache must win, and win by more as the frozen prefix grows."""
+    w = Workload(train=100, test=10, epochs=5)
+    ratios = [cost_ratio(_stages(depth), w, range(depth - 1)) for depth in range(2, 9)]
+    assert all(0 < r < 1 for r in ratios)
+    assert all(a > b for a, b in zip(ratios, ratios[1:]))
+    # nothing cached is the recompute run itself
+    assert cost_ratio(_stages(4), w, ()) == pytest.approx(1.0)
+    # the more a stage's own training costs, the less the frozen forwards matter: the ratio rises toward 1
+    by_train = [cost_ratio(_stages(4, train=t), w, range(3)) for t in (1.0, 10.0, 100.0, 1000.0)]
+    assert all(a < b < 1 for a, b in zip(by_train, by_train[1:]))
+
+
+def test_one_epoch_of_two_stages_costs_the_same_cached_or_recomputed():
+    """With one epoch, caching stage 0 forwards every sample through it once, and so does recomputing it
+    for stage 1's only epoch: the same FLOPs either way."""
+    costs = [StageCost(0, (1, 1, 1), 7.0, 20.0, {"float16": 1}, 9.0),
+             StageCost(1, (1, 1, 1), 5.0, 15.0, {"float16": 1}, 6.0)]
+    assert cost_ratio(costs, Workload(train=50, test=20, epochs=1), (0,)) == pytest.approx(1.0)
+    assert cost_ratio(costs, Workload(train=50, test=20, epochs=2), (0,)) < 1
+
+
+def test_describe_reports_the_same_ratio():
+    costs = random_costs(np.random.default_rng(1), 5)
+    w = Workload(1000, 100, 3)
+    chosen = plan(costs, w, 10**18, "float16")
+    d = describe(costs, w, chosen, "float16")
+    assert d["total_vs_recompute_everything"] == pytest.approx(cost_ratio(costs, w, chosen.cached))
+    assert d["cost_constant"] == pytest.approx(sum(3 * 1000 * c.train_flops for c in costs))  # no eval FLOPs given
 
 
 def test_unlimited_budget_caches_every_stage_but_the_last_and_zero_caches_nothing():

@@ -2,15 +2,13 @@
 
 Kills are real `kill -9`s: either the process sends SIGKILL to itself at a named point
 (CACHETRAIN_FAULT, see cachetrain/faults.py), or the test kills it from outside at a moment it
-observes on disk.
+observes on disk. `status` runs in this process: it only reads the run.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,11 @@ import pytest
 import torch
 import zarr
 
-from tests.conftest import synthetic_raw, write_config
+from cachetrain.cli import main
+from tests.conftest import cli, cli_popen, synthetic_raw, write_config
+
+# `cli` stays importable from here for tests/test_integrity.py and tests/test_durable.py until they import it
+# from tests.conftest
 
 KILL_CHAIN = [  # each entry: the fault that kills one run; every run resumes the one before
     "train_step:5",        # stage 0, epoch 1, after step 5 (a mid-epoch checkpoint exists at step 3)
@@ -34,15 +36,14 @@ KILL_CHAIN = [  # each entry: the fault that kills one run; every run resumes th
 
 
 def raw_config(run_dir: Path) -> dict:
+    """3 stages, 2 epochs of 12 steps (384 samples, batches of 32), a checkpoint every 3 steps."""
     return synthetic_raw(run_dir, model={"stages": 3}, train={"epochs": 2, "checkpoint_steps": 3})
 
 
-def cli(args: list[str], fault: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "CACHETRAIN_FAULT"}
-    if fault:
-        env["CACHETRAIN_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "cachetrain.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def status(path: Path, capsys) -> str:
+    capsys.readouterr()
+    assert main(["status", "--config", str(path)]) == 0
+    return capsys.readouterr().out
 
 
 def snapshot(run_dir: Path, depth: int = 3) -> dict[str, np.ndarray]:
@@ -50,7 +51,7 @@ def snapshot(run_dir: Path, depth: int = 3) -> dict[str, np.ndarray]:
     out = {}
     for j in range(depth):
         ck = torch.load(run_dir / "stages" / f"stage_{j}" / "checkpoint.pt", weights_only=False)
-        assert ck["epoch"] == ck["epochs"]
+        assert ck["epoch"] == ck["epochs"] == 2
         for part in ("model", "head"):
             for name, tensor in ck[part].items():
                 out[f"stage{j}.{part}.{name}"] = tensor.numpy()
@@ -66,6 +67,7 @@ def snapshot(run_dir: Path, depth: int = 3) -> dict[str, np.ndarray]:
 
 def assert_identical(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
+    assert {k.split(".")[0] for k in a} == {"stage0", "stage1", "stage2", "cache0", "cache1"}
     for key in a:
         assert a[key].dtype == b[key].dtype and a[key].tobytes() == b[key].tobytes(), key
 
@@ -79,41 +81,30 @@ def reference(tmp_path_factory) -> dict:
     return snapshot(d / "run")
 
 
-def test_sigkill_chain_resumes_bit_identically(reference, tmp_path):
+def test_sigkill_chain_resumes_bit_identically(reference, tmp_path, capsys):
     path = write_config(tmp_path / "c.yaml", raw_config(tmp_path / "run"))
-    killed = 0
-    for fault in KILL_CHAIN:
+    for i, fault in enumerate(KILL_CHAIN):
         proc = cli(["train", "--config", str(path)], fault=fault)
         assert proc.returncode == -signal.SIGKILL, (fault, proc.returncode, proc.stderr[-2000:])
-        killed += 1
-    status = cli(["status", "--config", str(path)])
-    assert status.returncode == 0 and "next: train finishes the cache of stage 1" in status.stdout
+        if i == 0:  # killed after step 5: the last checkpoint is step 3's, and status names it
+            out = status(path, capsys)
+            assert "partial" in out and "0/2 +3 batches" in out
+            assert "next: train resumes stage 0 at epoch 1, batch 3" in out
+    assert "next: train finishes the cache of stage 1" in status(path, capsys)
     proc = cli(["train", "--config", str(path)])
     assert proc.returncode == 0, proc.stderr
-    assert killed == len(KILL_CHAIN)
     assert_identical(snapshot(tmp_path / "run"), reference)
 
 
-def test_kill_from_outside_mid_epoch_resumes_bit_identically(reference, tmp_path):
+def test_kill_from_outside_mid_epoch_resumes_bit_identically(reference, tmp_path, capsys):
     path = write_config(tmp_path / "c.yaml", raw_config(tmp_path / "run"))
-    env = {k: v for k, v in os.environ.items() if k != "CACHETRAIN_FAULT"}
-    proc = subprocess.Popen([sys.executable, "-m", "cachetrain.cli", "train", "--config", str(path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = cli_popen(["train", "--config", str(path)])
     checkpoint = tmp_path / "run" / "stages" / "stage_1" / "checkpoint.pt"
-    deadline = time.time() + 240
+    deadline = time.time() + 240  # a liveness bound, not a measurement: the run takes seconds
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)  # somewhere in stage 1, after its first mid-epoch checkpoint
     assert proc.wait() == -signal.SIGKILL
-    status = cli(["status", "--config", str(path)])
-    assert "next: train resumes stage 1" in status.stdout, status.stdout
+    assert "next: train resumes stage 1" in status(path, capsys)
     assert cli(["train", "--config", str(path)]).returncode == 0
     assert_identical(snapshot(tmp_path / "run"), reference)
-
-
-def test_status_names_a_stage_interrupted_mid_training(tmp_path):
-    path = write_config(tmp_path / "c.yaml", raw_config(tmp_path / "run"))
-    assert cli(["train", "--config", str(path)], fault="train_step:8").returncode == -signal.SIGKILL
-    out = cli(["status", "--config", str(path)]).stdout
-    assert "partial" in out and "0/2 +6 batches" in out
-    assert "next: train resumes stage 0 at epoch 1, batch 6" in out

@@ -6,10 +6,27 @@ say what produced the store (stage j, k, the stage's weights hash, its input's f
 codec) and whether it is complete. Readers compare the `fingerprint` attribute with the one they
 expect from the current checkpoint and name what differs.
 
+Every chunk file ends with the crc32c of its bytes (zarr's Crc32cCodec). A complete store also holds
+a checksum manifest, `chunk_crc32c` (uint32, one entry per features chunk, then one for the labels:
+the trailing crc32c of each file), and the attribute `content_digest`, the first 16 hex digits of the
+sha256 of those crcs in that order (`content_digest()`): two stores with the same digest hold the same
+bytes. Both are recomputed from the files whenever the store becomes complete, in the same attribute
+update that sets `complete`, so a repair that restores the exact bytes keeps the digest. Readers
+check each chunk's crc32c, and its trailing crc against the manifest, before using it
+(cachetrain/cache/reader.py).
+
 Store states and their transitions (`CacheState`):
 
-    ABSENT --create--> WRITING --last chunk + labels written and fsynced, flag set--> COMPLETE
-    WRITING/COMPLETE --producing stage retrained (fingerprint differs)--> STALE --rebuild--> WRITING
+    ABSENT --create--> WRITING --last chunk + labels written and fsynced, manifest + flag set--> COMPLETE
+    WRITING/COMPLETE/DAMAGED --producing stage retrained (fingerprint differs)--> STALE --rebuild--> WRITING
+    COMPLETE --a chunk or labels file (or the features metadata) lost--> DAMAGED
+    DAMAGED --`cachetrain cache --j J --repair` (any caching pass)--> WRITING --missing chunks rewritten--> COMPLETE
+
+DAMAGED is found by a presence check only (a stat of every chunk file, at the size `missing_chunks`
+expects; nothing is read), so `status` can afford it. A chunk whose bytes are wrong but whose file is
+whole is found when read (reader.py) or by `cachetrain verify`, and `--repair` drops and rewrites it.
+A store whose group metadata (`zarr.json`) is missing or unreadable is ABSENT or STALE: nothing in it
+can be trusted, and it is rebuilt; readers and `verify` call it "store metadata missing".
 
 A store is only ever read as input in state COMPLETE. WRITING survives a crash: zarr's local store
 writes each chunk file atomically (temp file + rename), so after a process crash a chunk file that
@@ -24,6 +41,7 @@ import enum
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +68,7 @@ class CacheState(enum.Enum):
     WRITING = "writing"
     COMPLETE = "complete"
     STALE = "stale"
+    DAMAGED = "damaged"  # marked complete, but a file it vouches for is gone (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -140,22 +159,149 @@ def plan_layout(sample_bytes: int, chunk_mib: float, num_samples: int, batch_siz
     return Layout(min(num_samples, target), group, min(num_samples, target) * group)
 
 
-def store_state(path: Path, expected_fingerprint: str | None) -> tuple[CacheState, StoreInfo | None]:
+def _read_attrs(path: Path) -> tuple[dict | None, str | None]:
+    """(the group's attributes, None), or (None, what is wrong with its metadata)."""
     if not (path / "zarr.json").exists():
-        return CacheState.ABSENT, None
+        return None, "store metadata missing (zarr.json not found)"
     try:
         attrs = dict(zarr.open_group(str(path), mode="r").attrs)
-        info = StoreInfo.from_attrs(attrs)
-    except Exception:  # noqa: BLE001 - unreadable metadata, not one of ours, or an older format: rebuild it
-        return CacheState.STALE, None
+        StoreInfo.from_attrs(attrs)
+    except Exception as e:  # noqa: BLE001 - unreadable metadata, not one of ours, or an older format
+        return None, f"store metadata missing (zarr.json unreadable: {_one_line(e)})"
+    return attrs, None
+
+
+def metadata_problem(path: Path) -> str | None:
+    """What is wrong with the group metadata of the store at `path` (which exists), or None."""
+    return _read_attrs(path)[1]
+
+
+def store_state(path: Path, expected_fingerprint: str | None) -> tuple[CacheState, StoreInfo | None]:
+    attrs, problem = _read_attrs(path)
+    if attrs is None:  # no metadata: nothing to resume; unreadable metadata, or an older format: rebuild it
+        return (CacheState.ABSENT if not (path / "zarr.json").exists() else CacheState.STALE), None
+    info = StoreInfo.from_attrs(attrs)
     if expected_fingerprint is not None and info.fingerprint != expected_fingerprint:
         return CacheState.STALE, info
-    return (CacheState.COMPLETE if attrs.get("complete") is True else CacheState.WRITING), info
+    if attrs.get("complete") is not True:
+        return CacheState.WRITING, info
+    return (CacheState.DAMAGED if damage(path, info) else CacheState.COMPLETE), info
+
+
+def damage(path: Path, info: StoreInfo) -> str | None:
+    """What a store marked complete lacks, in words, or None: the presence check behind DAMAGED (a
+    stat per file, nothing read)."""
+    try:
+        features = zarr.open_array(str(path / "features"), mode="r")
+        labels = labels_file(path)
+    except Exception as e:  # noqa: BLE001
+        return f"store metadata missing (features or labels metadata unreadable: {_one_line(e)})"
+    missing = missing_chunks(path, info, features)
+    if missing:
+        c = missing[0]
+        more = f" (and {len(missing) - 1} more chunks)" if len(missing) > 1 else ""
+        return f"chunk {c} (samples {c * info.chunk_samples}-" \
+               f"{min((c + 1) * info.chunk_samples, info.num_samples) - 1}) is missing or cut short{more}"
+    if not labels.is_file():
+        return "the labels file is missing"
+    return None
+
+
+def missing_chunks(path: Path, info: StoreInfo, features=None) -> list[int]:
+    """Chunks without a whole file. zarr renames a chunk file into place whole, but a power cut can
+    still leave a renamed file whose data never reached the disk: an uncompressed chunk must have its
+    exact size (the padded chunk + the 4-byte crc32c), a compressed one more than its checksum."""
+    try:
+        array = features if features is not None else zarr.open_array(str(path / "features"), mode="r")
+    except Exception:  # noqa: BLE001 - its metadata is gone: no chunk can be read
+        return list(range(info.num_chunks))
+    want = info.raw_chunk_file_bytes if info.codec == "none" else None
+
+    def whole(c: int) -> bool:
+        try:
+            size = os.stat(chunk_file(path, array, c)).st_size
+        except FileNotFoundError:
+            return False
+        return size == want if want is not None else size > 4
+    return [c for c in range(info.num_chunks) if not whole(c)]
 
 
 def chunk_file(store: Path, features, c: int) -> Path:
     """The file of chunk c of a store's `features` array (a local store: one file per chunk)."""
     return store / "features" / features.metadata.encode_chunk_key((c,) + (0,) * (features.ndim - 1))
+
+
+def labels_file(store: Path) -> Path:
+    """The file holding a store's labels (one chunk)."""
+    labels = zarr.open_array(str(store / "labels"), mode="r")
+    return store / "labels" / labels.metadata.encode_chunk_key((0,))
+
+
+# -- the checksum manifest ---------------------------------------------------------------------------
+CHECKSUMS = "chunk_crc32c"  # the manifest array: features chunks 0..n-1, then the labels
+
+
+def trailing_crc32c(file: Path | str) -> int | None:
+    """The crc32c zarr appended to a chunk file (its last 4 bytes, little-endian); None if it has none."""
+    with open(file, "rb") as f:
+        if f.seek(0, os.SEEK_END) < 4:
+            return None
+        f.seek(-4, os.SEEK_END)
+        return int.from_bytes(f.read(4), "little")
+
+
+def file_checksums(path: Path, info: StoreInfo) -> np.ndarray:
+    """The trailing crc32c of every features chunk file, then of the labels file, as the manifest holds
+    them. Raises CacheError naming a file that is missing or shorter than its checksum."""
+    features = zarr.open_array(str(path / "features"), mode="r")
+    files = [chunk_file(path, features, c) for c in range(info.num_chunks)] + [labels_file(path)]
+    crcs = np.zeros(len(files), dtype=np.uint32)
+    for i, file in enumerate(files):
+        try:
+            crc = trailing_crc32c(file)
+        except FileNotFoundError:
+            crc = None
+        if crc is None:
+            raise CacheError(f"{path}: {file} is missing or shorter than its checksum; run: cachetrain cache "
+                             f"--j {info.stage} --repair")
+        crcs[i] = crc
+    return crcs
+
+
+def digest_of(checksums: np.ndarray) -> str:
+    """`content_digest` of a manifest: sha256 over the crcs (uint32 little-endian, in manifest order)."""
+    return hashlib.sha256(np.asarray(checksums, dtype="<u4").tobytes()).hexdigest()[:16]
+
+
+def read_manifest(path: Path, info: StoreInfo) -> np.ndarray | None:
+    """The store's checksum manifest (num_chunks + 1 crcs), or None when it has none (written before
+    manifests existed). Raises ValueError when it exists but cannot be read or does not fit the store."""
+    if not (path / CHECKSUMS / "zarr.json").exists():
+        return None
+    try:
+        crcs = zarr.open_array(str(path / CHECKSUMS), mode="r")[:]  # its own crc32c is checked by zarr
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(_one_line(e)) from None
+    if crcs.shape != (info.num_chunks + 1,) or crcs.dtype != np.uint32:
+        raise ValueError(f"expected {info.num_chunks + 1} uint32 crcs, found {crcs.dtype} {crcs.shape}")
+    return crcs
+
+
+def content_digest(path: Path) -> str | None:
+    """The `content_digest` of the complete store at `path`: 16 hex digits that change whenever the
+    bytes of any chunk or of the labels do. None when the store has none (missing, not complete, or
+    written before digests existed). Reads the group metadata only: it does not check the files (a
+    DAMAGED store still reports the digest of what it should hold; `cachetrain verify` checks that)."""
+    attrs, _ = _read_attrs(Path(path))
+    if attrs is None or attrs.get("complete") is not True:
+        return None
+    digest = attrs.get("content_digest")
+    return digest if isinstance(digest, str) else None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:120]
 
 
 def disk_bytes(path: Path) -> int:

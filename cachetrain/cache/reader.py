@@ -2,25 +2,66 @@
 
 A random sample-level read through zarr decodes a whole chunk per sample (measured ~100x slower
 than a memmap here), so the unit of reading is the chunk; the loader does the shuffling.
+
+Checked reads: no chunk reaches a batch before its crc32c is checked (the 4 bytes zarr's Crc32cCodec
+appends to every chunk file), and its trailing crc is compared with the store's checksum manifest
+(manifest.py), so a chunk file swapped or rewritten behind the store's back is refused too. A failure
+is a CacheError naming the store, the chunk, its samples and the repair command.
+- memory-mapped (uncompressed) chunks are hashed here (google_crc32c, the C implementation zarr
+  itself uses) when first used after mapping; will_need maps without hashing, so a chunk read ahead
+  arrives from disk while the step before runs;
+- decoded (zstd) chunks are checked by zarr's decode, which fails on a mismatch; that failure becomes
+  the same one-line CacheError (worker processes hand it back as data, cachetrain/feeds.py).
+Each process checks a chunk file once: the check is recorded against the file's identity (device,
+inode, size, mtime_ns, and the manifest's crc), so a chunk evicted and mapped again is not hashed again,
+while a file replaced or rewritten since is. A loader asks for that identity again once per epoch for
+the chunks it keeps mapped (`recheck`, a stat each).
+
+`VERIFY` switches the checks off; only benchmarks/loader_bench.py does that, to measure what they cost.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 import resource
 import sys
 from collections import OrderedDict
 from pathlib import Path
+from typing import NamedTuple
 
+import google_crc32c
 import numpy as np
 import torch
 import zarr
 
-from cachetrain.cache.manifest import DTYPES, CacheError, CacheState, StoreInfo, chunk_file, store_state
+from cachetrain.cache.manifest import (DTYPES, CacheError, CacheState, StoreInfo, chunk_file, damage, labels_file,
+                                       metadata_problem, read_manifest, store_state, trailing_crc32c)
 from cachetrain.cache.quant import dequantize
 
 
 MAX_MAPS = 8192  # an mmap each: far below the kernel's vm.max_map_count
+VERIFY = True  # check every chunk before use (module docstring); False only in benchmarks/loader_bench.py
+
+# store path -> per chunk, the identity (`_identity`) of the file last found good in this process; 0: none
+_verified: dict[str, np.ndarray] = {}
+
+
+def _identity(st: os.stat_result, expected: int | None) -> int:
+    """One int64 for a chunk file's identity and the crc the manifest expects of it (never 0)."""
+    return hash((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, expected)) or 1
+
+
+def forget_checks() -> None:
+    """Forget which chunk files this process has checked (benchmarks measure a first epoch with it)."""
+    _verified.clear()
+
+
+class _Mapping(NamedTuple):
+    tensor: torch.Tensor
+    mm: mmap.mmap
+    file: str
+    identity: int
 
 
 def _max_maps() -> int:
@@ -46,6 +87,8 @@ class CacheReader:
         self.path = Path(path)
         state, info = store_state(self.path, expected_fingerprint)
         hint = f"; {rebuild_hint}" if rebuild_hint else ""
+        if info is None and self.path.exists():
+            raise CacheError(f"{self.path}: {metadata_problem(self.path) or 'store metadata missing'}{hint}")
         if state is CacheState.ABSENT:
             raise CacheError(f"{self.path}: cache store not found{hint}")
         if state is CacheState.WRITING:
@@ -55,11 +98,33 @@ class CacheReader:
             raise CacheError(f"{self.path}: stale cache: fingerprint {found} does not match the current "
                              f"checkpoint ({expected_fingerprint}){hint}")
         self.info: StoreInfo = info
+        self.repair = f"run: cachetrain cache --j {info.stage} --repair"
+        if state is CacheState.DAMAGED:
+            raise CacheError(f"{self.path}: cache store is damaged: {damage(self.path, info) or 'a file is missing'}; "
+                             f"{self.repair}")
         self._features: zarr.Array | None = None
-        self._maps: OrderedDict[int, tuple[torch.Tensor, mmap.mmap]] = OrderedDict()  # chunk -> its mapping
+        self._maps: OrderedDict[int, _Mapping] = OrderedDict()  # chunk -> its mapping
         self._advised: set[int] = set()  # mapped chunks the kernel was asked to read ahead
+        self._unchecked: set[int] = set()  # mapped chunks whose crc32c is still to be checked
+        self._checked: np.ndarray | None = None  # this process's record (`_verified`) for this store
         self._max_maps = _max_maps()
-        self.labels = zarr.open_array(str(self.path / "labels"), mode="r")[:]  # (N,) int64, small
+        try:
+            self.manifest = read_manifest(self.path, info)  # (num_chunks + 1,) uint32, or None (an older store)
+        except ValueError as e:
+            raise CacheError(f"{self.path}: its checksum manifest is unreadable ({e}); {self.repair}") from None
+        self.labels = self._read_labels()  # (N,) int64, small
+
+    def _read_labels(self) -> np.ndarray:
+        try:
+            file = labels_file(self.path)
+            labels = zarr.open_array(str(self.path / "labels"), mode="r")[:]  # zarr checks its crc32c
+            crc = trailing_crc32c(file)
+        except Exception as e:  # noqa: BLE001 - a decode or checksum failure, a file gone
+            raise CacheError(f"{self.path}: labels are corrupt ({_reason(e)}); {self.repair}") from None
+        if VERIFY and self.manifest is not None and crc != int(self.manifest[-1]):
+            raise CacheError(f"{self.path}: labels are corrupt: they differ from the store's checksum manifest "
+                             f"({file}); {self.repair}")
+        return labels
 
     @property
     def features(self) -> zarr.Array:
@@ -69,7 +134,23 @@ class CacheReader:
         return self._features
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_features": None, "_maps": OrderedDict(), "_advised": set()}
+        return {**self.__dict__, "_features": None, "_maps": OrderedDict(), "_advised": set(), "_unchecked": set(),
+                "_checked": None}
+
+    @property
+    def checked(self) -> np.ndarray:
+        """This process's record of which chunk files were found good (shared by its readers of the store)."""
+        if self._checked is None:
+            key = str(self.path.resolve())
+            record = _verified.get(key)
+            if record is None or len(record) != self.info.num_chunks:
+                record = _verified[key] = np.zeros(self.info.num_chunks, dtype=np.int64)
+            self._checked = record
+        return self._checked
+
+    def expected_crc(self, c: int) -> int | None:
+        """The crc32c the checksum manifest records for chunk c's file (None: the store has no manifest)."""
+        return None if self.manifest is None else int(self.manifest[c])
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -86,33 +167,75 @@ class CacheReader:
     @property
     def memmappable(self) -> bool:
         """Uncompressed chunk files are the raw C-order bytes of the (padded) chunk followed by the 4-byte
-        crc32c, so they can be mapped instead of decoded (checksums are then checked by `verify` only)."""
+        crc32c, so they can be mapped instead of decoded (the crc32c is then checked here, not by zarr)."""
         return self.info.codec == "none"
 
     def chunk_path(self, c: int) -> Path:
         return chunk_file(self.path, self.features, c)
 
     def chunk_view(self, c: int) -> torch.Tensor:
-        """Chunk c as a tensor: a zero-copy memory map for uncompressed stores, else decoded."""
+        """Chunk c as a tensor: a zero-copy memory map for uncompressed stores, else decoded; checked
+        either way (module docstring)."""
         if not self.memmappable:
             return self.read_chunk(c)
         mapped = self._maps.get(c)
         if mapped is not None:
             self._maps.move_to_end(c)  # least recently used goes first
         else:
-            start, stop = self.chunk_bounds(c)
-            self._check_chunk(c)
-            with open(self.chunk_path(c), "rb") as f:
-                # private (copy-on-write): torch gets a writable view without a copy; nothing writes to it
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY,
-                               **({"trackfd": False} if sys.version_info >= (3, 13) else {}))
-            count = (stop - start) * int(np.prod(self.info.sample_shape))
-            block = np.frombuffer(mm, dtype=DTYPES[self.info.dtype][0], count=count)
-            mapped = self._maps[c] = (_as_tensor(block.reshape(stop - start, *self.info.sample_shape),
-                                                 self.info.dtype), mm)
-            while len(self._maps) > self._max_maps:
-                self._advised.discard(self._maps.popitem(last=False)[0])
-        return mapped[0]
+            mapped = self._map(c)
+        if c in self._unchecked:
+            self._check_mapped(c, mapped)
+        return mapped.tensor
+
+    def _map(self, c: int) -> _Mapping:
+        """Map chunk c's file (not yet hashed: `chunk_view` does that on first use, unless this process
+        already found this very file good)."""
+        start, stop = self.chunk_bounds(c)
+        file, st = self._stat_chunk(c)
+        with open(file, "rb") as f:
+            # private (copy-on-write): torch gets a writable view without a copy; nothing writes to it
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY,
+                           **({"trackfd": False} if sys.version_info >= (3, 13) else {}))
+        count = (stop - start) * int(np.prod(self.info.sample_shape))
+        block = np.frombuffer(mm, dtype=DTYPES[self.info.dtype][0], count=count)
+        mapped = self._maps[c] = _Mapping(_as_tensor(block.reshape(stop - start, *self.info.sample_shape),
+                                                     self.info.dtype), mm, file, _identity(st, self.expected_crc(c)))
+        if VERIFY and self.checked[c] != mapped.identity:
+            self._unchecked.add(c)
+        while len(self._maps) > self._max_maps:
+            self._drop(next(iter(self._maps)))
+        return mapped
+
+    def _drop(self, c: int) -> None:
+        self._maps.pop(c, None)
+        self._advised.discard(c)
+        self._unchecked.discard(c)
+
+    def _check_mapped(self, c: int, mapped: _Mapping) -> None:
+        """Hash a mapped chunk file (payload + trailing crc32c) and compare with the manifest."""
+        data = np.frombuffer(mapped.mm, dtype=np.uint8)
+        stored = int.from_bytes(mapped.mm[-4:], "little")
+        if google_crc32c.value(data[:-4]) != stored:
+            self._drop(c)
+            raise self._corrupt(c, "its crc32c does not match its bytes", mapped.file)
+        if self.expected_crc(c) not in (None, stored):
+            self._drop(c)
+            raise self._corrupt(c, "it differs from the store's checksum manifest", mapped.file)
+        self._unchecked.discard(c)
+        self.checked[c] = mapped.identity
+
+    def recheck(self, c: int) -> None:
+        """Chunk c's file may have changed since it was mapped (once per epoch, a stat): a mapping of a
+        file replaced or rewritten since is dropped, so the next use maps and checks the new one."""
+        mapped = self._maps.get(c)
+        if mapped is None or not VERIFY:
+            return
+        try:
+            identity = _identity(os.stat(mapped.file), self.expected_crc(c))
+        except FileNotFoundError:
+            identity = 0
+        if identity != mapped.identity:
+            self._drop(c)
 
     def will_need(self, c: int) -> bool:
         """Ask the kernel to start reading chunk c into the page cache, without waiting; True if it asked
@@ -121,33 +244,60 @@ class CacheReader:
         chunk here, estimated from a hand-timed loader harness)."""
         if not self.memmappable or c in self._advised or not hasattr(mmap, "MADV_WILLNEED"):
             return False
-        self.chunk_view(c)  # maps it (and names a missing or short chunk file)
-        self._maps[c][1].madvise(mmap.MADV_WILLNEED)
+        mapped = self._maps.get(c) or self._map(c)  # maps it (and names a missing or short chunk file)
+        mapped.mm.madvise(mmap.MADV_WILLNEED)
         self._advised.add(c)
         return True
 
-    def _check_chunk(self, c: int) -> None:
-        """zarr would read a missing chunk as zeros, and a short file maps garbage: a store that lost or
-        truncated a chunk file must say so instead."""
-        path = self.chunk_path(c)
+    def _stat_chunk(self, c: int) -> tuple[str, os.stat_result]:
+        """Chunk c's file and its stat. zarr would read a missing chunk as zeros, and a short file maps
+        garbage: a store that lost or truncated a chunk file must say so instead."""
+        file = str(self.chunk_path(c))
         try:
-            size = path.stat().st_size
+            st = os.stat(file)
             problem = None
         except FileNotFoundError:
             problem = "is missing"
-        if problem is None and self.memmappable and size != self.info.raw_chunk_file_bytes:
+        if problem is None and self.memmappable and st.st_size != self.info.raw_chunk_file_bytes:
             # mapped, not decoded: no checksum would catch a short file
-            problem = f"is {size} bytes, expected {self.info.raw_chunk_file_bytes} ({path})"
+            problem = f"is {st.st_size} bytes, expected {self.info.raw_chunk_file_bytes} ({file})"
         if problem:
             start, stop = self.chunk_bounds(c)
             raise CacheError(f"{self.path}: chunk {c} (samples {start}-{stop - 1}) {problem}; run: cachetrain "
                              f"verify, then cachetrain cache --j {self.info.stage} --repair")
+        return file, st
+
+    def _corrupt(self, c: int, what: str, file: str) -> CacheError:
+        start, stop = self.chunk_bounds(c)
+        return CacheError(f"{self.path}: chunk {c} (samples {start}-{stop - 1}) is corrupt: {what} ({file}); "
+                          f"{self.repair}")
 
     def read_chunk(self, c: int) -> torch.Tensor:
-        """Chunk c as a (n_c, C, H, W) tensor of the storage dtype."""
+        """Chunk c as a (n_c, C, H, W) tensor of the storage dtype, decoded by zarr (which checks its
+        crc32c); its trailing crc is compared with the manifest once per file per process."""
         start, stop = self.chunk_bounds(c)
-        self._check_chunk(c)
-        return _as_tensor(np.ascontiguousarray(self.features[start:stop]), self.info.dtype)
+        file, st = self._stat_chunk(c)
+        try:
+            block = self.features[start:stop]
+        except Exception as e:  # noqa: BLE001 - a checksum mismatch, a file zstd cannot decode: corrupt
+            if isinstance(e, MemoryError):
+                raise
+            raise self._corrupt(c, _reason(e), file) from None
+        expected = self.expected_crc(c)
+        identity = _identity(st, expected)
+        if VERIFY and self.checked[c] != identity:
+            if expected is not None and trailing_crc32c(file) != expected:
+                raise self._corrupt(c, "it differs from the store's checksum manifest", file)
+            self.checked[c] = identity
+        return _as_tensor(np.ascontiguousarray(block), self.info.dtype)
+
+
+def _reason(e: BaseException) -> str:
+    """A decode failure in a few words (zarr's checksum error quotes both crcs as bytes)."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "checksum" in text.lower():
+        return "its crc32c does not match its bytes"
+    return text[:120]
 
 
 def _as_tensor(block: np.ndarray, dtype: str) -> torch.Tensor:

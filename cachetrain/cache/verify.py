@@ -3,7 +3,11 @@
 Every chunk ends with a crc32c checksum (zarr v3's Crc32cCodec, last in the codec chain), so a
 flipped byte anywhere in a chunk file fails its decode, and so does a file cut short or empty (what
 a power cut can leave). A chunk file that does not exist would silently read as the fill value, so
-existence is checked separately.
+existence is checked separately. A complete store's checksum manifest (manifest.py) must agree with
+each file's trailing crc32c: a chunk file swapped for another, or rewritten behind the store's back,
+has a valid checksum of the wrong bytes ("corrupt: differs from the store's checksum manifest").
+Problems of the store as a whole ("store missing", "store metadata missing ...") are not repaired
+chunk by chunk: the caching pass rebuilds such a store.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ from pathlib import Path
 
 import zarr
 
-from cachetrain.cache.manifest import chunk_file, store_state
+from cachetrain.cache.manifest import (chunk_file, labels_file, metadata_problem, read_manifest, store_state,
+                                       trailing_crc32c)
+
+MANIFEST_DIFFERS = "corrupt: differs from the store's checksum manifest"
 
 
 @dataclass(frozen=True)
@@ -22,22 +29,42 @@ class ChunkProblem:
     chunk: int | None  # None: the labels array, or the store as a whole
     start: int
     stop: int
-    problem: str  # "missing" | "corrupt: <reason>" | "store missing"
+    problem: str  # "missing" | "corrupt: <reason>" | "store missing" | "store metadata missing (<what>)"
     file: Path | None = None  # the chunk's file
+    part: str = "labels"  # what a problem with chunk None is about, unless it is the whole store's
+
+    @property
+    def whole_store(self) -> bool:
+        """The store as a whole is missing or unusable: rebuilt, not repaired chunk by chunk."""
+        return self.problem.startswith("store ")
 
     def __str__(self) -> str:
         what = (f"chunk {self.chunk} (samples {self.start}-{self.stop - 1})" if self.chunk is not None
-                else "store" if self.problem == "store missing" else "labels")
+                else "store" if self.whole_store else self.part)
         return f"{self.store}: {what}: {self.problem}"
 
 
 def verify_store(path: Path) -> list[ChunkProblem]:
-    """Every problem in the store at `path` (which must exist); [] when every chunk decodes."""
+    """Every problem in the store at `path` (which must exist); [] when every chunk decodes (and, in a
+    complete store, agrees with the checksum manifest)."""
+    problem = metadata_problem(path)
+    if problem is not None:
+        return [ChunkProblem(path, None, 0, 0, problem)]
     _, info = store_state(path, None)
-    if info is None:
-        return [ChunkProblem(path, None, 0, 0, "corrupt: store attributes unreadable")]
+    complete = zarr.open_group(str(path), mode="r").attrs.get("complete") is True
+    try:
+        features = zarr.open_array(str(path / "features"), mode="r")
+        labels = zarr.open_array(str(path / "labels"), mode="r")
+        labels_path = labels_file(path)
+    except Exception as e:  # noqa: BLE001
+        return [ChunkProblem(path, None, 0, 0, f"store metadata missing (features or labels: {_reason(e)})")]
     problems = []
-    features = zarr.open_array(str(path / "features"), mode="r")
+    manifest = None
+    if complete:  # a store being written has no manifest of what it holds yet
+        try:
+            manifest = read_manifest(path, info)
+        except ValueError as e:
+            problems.append(ChunkProblem(path, None, 0, 0, f"corrupt: {e}", part="checksum manifest"))
     for c in range(info.num_chunks):
         start, stop = c * info.chunk_samples, min((c + 1) * info.chunk_samples, info.num_samples)
         file = chunk_file(path, features, c)
@@ -48,10 +75,19 @@ def verify_store(path: Path) -> list[ChunkProblem]:
             features[start:stop]
         except Exception as e:  # noqa: BLE001 - a checksum mismatch or a codec failure: both mean corrupt
             problems.append(ChunkProblem(path, c, start, stop, f"corrupt: {_reason(e)}", file))
+            continue
+        if manifest is not None and trailing_crc32c(file) != int(manifest[c]):
+            problems.append(ChunkProblem(path, c, start, stop, MANIFEST_DIFFERS, file))
+    if not labels_path.is_file():  # it would read as zeros
+        problems.append(ChunkProblem(path, None, 0, info.num_samples, "missing"))
+        return problems
     try:
-        zarr.open_array(str(path / "labels"), mode="r")[:]
+        labels[:]
     except Exception as e:  # noqa: BLE001
         problems.append(ChunkProblem(path, None, 0, info.num_samples, f"corrupt: {_reason(e)}"))
+        return problems
+    if manifest is not None and trailing_crc32c(labels_path) != int(manifest[-1]):
+        problems.append(ChunkProblem(path, None, 0, info.num_samples, MANIFEST_DIFFERS))
     return problems
 
 

@@ -5,6 +5,10 @@ chunk groups as they arrive, so compression and I/O overlap the next batch's com
 exactly one writer and is written exactly once, in full (partial-chunk writes would make zarr read,
 modify and rewrite it). The forward batch is one "group" of whole chunks, always aligned at the same
 sample offsets, so a resumed pass recomputes a missing group bit-identically.
+
+A pass ends by recording the checksum manifest (the trailing crc32c of every chunk file and of the
+labels, read back from the files) and setting `content_digest` with `complete` in one attribute update
+(manifest.py), so a store resumed or repaired gets a manifest of what is on disk now.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import torch
 import zarr
 from zarr.codecs import BitRound, Crc32cCodec, ZstdCodec
 
-from cachetrain.cache.manifest import DTYPES, CacheState, Layout, StoreInfo, chunk_file, store_state
+from cachetrain.cache.manifest import (CHECKSUMS, DTYPES, CacheState, Layout, StoreInfo, chunk_file, digest_of,
+                                       file_checksums, labels_file, missing_chunks, store_state)
 from cachetrain.cache.quant import quantize
 from cachetrain.device import autocast
 from cachetrain.faults import fault_point
@@ -97,24 +102,29 @@ def _create(path: Path, info: StoreInfo, labels: np.ndarray) -> zarr.Group:
     group.create_array(
         "features", shape=(info.num_samples, *info.sample_shape), chunks=(info.chunk_samples, *info.sample_shape),
         dtype=DTYPES[info.dtype][0], fill_value=0, filters=filters, compressors=[*codecs, Crc32cCodec()])
-    group.create_array("labels", data=labels.astype(np.int64), chunks=(len(labels),), compressors=[Crc32cCodec()])
+    _write_labels(group, labels, create=True)
     return group
 
 
-def missing_chunks(path: Path, info: StoreInfo) -> list[int]:
-    """Chunks without a whole file. zarr renames a chunk file into place whole, but a power cut can
-    still leave a renamed file whose data never reached the disk: an uncompressed chunk must have its
-    exact size (the padded chunk + the 4-byte crc32c), a compressed one more than its checksum."""
-    array = zarr.open_array(str(path / "features"), mode="r")
-    want = info.raw_chunk_file_bytes if info.codec == "none" else None
+def _write_labels(group: zarr.Group, labels: np.ndarray, create: bool = False) -> None:
+    """The labels, always as a file: zarr skips (or deletes) a chunk equal to the fill value, and all-zero
+    labels would then read back as zeros with no file for the checksum manifest to vouch for."""
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        if create:
+            group.create_array("labels", data=labels.astype(np.int64), chunks=(len(labels),),
+                               compressors=[Crc32cCodec()])
+        else:
+            group["labels"][:] = labels.astype(np.int64)  # opened under the setting: it is not stored
 
-    def whole(c: int) -> bool:
-        try:
-            size = chunk_file(path, array, c).stat().st_size
-        except FileNotFoundError:
-            return False
-        return size == want if want is not None else size > 4
-    return [c for c in range(info.num_chunks) if not whole(c)]
+
+def _resumable(path: Path) -> bool:
+    """The features and labels arrays' metadata is readable (a DAMAGED store may have lost it: rebuild then)."""
+    try:
+        zarr.open_array(str(path / "features"), mode="r")
+        zarr.open_array(str(path / "labels"), mode="r")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _to_host(y: torch.Tensor) -> np.ndarray:
@@ -147,10 +157,13 @@ def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn
     state, found = store_state(path, info.fingerprint)
     if state is CacheState.COMPLETE:
         return 0
-    if state is CacheState.WRITING and found == info:  # same producer and same layout: resume it
+    if state in (CacheState.WRITING, CacheState.DAMAGED) and found == info and _resumable(path):
+        # same producer and same layout: resume it (a DAMAGED store is WRITING again until it is whole)
         group = zarr.open_group(str(path), mode="r+")
-        if not _labels_match(group, labels):
-            group["labels"][:] = labels.astype(np.int64)
+        if state is CacheState.DAMAGED:
+            group.attrs["complete"] = False
+        if not _labels_match(path, group, labels):
+            _write_labels(group, labels)
     else:
         group = _create(path, info, labels)
     missing = set(missing_chunks(path, info))
@@ -194,10 +207,24 @@ def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn
         writer.close()
     _make_durable(path, [chunk_file(path, features, c) for c in range(info.num_chunks) if c not in missing])
     fault_point("cache_finish")
-    group.attrs["complete"] = True  # only now: every chunk above exists in full, on disk
+    digest = _write_manifest(path, group, info)
+    # only now, with its digest in the same update: every chunk above exists in full, on disk
+    group.update_attributes({"complete": True, "content_digest": digest})
     _fsync(path / "zarr.json")  # zarr replaced the file: its data, then the folder entry naming it
     _fsync(path)
     return computed
+
+
+def _write_manifest(path: Path, group: zarr.Group, info: StoreInfo) -> str:
+    """Record the trailing crc32c of every chunk file and of the labels (the checksum manifest), durably;
+    returns the store's content digest. Read back from the files, so it describes what is on disk."""
+    crcs = file_checksums(path, info)
+    group.create_array(CHECKSUMS, data=crcs, chunks=(len(crcs),), compressors=[Crc32cCodec()], overwrite=True)
+    files = [p for p in (path / CHECKSUMS).rglob("*") if p.is_file()]
+    folders = {folder for file in files for folder in _folders_up_to(file, path)}
+    for item in [*files, *sorted(folders, key=lambda p: -len(p.parts))]:
+        _fsync(item)
+    return digest_of(crcs)
 
 
 def _folders_up_to(file: Path, top: Path) -> list[Path]:
@@ -233,9 +260,9 @@ def _put_missing(writer: BackgroundWriter, block: np.ndarray, start: int, chunk_
         writer.put(c0 * chunk_samples, block[(c0 - first) * chunk_samples:(c0 + n - first) * chunk_samples])
 
 
-def _labels_match(group: zarr.Group, labels: np.ndarray) -> bool:
-    try:
-        return bool(np.array_equal(group["labels"][:], labels))
+def _labels_match(path: Path, group: zarr.Group, labels: np.ndarray) -> bool:
+    try:  # a missing labels file would read as zeros
+        return labels_file(path).is_file() and bool(np.array_equal(group["labels"][:], labels))
     except Exception:  # noqa: BLE001 - unreadable (corrupt) labels get rewritten
         return False
 
