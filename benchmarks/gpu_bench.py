@@ -16,9 +16,9 @@ stand in for trained ones: throughput and memory do not depend on the weights. M
   (decoded by --workers processes), and through DALI where it is installed; next to each, the
   loader's own ceiling (batches landed on the device with no training step);
 - per stage, the time to cache its outputs (both codecs) against a bare forward over the same samples.
-The summary (`cachetrain.benchtools.gpu_summary`) turns these into the issue's ratios, next to what
-the planner's FLOP model predicts (`cachetrain.planner.cost_ratio`). Every step is the trainer's own
-(`cachetrain.trainer.train_step`), timed by `cachetrain.benchtools.time_total` after 2 warm-up steps.
+The summary (`cachetrain.bench.tools.gpu_summary`) turns these into the issue's ratios, next to what
+the planner's FLOP model predicts (`cachetrain.plan.planner.cost_ratio`). Every step is the trainer's own
+(`cachetrain.train.trainer.train_step`), timed by `cachetrain.bench.tools.time_total` after 2 warm-up steps.
 
     python benchmarks/gpu_bench.py OUT [--batch 256] [--steps 20] [--stages 8] [--tiny]
 
@@ -43,15 +43,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from cachetrain.benchtools import (DataShape, gpu_summary, imagenet_config, stepper, stopwatch, store_layout,
+from cachetrain.bench.tools import (DataShape, gpu_summary, imagenet_config, stepper, stopwatch, store_layout,
                                    time_total, write_features)
 from cachetrain.config import Config
 from cachetrain.device import autocast
-from cachetrain.e2e import e2e_network
+from cachetrain.train.e2e import e2e_network
 from cachetrain.models import build_network, make_head
-from cachetrain.planner import Workload, cost_ratio, stage_costs
-from cachetrain.profile import step_memory
-from cachetrain.trainer import StageModel, make_optimizer
+from cachetrain.plan.planner import Workload, cost_ratio, stage_costs
+from cachetrain.plan.profile import step_memory
+from cachetrain.train.trainer import StageModel, make_optimizer
 
 HAVE_ZARR = importlib.util.find_spec("zarr") is not None and importlib.util.find_spec("numcodecs") is not None
 HAVE_DALI = HAVE_ZARR and importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
@@ -132,14 +132,14 @@ def cached_batches(path: Path, batch: int, device: torch.device, workers: int, b
     n = reader.info.num_samples
     order = ORDERS["quasi_random"](n, reader.info.chunk_samples, 4, 0)
     if backend == "dali":
-        from cachetrain.dali import DaliFeatureLoader
+        from cachetrain.cache.dali_feed import DaliFeatureLoader
 
         dali = DaliFeatureLoader(reader, order, device, workers, 0, 0, False)
 
         def epoch_batches(epoch):
             return dali.train_batches(epoch, batch)
     else:
-        from cachetrain.loader import CacheLoader
+        from cachetrain.cache.loader import CacheLoader
 
         loader = CacheLoader(reader, device, workers=workers)
 

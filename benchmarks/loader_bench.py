@@ -40,8 +40,8 @@ import torch
 import cachetrain.cache.reader as reader_module
 from cachetrain.cache import CacheReader, StoreInfo, plan_layout, write_store
 from cachetrain.config import DataConfig, ModelConfig
-from cachetrain.data import load_fmnist
-from cachetrain.loader import CacheLoader
+from cachetrain.data.tensors import load_fmnist
+from cachetrain.cache.loader import CacheLoader
 from cachetrain.models import build_network, make_head
 from cachetrain.orders import ORDERS
 

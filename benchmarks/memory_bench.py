@@ -7,7 +7,7 @@ table the README quotes, and saves OUT/results.json and OUT/results.md.
 Belilovsky et al.'s ImageNet k=3 layout (224 px input space-to-depth'd to 12x112x112, J=8, width 128,
 downsampling at j=2,4,6) on synthetic data with 1000 classes. For every stage (block + auxiliary head
 on its input) and for the whole network end to end, one training step is run at `--batch` and its
-memory is counted by `cachetrain.profile.step_memory` (the trainer's own step): tensors saved for
+memory is counted by `cachetrain.plan.profile.step_memory` (the trainer's own step): tensors saved for
 backward + parameters + gradients + SGD momentum. Saved tensors grow with the batch and the rest does
 not, so the figures are also given scaled to batch 256. Two auxiliary heads: the naive k=3 head (two
 full-resolution convs) and the space-reducing `sr` head.
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from cachetrain.benchtools import DataShape, imagenet_config
+from cachetrain.bench.tools import DataShape, imagenet_config
 from cachetrain.config import Config
-from cachetrain.e2e import e2e_network
+from cachetrain.train.e2e import e2e_network
 from cachetrain.models import build_network, make_head
-from cachetrain.profile import step_memory
-from cachetrain.trainer import StageModel, make_optimizer
+from cachetrain.plan.profile import step_memory
+from cachetrain.train.trainer import StageModel, make_optimizer
 
 MIB = 2**20
 

@@ -3,9 +3,9 @@ layout (`layout`) and who assembles its batches (`feed`).
 
 The question: the cached regime's steps ran 10-14% longer than the recompute regime's on the 2-core
 CPU. Is the input to blame, and how? Both ways time the training step of stage `--stage` of a
-config's network (its block + auxiliary head; `cachetrain.trainer.train_step`, forward + backward +
+config's network (its block + auxiliary head; `cachetrain.train.trainer.train_step`, forward + backward +
 optimizer step) on ReLU-like features of that stage's input shape, with
-`cachetrain.benchtools.time_each`: only the step is timed, never the wait for a batch. Each round
+`cachetrain.bench.tools.time_each`: only the step is timed, never the wait for a batch. Each round
 trains a fresh copy of the stage for `--steps` steps per arm, after `--warmup` (5) untimed steps; the arm
 that goes first rotates by round. It prints each round's median step per arm and the ratios of the
 medians over all rounds, and saves OUT/results.json (settings, `median_step_ms` per arm and round,
@@ -42,11 +42,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cachetrain.benchtools import stepper, store_layout, time_each, write_features
+from cachetrain.bench.tools import stepper, store_layout, time_each, write_features
 from cachetrain.config import Config, load_config
 from cachetrain.models import build_network, make_head
-from cachetrain.planner import input_shape
-from cachetrain.trainer import StageModel, make_optimizer
+from cachetrain.plan.planner import input_shape
+from cachetrain.train.trainer import StageModel, make_optimizer
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 DEFAULTS = {"layout": {"stage": 3, "steps": 60, "rounds": 3, "out": "bench/layout"},
@@ -87,7 +87,7 @@ def layout_rounds(args, cfg: Config, shape: tuple[int, ...], log) -> dict[str, l
 
 def feed_rounds(args, cfg: Config, shape: tuple[int, ...], log) -> dict[str, list[float]]:
     from cachetrain.cache import CacheReader
-    from cachetrain.loader import CacheLoader
+    from cachetrain.cache.loader import CacheLoader
     from cachetrain.orders import ORDERS
 
     n = (args.warmup + args.steps) * args.batch

@@ -5,7 +5,7 @@ and what does it cost in final accuracy? It prints a markdown table and saves OU
 OUT/results.md.
 
 Every variant runs the same greedy schedule from the same trained stage 0
-(`cachetrain.benchtools.run_variants`) and differs only in cache.dtype / codec / bitround. Bytes are
+(`cachetrain.bench.tools.run_variants`) and differs only in cache.dtype / codec / bitround. Bytes are
 what the stores take on disk (chunks + metadata) divided by the samples stored; the ratio compares
 with the raw fp16 size.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from cachetrain.benchtools import run_variants, stopwatch
+from cachetrain.bench.tools import run_variants, stopwatch
 from cachetrain.config import load_config
 
 VARIANTS = {

@@ -2,7 +2,7 @@
 
 The question: do several augmented views of the training set in the cache stop later stages from
 overfitting their cached inputs, and at what accuracy and caching cost? It prints a markdown table and
-saves OUT/results.json and OUT/results.md. The runs are `cachetrain.benchtools.run_variants`.
+saves OUT/results.json and OUT/results.md. The runs are `cachetrain.bench.tools.run_variants`.
 
 With a cache, stages after the first see the same feature map of each image every epoch; the seed
 thesis (Trinh 2019) found early layers overfit in layerwise training. Each variant caches V views of
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from cachetrain.benchtools import run_variants, stopwatch
+from cachetrain.bench.tools import run_variants, stopwatch
 from cachetrain.config import load_config
 
 

@@ -35,7 +35,7 @@ import torch
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from cachetrain.benchtools import stopwatch, store_layout, write_features
+from cachetrain.bench.tools import stopwatch, store_layout, write_features
 from cachetrain.cache import CacheReader
 
 

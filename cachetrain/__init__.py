@@ -1,7 +1,7 @@
 """cachetrain: greedy layerwise CNN training on cached Zarr features.
 
-Data flow: dataset (cachetrain.data) -> stage (cachetrain.models) trained by cachetrain.trainer ->
-cache (cachetrain.cache) -> loader (cachetrain.loader) -> next stage; cachetrain.greedy runs the loop
+Data flow: dataset (cachetrain.data.tensors) -> stage (cachetrain.models) trained by cachetrain.train.trainer ->
+cache (cachetrain.cache) -> loader (cachetrain.cache.loader) -> next stage; cachetrain.train.greedy runs the loop
 and cachetrain.cli is the command line.
 """
 

@@ -1,4 +1,4 @@
-"""`cachetrain` command line: a thin layer over cachetrain.greedy.
+"""`cachetrain` command line: a thin layer over cachetrain.train.greedy.
 
 Every command takes `--config FILE` (YAML; see configs/) and any number of `--set section.key=value`
 overrides. Errors the user can fix are printed as one line and exit with status 2.
@@ -17,18 +17,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from cachetrain.cache import CacheError
-from cachetrain.config import Config, ConfigError, K_RANGE, load_config, save_config
+from cachetrain.config import Config, K_RANGE, load_config, save_config
 from cachetrain.durable import write_json
-from cachetrain.identity import config_hash, describe
-from cachetrain.dali import DaliMissing
-from cachetrain.data import DataError
-from cachetrain.greedy import Greedy, StageError
-from cachetrain.report import status_table
-from cachetrain.rundir import CheckpointError, RunLocked
+from cachetrain.errors import USER_ERRORS, ConfigError
+from cachetrain.train.identity import config_hash, describe
+from cachetrain.train.greedy import Greedy
+from cachetrain.ui import status_table
 
 LOCKED = ("train", "stage", "cache", "e2e", "eval")  # commands that take the run's lock (and may start it)
-USER_ERRORS = (ConfigError, DataError, CacheError, StageError, CheckpointError, RunLocked, DaliMissing)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,7 +123,7 @@ def check_ranges(args: argparse.Namespace, greedy: Greedy) -> None:
 
 def _identity(args: argparse.Namespace, greedy: Greedy, console: Console) -> None:
     """Start the run (its config.yaml, written once) or check that this command's config is the run's
-    (cachetrain.identity); called with the run locked, so two commands cannot race on it."""
+    (cachetrain.train.identity); called with the run locked, so two commands cannot race on it."""
     cfg, identity = greedy.cfg, greedy.identity
     from_stage = getattr(args, "from_stage", None)
     if not identity.started():
@@ -165,7 +161,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
         if args.command == "verify":
             return _verify(greedy, args.j, console, named)
         if args.command == "bench":
-            from cachetrain.bench import run_bench
+            from cachetrain.bench.compare import run_bench
             out = Path(args.out or f"bench/{cfg.name}")
             run_bench(cfg, out, console, quick=args.quick)
             console.print(results_markdown_note(out))
@@ -190,7 +186,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
             computed = greedy.cache_stage(args.j, repair=args.repair)
             console.print(f"stage {args.j} cache: computed {computed['train']} train and {computed['test']} test samples")
         elif args.command == "e2e":
-            from cachetrain.e2e import train_e2e
+            from cachetrain.train.e2e import train_e2e
             acc = train_e2e(cfg, console, data=greedy.data)
             console.print(f"end-to-end test accuracy: {100 * acc:.2f}%")
         elif args.command == "eval":
@@ -208,12 +204,11 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
         print(f"error: {with_run_options(str(e), named)}", file=sys.stderr)
         return 2
     except OSError as e:
-        from cachetrain.data import data_root
         from cachetrain.durable import UNWRITABLE, unwritable_message
 
         if e.errno in UNWRITABLE:  # a read-only or not-ours run directory or data root
             cfg = greedy.cfg if greedy is not None else None
-            print(f"error: {unwritable_message(e, cfg and cfg.run_path, cfg and data_root(cfg.data))}",
+            print(f"error: {unwritable_message(e, cfg and cfg.run_path, cfg and cfg.data.resolved_root)}",
                   file=sys.stderr)
             return 2
         if e.errno != errno.ENOSPC:
@@ -233,8 +228,8 @@ def results_markdown_note(out: Path) -> str:
 
 
 def _plan(greedy: Greedy, args: argparse.Namespace, console: Console) -> int:
-    from cachetrain import planner
-    from cachetrain.report import plan_table
+    from cachetrain.plan import planner
+    from cachetrain.ui import plan_table
 
     cfg = greedy.cfg
     if args.samples is None:
@@ -259,7 +254,7 @@ def _plan(greedy: Greedy, args: argparse.Namespace, console: Console) -> int:
 
 
 def _size(text: str, option: str = "--disk-budget", example: str = "a size like 2TB, 500GB or 1.5TiB") -> int:
-    from cachetrain.planner import parse_size
+    from cachetrain.plan.planner import parse_size
 
     try:
         return parse_size(text, option, example)
@@ -269,7 +264,7 @@ def _size(text: str, option: str = "--disk-budget", example: str = "a size like 
 
 def _rates(args: argparse.Namespace):
     """The planner's seconds model when all three rates are given, else its FLOP model."""
-    from cachetrain.planner import FLOPS, Rates
+    from cachetrain.plan.planner import FLOPS, Rates
 
     given = {"--flop-rate": args.flop_rate, "--read-rate": args.read_rate, "--write-rate": args.write_rate}
     if not any(given.values()):

@@ -9,6 +9,7 @@ sees an invalid config. The resolved config (file + overrides) is saved into the
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,9 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config problem, already phrased as one line for the user."""
+from cachetrain.errors import ConfigError
 
 
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:
@@ -59,6 +58,11 @@ class DataConfig:
         _check(self.synthetic_test >= 1, "data.synthetic_test", "an integer >= 1", self.synthetic_test)
         _check(self.synthetic_noise >= 0, "data.synthetic_noise", "a number >= 0", self.synthetic_noise)
         _check(self.image_size >= 8, "data.image_size", "an integer >= 8", self.image_size)
+
+    @property
+    def resolved_root(self) -> Path:
+        """Where datasets live: data.root, else $CACHETRAIN_DATA, else ~/.cache/cachetrain."""
+        return Path(self.root or os.environ.get("CACHETRAIN_DATA") or Path.home() / ".cache" / "cachetrain")
 
 
 K_RANGE = (1, 8)  # auxiliary depths k a stage may have (model.k, `stage --k`)

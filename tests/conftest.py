@@ -75,7 +75,7 @@ def tiny_run(tmp_path: Path, name: str = "tiny.yaml", **sections) -> tuple[Path,
 
 def tiny_greedy(run_dir: Path, **sections):
     """A Greedy driver on a tiny synthetic run in `run_dir` (nothing trained yet)."""
-    from cachetrain.greedy import Greedy
+    from cachetrain.train.greedy import Greedy
 
     return Greedy(Config.from_dict(synthetic_raw(run_dir, **sections)))
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from cachetrain.cli import main
-from cachetrain.e2e import e2e_network
-from cachetrain.greedy import Greedy
-from cachetrain.recompute import RecomputeSource
+from cachetrain.train.e2e import e2e_network
+from cachetrain.train.greedy import Greedy
+from cachetrain.train.recompute import RecomputeSource
 from tests.conftest import tiny_greedy, tiny_run
 
 

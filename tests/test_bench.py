@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from cachetrain.bench import predicted_time_ratio
-from cachetrain.benchtools import gpu_summary
+from cachetrain.bench.compare import predicted_time_ratio
+from cachetrain.bench.tools import gpu_summary
 from cachetrain.cli import main
-from cachetrain.planner import Workload
-from cachetrain.profile import forward_flops, step_memory, train_step_flops
+from cachetrain.plan.planner import Workload
+from cachetrain.plan.profile import forward_flops, step_memory, train_step_flops
 from tests.conftest import synthetic_raw, write_config
 
 

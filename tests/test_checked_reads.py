@@ -20,7 +20,7 @@ from cachetrain.cache.manifest import chunk_file, content_digest, digest_of, fil
 from cachetrain.cache.verify import MANIFEST_DIFFERS, verify_store
 from cachetrain.cli import main
 from cachetrain.config import Config
-from cachetrain.loader import CacheLoader
+from cachetrain.cache.loader import CacheLoader
 from cachetrain.models import stage_seed
 from cachetrain.orders import ORDERS
 from tests.conftest import STORE_N as N
@@ -130,7 +130,7 @@ def test_a_corrupt_chunk_read_by_a_dali_worker_process_is_one_line(tmp_path):
     Exception with the worker's traceback in its text: the loader gives the CacheError back, one line."""
     pytest.importorskip("nvidia.dali")
     from cachetrain.config import LoaderConfig
-    from cachetrain.loader import CacheSource
+    from cachetrain.cache.source import CacheSource
 
     train = make_store(tmp_path / "train.zarr", codec="none")
     test = make_store(tmp_path / "test.zarr", n=70, codec="none")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from cachetrain.cache import plan_layout
 from cachetrain.config import LoaderConfig
-from cachetrain.loader import CacheSource
+from cachetrain.cache.source import CacheSource
 from tests.conftest import STORE_N as N, make_store
 
 import nvidia.dali  # noqa: F401  - a test dependency: missing, this module fails rather than skips
@@ -83,7 +83,7 @@ def test_dali_feature_augmentation_is_a_padded_crop_and_flip(tmp_path):
 
 
 def test_missing_dali_is_one_line_naming_the_extra(readers, monkeypatch):
-    from cachetrain.dali import DaliMissing
+    from cachetrain.errors import DaliMissing
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # import nvidia.dali now raises ImportError
     with pytest.raises(DaliMissing, match=r"install it with: pip install 'cachetrain\[dali\]'"):
         source(readers, "dali")

@@ -26,8 +26,9 @@ import torch
 import yaml
 
 from cachetrain.config import DataConfig
-from cachetrain.data import DataError, load_fmnist
-from cachetrain.folder import FolderImages
+from cachetrain.data.tensors import load_fmnist
+from cachetrain.errors import DataError
+from cachetrain.data.folder import FolderImages
 
 CPU = torch.device("cpu")
 THREE = {"a_shirt": 8, "b_shoe": 8, "c_bag": 8}
@@ -187,7 +188,7 @@ def test_val_labels_are_the_train_class_index_of_the_same_name(tmp_path):
         assert data.labels(split).tolist() == [data.classes.index(Path(p).parent.name) for p, _ in ds.samples]
     assert data.labels("test").tolist() == [1, 1, 1, 2, 2]
     assert torch.cat([y for _, y in data.eval_batches("test", 4)]).tolist() == [1, 1, 1, 2, 2]
-    from cachetrain.dali import folder_files
+    from cachetrain.data.jpeg import folder_files
     assert folder_files(data._sets["test"])[1] == [1, 1, 1, 2, 2]  # what the DALI path reads
     # the class list is part of what the caches record as their input
     renamed = make_tree(tmp_path / "renamed", {"a_shirt": 8, "b_shoe": 8, "d_bag": 8}, {"b_shoe": 3, "d_bag": 2})

@@ -23,11 +23,11 @@ import pytest
 import torch
 
 from cachetrain import durable
-from cachetrain.checkpoint import CheckpointError, load_state
+from cachetrain.train.checkpoint import CheckpointError, load_state
 from cachetrain.cli import main
 from cachetrain.config import Config
-from cachetrain.greedy import Greedy
-from cachetrain.rundir import RunDir
+from cachetrain.train.greedy import Greedy
+from cachetrain.train.rundir import RunDir
 from tests.conftest import cli, fmnist_raw, synthetic_raw, write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -335,7 +335,7 @@ def test_an_unwritable_data_root_is_one_line_exit_2(tmp_path, monkeypatch, capsy
     read_only(monkeypatch, tmp_path / "data", errno.EROFS)
     capsys.readouterr()
     assert main(["train", "--config", str(path)]) == 2
-    # cachetrain.data words this one itself (a DataError); cachetrain.durable.unwritable_message is the
+    # cachetrain.data.tensors words this one itself (a DataError); cachetrain.durable.unwritable_message is the
     # fallback for a data-root write that escapes it: either way one line naming the folder and the setting
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1

@@ -9,10 +9,10 @@ import torch
 
 from cachetrain.cache import CacheState
 from cachetrain.config import Config
-from cachetrain.data import load_fmnist
+from cachetrain.data.tensors import load_fmnist
 from cachetrain.config import DataConfig
-from cachetrain.folder import FolderImages
-from cachetrain.greedy import Greedy
+from cachetrain.data.folder import FolderImages
+from cachetrain.train.greedy import Greedy
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from cachetrain.cache import CacheReader, CacheState
 from cachetrain.cli import main
 from cachetrain.config import Config
-from cachetrain.greedy import Greedy
+from cachetrain.train.greedy import Greedy
 from cachetrain.models import build_network
 from tests.conftest import fmnist_raw, load, tiny_greedy, tiny_run, write_config
 
@@ -133,7 +133,7 @@ def test_other_architectures_train_greedily(tmp_path, arch, stages):
 
 
 def test_missing_fmnist_names_the_install_command(tmp_path, monkeypatch, capsys):
-    import cachetrain.data as data
+    import cachetrain.data.tensors as data
 
     monkeypatch.setattr(data, "DEBIAN_FMNIST", tmp_path / "nowhere")
     raw = fmnist_raw(tmp_path / "run")

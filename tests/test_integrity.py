@@ -15,8 +15,8 @@ import zarr
 from cachetrain.cache import CacheState
 from cachetrain.cli import main
 from cachetrain.config import Config
-from cachetrain.greedy import Greedy
-from cachetrain.rundir import RunDir
+from cachetrain.train.greedy import Greedy
+from cachetrain.train.rundir import RunDir
 from tests.conftest import synthetic_raw, write_config
 from tests.conftest import cli
 

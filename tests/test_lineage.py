@@ -10,7 +10,7 @@ import torch
 
 from cachetrain.cache.manifest import content_digest
 from cachetrain.cli import main
-from cachetrain.greedy import Greedy
+from cachetrain.train.greedy import Greedy
 from tests.conftest import flip_bytes, load, synthetic_raw, write_config
 
 UNCOMPRESSED = {"codec": "none", "chunk_mib": 0.0625, "batch_size": 64}

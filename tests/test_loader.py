@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import cachetrain.loader as loader_module
+import cachetrain.cache.loader as loader_module
 from cachetrain.cache import CacheError
 from cachetrain.config import LoaderConfig
-from cachetrain.feeds import MemmapFeed
-from cachetrain.loader import PARALLEL_BYTES, CacheLoader, CacheSource, batch_plan, gather
+from cachetrain.cache.feeds import MemmapFeed
+from cachetrain.cache.loader import PARALLEL_BYTES, CacheLoader, batch_plan, gather
+from cachetrain.cache.source import CacheSource
 from tests.conftest import STORE_N as N, child_pids, cut_short, make_store, sample_ids
 
 # `N` and `make_store` stay importable from here for tests/test_dali.py until it imports them from conftest

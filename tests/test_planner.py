@@ -11,10 +11,10 @@ import pytest
 from cachetrain.cache import CacheState
 from cachetrain.cli import main
 from cachetrain.config import Config
-from cachetrain.greedy import Greedy
-from cachetrain.planner import (FLOPS, Rates, StageCost, Workload, brute_force, cost_ratio, describe, evaluate,
+from cachetrain.train.greedy import Greedy
+from cachetrain.plan.planner import (FLOPS, Rates, StageCost, Workload, brute_force, cost_ratio, describe, evaluate,
                                 parse_size, plan)
-from cachetrain.recompute import RecomputeSource
+from cachetrain.train.recompute import RecomputeSource
 from tests.conftest import synthetic_raw, write_config
 
 

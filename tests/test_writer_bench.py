@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from cachetrain.benchtools import stopwatch, time_each, time_total
+from cachetrain.bench.tools import stopwatch, time_each, time_total
 from tests.conftest import synthetic_raw, write_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from cachetrain.errors import CacheError
 
 FORMAT_VERSION = 1
 # storage dtype -> (numpy dtype on disk, torch dtype the loader reinterprets it as)
@@ -57,10 +58,6 @@ DTYPES = {
     "bfloat16": (np.uint16, torch.bfloat16),  # numpy has no bfloat16: raw bits in uint16
     "uint8": (np.uint8, torch.uint8),  # with per-channel scale and offset (StoreInfo.quant)
 }
-
-
-class CacheError(RuntimeError):
-    """A cache that cannot be used as asked, phrased as one line for the user."""
 
 
 class CacheState(enum.Enum):

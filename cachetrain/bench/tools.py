@@ -81,9 +81,9 @@ def time_each(fn: Callable[[object], object], items: Iterable, warmup: int = 0,
 
 def stepper(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, amp: bool = False,
             channels_last: bool = False) -> Callable[[tuple[torch.Tensor, torch.Tensor]], None]:
-    """step((x, y)): one training step of `model` (`cachetrain.trainer.train_step`, no scheduler), with
+    """step((x, y)): one training step of `model` (`cachetrain.train.trainer.train_step`, no scheduler), with
     the model put in training mode once here."""
-    from cachetrain.trainer import train_step
+    from cachetrain.train.trainer import train_step
 
     model.train()
 
@@ -165,8 +165,8 @@ def run_variants(cfg: Config, variants: dict[str, list[str]], out: Path, console
     copy of that checkpoint, builds its own caches and trains stages 1..J-1 on them, so accuracy
     differences come from the cache format alone. Per variant: per-stage train/test accuracy, caching
     seconds, bytes per sample on disk and raw, and the compression ratio."""
-    from cachetrain.data import SPLITS
-    from cachetrain.greedy import Greedy
+    from cachetrain.source import SPLITS
+    from cachetrain.train.greedy import Greedy
 
     base = Greedy(replace(cfg, run_dir=str(out / "stage0")), console)
     if base.stage_state(0) != "trained":

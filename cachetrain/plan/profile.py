@@ -5,7 +5,7 @@ Memory on the CPU is counted, not sampled: the bytes of every tensor autograd sa
 plus parameters, gradients and optimizer state. That is what a GPU would have to hold at the peak of
 a step (less the allocator's slack), so stage-vs-end-to-end ratios computed here carry over. On
 CUDA the allocator's own peak is read instead. FLOPs come from torch.utils.flop_counter. Both run
-the trainer's own step (`cachetrain.trainer.train_step`), so they count what training does.
+the trainer's own step (`cachetrain.train.trainer.train_step`), so they count what training does.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from cachetrain.trainer import train_step
+from cachetrain.train.trainer import train_step
 
 
 @dataclass

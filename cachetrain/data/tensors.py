@@ -1,8 +1,8 @@
-"""Stage-0 inputs: the image datasets (Fashion-MNIST, any ImageFolder tree, synthetic).
+"""Stage-0 inputs held in memory as uint8 tensors: Fashion-MNIST and synthetic images.
 
-Each dataset is an `ImageSource`, the same interface the cache loader offers to later stages:
-`train_batches(epoch)` yields augmented, shuffled batches (a pure function of (seed, epoch)) and
-`eval_batches(split)` yields plain batches in sample order, which is what the caching pass reads.
+Each is a `Source` (cachetrain/source.py): `train_batches(epoch)` yields augmented, shuffled batches
+(a pure function of (seed, epoch)) and `eval_batches(split)` yields plain batches in sample order,
+which is what the caching pass reads.
 
 Fashion-MNIST is unpacked from the Debian package's .gz files into the data root on first use; runs
 starting together on one empty data root take turns under a lock, so none ever reads a half-written
@@ -14,8 +14,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import gzip
-import hashlib
-import json
 import os
 import shutil
 import zlib
@@ -25,25 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cachetrain.errors import DataError
 from cachetrain.augment import batch_rng, crop_flip
 from cachetrain.config import DataConfig
+from cachetrain.source import Batch, epoch_order, fingerprint
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # x (B, C, H, W) float on the device, y (B,) int64
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"
-SPLITS = ("train", "test")
-
-
-class DataError(RuntimeError):
-    """Missing or malformed dataset, phrased as one line for the user."""
-
-
-def fingerprint(obj: object) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def data_root(cfg: DataConfig) -> Path:
-    return Path(cfg.root or os.environ.get("CACHETRAIN_DATA") or Path.home() / ".cache" / "cachetrain")
 
 
 class TensorImages:
@@ -82,7 +68,7 @@ class TensorImages:
         return -(-self.num_samples("train") // batch_size)
 
     def train_batches(self, epoch: int, batch_size: int, start_batch: int = 0, augment: bool = True) -> Iterator[Batch]:
-        order = torch.from_numpy(np.random.default_rng([self.seed, epoch]).permutation(self.num_samples("train")))
+        order = torch.from_numpy(epoch_order(self.seed, epoch, self.num_samples("train")))
         for b in range(start_batch, self.steps_per_epoch(batch_size)):
             x, y = self._batch("train", order[b * batch_size:(b + 1) * batch_size])
             yield (crop_flip(x, self.padding, self.flip, batch_rng(self.seed, epoch, b)) if augment else x), y
@@ -158,7 +144,7 @@ def _unpack_fmnist(root: Path, raw: Path) -> None:
 def load_fmnist(cfg: DataConfig, seed: int, device: torch.device) -> TensorImages:
     from torchvision.datasets import FashionMNIST
 
-    root = data_root(cfg)
+    root = cfg.resolved_root
     raw = root / "FashionMNIST" / "raw"
     if not all((raw / name).exists() for name in FMNIST_FILES):
         _unpack_fmnist(root, raw)
@@ -189,14 +175,3 @@ def make_synthetic(cfg: DataConfig, seed: int, device: torch.device) -> TensorIm
                         mean=0.5, std=0.25, num_classes=cfg.num_classes, cfg=cfg, seed=seed, device=device,
                         generator={"seed": 1234, "signal": 40, "noise": cfg.synthetic_noise,
                                    "classes": cfg.num_classes})
-
-
-def open_dataset(cfg: DataConfig, seed: int, device: torch.device, workers: int = 1, backend: str = "auto"):
-    if cfg.name == "fmnist":
-        return load_fmnist(cfg, seed, device)
-    if cfg.name == "synthetic":
-        return make_synthetic(cfg, seed, device)
-    if cfg.name == "imagefolder":
-        from cachetrain.folder import FolderImages
-        return FolderImages(cfg, seed, device, workers, backend)
-    raise DataError(f"data.name: unknown dataset {cfg.name!r}; expected fmnist, imagefolder or synthetic")

@@ -2,7 +2,7 @@
 backprop on the same data, augmentation, optimizer and schedule family as a greedy stage.
 
 Run directory: `<run>/e2e/{checkpoint.pt, metrics.jsonl}`, with the same atomic checkpoints (the same
-schema, cachetrain.checkpoint: model, optimizer, scheduler, position, RNG, config), mid-epoch resume and
+schema, cachetrain.train.checkpoint: model, optimizer, scheduler, position, RNG, config), mid-epoch resume and
 metrics rows as a greedy stage, so the benchmark can put the two side by side. Resuming on the CPU gives
 bit-identical weights to an uninterrupted run, as for a stage.
 """
@@ -13,13 +13,13 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from cachetrain import checkpoint as ckpt
+from cachetrain.train import checkpoint as ckpt
 from cachetrain.config import Config
 from cachetrain.data import open_dataset
 from cachetrain.device import resolve_device
 from cachetrain.models import build_network, make_head, stage_seed
-from cachetrain.rundir import RunDir
-from cachetrain.trainer import Position, fit, make_optimizer, make_scheduler
+from cachetrain.train.rundir import RunDir
+from cachetrain.train.trainer import Position, fit, make_optimizer, make_scheduler
 
 E2E = "e2e"  # the run directory's unit for the baseline: <run>/e2e/
 

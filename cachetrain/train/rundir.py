@@ -1,11 +1,11 @@
 """The run directory: where every stage's checkpoint, metrics and cache live, and its lock.
 
-    <run>/config.yaml                        resolved config of the run (cachetrain.identity)
+    <run>/config.yaml                        resolved config of the run (cachetrain.train.identity)
     <run>/plan.json                          `cachetrain plan`'s choice of cached stages (save_plan)
-    <run>/stages/stage_<j>/checkpoint.pt     one dict of tensors and plain data (schema: cachetrain.checkpoint)
+    <run>/stages/stage_<j>/checkpoint.pt     one dict of tensors and plain data (schema: cachetrain.train.checkpoint)
     <run>/stages/stage_<j>/metrics.jsonl     one JSON object per finished epoch
     <run>/cache/stage_<j>/{train,test}.zarr  stage j's outputs (see cachetrain.cache.manifest)
-    <run>/e2e/{checkpoint.pt,metrics.jsonl}   the end-to-end baseline (cachetrain.e2e)
+    <run>/e2e/{checkpoint.pt,metrics.jsonl}   the end-to-end baseline (cachetrain.train.e2e)
     <run>/.lock                              held (flock) by the process working on the run
 
 Everything a command needs to decide what to do next is derived from these files; there is no
@@ -25,16 +25,13 @@ from pathlib import Path
 
 import torch
 
-from cachetrain import checkpoint as ckpt
-from cachetrain.checkpoint import CheckpointError, UnreadableCheckpoint, UnsafeCheckpoint
+from cachetrain.errors import RunLocked
+from cachetrain.train import checkpoint as ckpt
+from cachetrain.train.checkpoint import CheckpointError, UnreadableCheckpoint, UnsafeCheckpoint
 from cachetrain.durable import append_line, atomic_write, write_json
 from cachetrain.faults import fault_point
 
 __all__ = ["CheckpointError", "RunDir", "RunLocked"]
-
-
-class RunLocked(RuntimeError):
-    pass
 
 
 class RunDir:
@@ -87,7 +84,7 @@ class RunDir:
         self._unreadable.discard(j)
 
     def load_checkpoint(self, j: int | str, warn=lambda msg: None) -> dict | None:
-        """The unit's checkpoint (keys: cachetrain.checkpoint), read as data, never as code. An unreadable
+        """The unit's checkpoint (keys: cachetrain.train.checkpoint), read as data, never as code. An unreadable
         checkpoint.pt (truncated by hand, say) falls back to checkpoint.prev.pt, with a warning. One that
         would need code to load is refused (CheckpointError) without falling back: no crash writes such
         a file, so it was planted or tampered with, and the user should know rather than lose it to the

@@ -17,30 +17,30 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from torch import nn
 
+from cachetrain.errors import StageError
 from cachetrain.cache import (CacheError, CacheReader, CacheState, StoreInfo, disk_bytes, output_fingerprint,
                               store_state, weights_hash)
 from cachetrain.cache.manifest import content_digest
 from cachetrain.cache.verify import ChunkProblem
 from cachetrain.cache.writer import missing_chunks
-from cachetrain import caching
+from cachetrain.train import caching
 from cachetrain.config import Config
-from cachetrain.data import SPLITS, open_dataset
+from cachetrain.data import open_dataset
+from cachetrain.source import SPLITS
 from cachetrain.device import resolve_device
 from cachetrain.faults import fault_point
-from cachetrain.identity import RunIdentity, stage_config_ok
-from cachetrain.loader import CacheSource
+from cachetrain.train.identity import RunIdentity, stage_config_ok
+from cachetrain.cache.loader import CacheLoader
+from cachetrain.cache.source import CacheSource
 from cachetrain.models import Network, build_network, make_head, stage_seed
-from cachetrain.recompute import RecomputeSource
-from cachetrain.rundir import RunDir
-from cachetrain.trainer import Position, StageModel, fit, make_optimizer, make_scheduler, predict
-
-
-class StageError(RuntimeError):
-    """A stage that cannot be trained or cached yet, with the command that fixes it."""
+from cachetrain.train.recompute import RecomputeSource
+from cachetrain.train.rundir import RunDir
+from cachetrain.train.trainer import Position, StageModel, fit, make_optimizer, make_scheduler, predict
 
 
 @dataclass
@@ -86,7 +86,7 @@ class Greedy:
 
     @cached_property
     def history(self) -> list[dict]:
-        """The run's recorded config changes (cachetrain.identity)."""
+        """The run's recorded config changes (cachetrain.train.identity)."""
         return self.identity.history()
 
     @staticmethod
@@ -270,7 +270,7 @@ class Greedy:
     def trained_stage(self, j: int) -> nn.Module:
         """Stage j with its trained weights, in eval mode (its BN uses running statistics)."""
         stage = self.net.stages[j]
-        from cachetrain.checkpoint import load_state  # names the file and shapes if they do not fit
+        from cachetrain.train.checkpoint import load_state  # names the file and shapes if they do not fit
 
         load_state(stage, self.checkpoint(j), "model")
         return stage.to(self.device).eval()
@@ -278,7 +278,7 @@ class Greedy:
     def trained_head(self, j: int) -> nn.Module:
         ck = self.checkpoint(j)
         head = make_head(self.cfg.model, self.net, j, ck["k"], self.data.num_classes, self.cfg.train.seed)
-        from cachetrain.checkpoint import load_state  # names the file and shapes if they do not fit
+        from cachetrain.train.checkpoint import load_state  # names the file and shapes if they do not fit
 
         load_state(head, ck, "head")
         return head.to(self.device).eval()
@@ -309,7 +309,7 @@ class Greedy:
         scheduler = make_scheduler(optimizer, t, steps, epochs)
         start = Position()
         if resume:
-            from cachetrain.checkpoint import restore  # shapes checked, then weights, optimizer, scheduler, rng
+            from cachetrain.train.checkpoint import restore  # shapes checked, then weights, optimizer, scheduler, rng
 
             start = restore(ck, {"model": stage, "head": head}, optimizer, scheduler)
             self.run.truncate_metrics(j, start.epoch)
@@ -320,7 +320,7 @@ class Greedy:
         input_digests = self.input_digests(j)  # the bytes it trains on: a later rebuild that changes them makes it stale
 
         def save(at: Position, test_acc: float | None) -> None:
-            from cachetrain.checkpoint import build  # the schema: cachetrain/checkpoint.py
+            from cachetrain.train.checkpoint import build  # the schema: cachetrain/checkpoint.py
 
             checkpoint = build(unit=j, k=k, model=stage, head=head, optimizer=optimizer, scheduler=scheduler, at=at,
                                epochs=epochs, steps_per_epoch=steps, input_fingerprint=input_fp, test_acc=test_acc,
@@ -335,20 +335,48 @@ class Greedy:
         fault_point("stage_end")
         return test_acc
 
-    # -- caching (cachetrain.caching does the work) ----------------------------------------------
+    # -- caching (cachetrain.train.caching does the work) ----------------------------------------------
     def stores(self, j: int) -> list[tuple[str, int, Path]]:
         """(split, view, path) of every store stage j's cache consists of."""
         views = {"train": self.cfg.cache.views, "test": 1}
         return [(split, v, self.run.store_path(j, split, v)) for split in SPLITS for v in range(views[split])]
 
     def cache_stage(self, j: int, repair: bool = False) -> dict[str, int]:
+        """Write stage j's outputs to every store of its cache, computing only what is missing. With
+        `repair`, first verify every chunk and drop the corrupt ones, so exactly those are recomputed."""
+        if self.stage_state(j) != "trained":
+            raise StageError(f"stage {j} is {self.stage_state(j)}, so there is nothing to cache yet; run: "
+                             f"{self.command('stage', j)}")
+        if repair:
+            for problem in caching.drop_corrupt_chunks(self.stores(j)):
+                self.console.print(f"repair: {problem}", markup=False)
+        ck = self.checkpoint(j)
+        job = caching.CacheJob(j=j, k=ck["k"], stage=self.trained_stage(j), source=self.input_source(j),
+                               out_shape=self.net.out_shapes[j], fingerprint=self.output_fingerprint(j),
+                               weights_hash=ck["weights_hash"], input_fingerprint=ck["input_fingerprint"],
+                               stores=self.stores(j), view_inputs=lambda view: self._view_inputs(j, view))
         try:
-            return caching.cache_stage(self, j, repair)
+            return caching.cache_stage(job, self.cfg.cache, self.device, self.cfg.train.amp, self.console)
         finally:
             self._digests = {}  # the stores' digests may have changed
 
+    def _view_inputs(self, j: int, view: int):
+        """batches(start, size) -> stage j's inputs for training view v > 0, in sample order from `start`:
+        the images under stage-0 augmentation (j = 0), else view v of stage j-1's cache."""
+        if j == 0:
+            return lambda start, size: self.data.augmented_batches(size, start, view)
+        prev = CacheReader(self.run.store_path(j - 1, "train", view), self.output_fingerprint(j - 1),
+                           rebuild_hint=f"run: {self.command('cache', j - 1)}")
+        loader = CacheLoader(prev, self.device, self.cfg.loader.workers, self.cfg.loader.prefetch_chunks)
+        return lambda start, size: loader.batches(np.arange(start, prev.info.num_samples), size)
+
     def verify(self, stages: list[int]) -> dict[tuple[int, str], list[ChunkProblem] | None]:
-        return caching.verify(self, stages)
+        """Problems per (stage, store name) (cachetrain.train.caching.verify)."""
+        out = {}
+        for j in stages:
+            expected = j in self.cached_stages() and self.stage_state(j) == "trained"
+            out.update({(j, name): found for name, found in caching.verify(self.stores(j), expected).items()})
+        return out
 
     # -- the whole run ---------------------------------------------------------------------------
     def train_all(self) -> list[StageStatus]:

@@ -31,14 +31,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cachetrain.config import DataConfig
-from cachetrain.data import Batch, DataError, data_root, fingerprint
+from cachetrain.data.images import IMAGE_EXTENSIONS, FIX, bad_image_error, image_problem
+from cachetrain.data.jpeg import folder_files, image_batches
+from cachetrain.device import dali_available, require_dali
+from cachetrain.errors import DataError
+from cachetrain.source import Batch, epoch_order, fingerprint
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# torchvision's ImageFolder extensions (all of them decode in PIL and in DALI)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-FIX = "replace or remove it, or set data.skip_bad_images: true to leave bad files out"
-
-
 def _names(names: list[str], most: int = 8) -> str:
     shown = ", ".join(names[:most])
     return shown + (f", ... ({len(names)} in all)" if len(names) > most else "")
@@ -56,30 +55,6 @@ def _class_files(class_dir: Path) -> list[str]:
             yield dirpath, fnames
     return [os.path.join(dirpath, f) for dirpath, fnames in sorted(walk()) for f in sorted(fnames)
             if not f.startswith(".")]
-
-
-def image_problem(path: str, fast: bool = False) -> str | None:
-    """Why `path` is not a usable image, in a few words, or None when it decodes. `fast`: JPEGs are decoded
-    at 1/8 scale (PIL draft mode), which still reads the whole compressed stream, so truncation shows."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            if fast:
-                im.draft("RGB", (1, 1))
-            im.load()  # PIL reports a truncated file only when it decodes it all
-    except UnidentifiedImageError:
-        return "not an image file PIL can read"
-    except OSError as e:  # errno errors (permission, I/O) have a strerror; PIL's own ("image file is truncated") not
-        return e.strerror if e.strerror else f"truncated or corrupt image ({e})"
-    except Exception as e:  # noqa: BLE001 - PIL raises SyntaxError, ValueError, DecompressionBombError...
-        return f"unreadable image ({type(e).__name__}: {e})"
-    return None
-
-
-def bad_image_error(path: str, reason: str) -> DataError:
-    reason = " ".join(str(reason).split())  # one line whatever the library said
-    return DataError(f"data.root: {path}: {reason}; {FIX}")
 
 
 class ImageFiles(Dataset):
@@ -124,7 +99,7 @@ class FolderImages:
     def __init__(self, cfg: DataConfig, seed: int, device: torch.device, workers: int, backend: str = "auto"):
         from torchvision import transforms as T
 
-        root = Path(data_root(cfg))
+        root = cfg.resolved_root
         for split in ("train", "val"):
             if not (root / split).is_dir():
                 raise DataError(f"data.root: {root / split} is not a directory; an imagefolder dataset needs "
@@ -170,7 +145,6 @@ class FolderImages:
         self.sample_shape = (3, size, size)
         self.seed, self.device, self.workers = seed, device, workers
         self.size, self.flip_aug = size, cfg.flip
-        from cachetrain.dali import dali_available, require_dali
         if backend == "dali":
             require_dali()
         self.use_dali = backend == "dali" or (backend == "auto" and device.type == "cuda" and dali_available())
@@ -247,7 +221,6 @@ class FolderImages:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _dali(self, name: str, train: bool, batch_size: int, epoch: int, start: int) -> Iterator[Batch]:
-        from cachetrain.dali import folder_files, image_batches
         files, labels = folder_files(self._sets[name])
         return image_batches(files, labels, self.size, train, batch_size, self.seed, epoch, start, self.device,
                              self.workers, self.flip_aug, MEAN, STD)
@@ -257,7 +230,7 @@ class FolderImages:
         if self.use_dali and augment:
             yield from self._dali("train", True, batch_size, epoch, start_batch * batch_size)
             return
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples("train")).tolist()
+        order = epoch_order(self.seed, epoch, self.num_samples("train")).tolist()
         # the workers' augmentation seeds come from (seed, epoch, start_batch): resuming mid-epoch
         # repeats the order exactly; the random crops after the resume point are fresh draws
         yield from self._load(self._sets[name], order[start_batch * batch_size:], batch_size,
@@ -266,7 +239,6 @@ class FolderImages:
     def augmented_batches(self, batch_size: int, start: int, view: int) -> Iterator[Batch]:
         """The training split in sample order under the training transforms (a cache view)."""
         if self.use_dali:
-            from cachetrain.dali import folder_files, image_batches
             files, labels = folder_files(self._sets["train"])
             yield from image_batches(files, labels, self.size, True, batch_size, self.seed + view, 0, start,
                                      self.device, self.workers, self.flip_aug, MEAN, STD, shuffle=False)

@@ -1,7 +1,7 @@
 """The checkpoint schema, shared by greedy stages and the end-to-end baseline, and its safe loading.
 
 A checkpoint is `<run>/stages/stage_<j>/checkpoint.pt` (greedy stage j) or `<run>/e2e/checkpoint.pt`
-(the baseline): one dict written by `torch.save` through cachetrain.rundir (atomically, with the one
+(the baseline): one dict written by `torch.save` through cachetrain.train.rundir (atomically, with the one
 before kept as checkpoint.prev.pt). Its keys:
 
     key                type               meaning
@@ -27,10 +27,10 @@ before kept as checkpoint.prev.pt). Its keys:
     weights_hash       str                greedy only, once trained (epoch == epochs): cache.weights_hash
                                           of the stage's weights, part of its output fingerprint
     test_acc           float | None       test accuracy after the last finished epoch; None mid-epoch
-    config             dict               Config.to_dict() of the command that wrote it (cachetrain.identity
+    config             dict               Config.to_dict() of the command that wrote it (cachetrain.train.identity
                                           compares it with the run's config)
     input_digests      dict[str, str|None] greedy, optional: {input store relative to the run: its content
-                                          digest when the stage was trained} (cachetrain.greedy.stale_reason)
+                                          digest when the stage was trained} (cachetrain.train.greedy.stale_reason)
 
 Checkpoints are data, not code: everything above is a tensor or a dict/list/tuple of str, int, float,
 bool and None, and `load` reads with `torch.load(weights_only=True)`. A file that needs any other
@@ -54,15 +54,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from cachetrain.trainer import EpochStats, Position
+from cachetrain.errors import CheckpointError
+from cachetrain.train.trainer import EpochStats, Position
 
 FORMAT = 1
 REQUIRED = ("model", "optimizer", "scheduler", "epoch", "epochs")  # every unit's, every format's
 REQUIRED_GREEDY = ("stage", "k", "head", "input_fingerprint")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, phrased as one line naming the file."""
 
 
 class UnreadableCheckpoint(CheckpointError):

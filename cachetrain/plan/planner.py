@@ -34,7 +34,7 @@ import torch
 from cachetrain.cache.manifest import DTYPES
 from cachetrain.config import Config
 from cachetrain.models import build_network, make_head
-from cachetrain.profile import forward_flops, train_step_flops
+from cachetrain.plan.profile import forward_flops, train_step_flops
 
 
 @dataclass(frozen=True)

@@ -176,7 +176,7 @@ def fit(model: nn.Module, source, cfg: TrainConfig, device: torch.device, optimi
         console, title: str) -> float:
     """Train for epochs start.epoch..epochs-1 (the first from start.batch), evaluating on the test split and
     calling `save` after every epoch and every cfg.checkpoint_steps steps; returns the last test accuracy."""
-    from cachetrain.report import StageProgress  # the UI stays out of the numeric core's imports
+    from cachetrain.ui import StageProgress  # the UI stays out of the numeric core's imports
 
     steps = source.steps_per_epoch(cfg.batch_size)
     # CUDA: sync for the running loss every few steps only, but always on a mid-epoch checkpoint step

@@ -6,8 +6,8 @@ steady-state training samples/s, wall time per epoch, cache build time next to a
 over the same data, cache bytes and compression ratio, the memory one training step holds, test
 accuracy; and the ratios the product is judged by, with the greedy-cached / greedy-recompute time
 ratio that a FLOP count predicts for the same configuration (the planner's FLOP model,
-`cachetrain.planner.cost_ratio`, on the FLOPs measured here). Times come from
-`cachetrain.benchtools.stopwatch`, which synchronises CUDA.
+`cachetrain.plan.planner.cost_ratio`, on the FLOPs measured here). Times come from
+`cachetrain.bench.tools.stopwatch`, which synchronises CUDA.
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from cachetrain.benchtools import stopwatch
+from cachetrain.bench.tools import stopwatch
 from cachetrain.config import Config
-from cachetrain.data import SPLITS
+from cachetrain.source import SPLITS
 from cachetrain.device import autocast
-from cachetrain.e2e import E2E, e2e_network, train_e2e
-from cachetrain.greedy import Greedy
+from cachetrain.train.e2e import E2E, e2e_network, train_e2e
+from cachetrain.train.greedy import Greedy
 from cachetrain.models import build_network, make_head
-from cachetrain.planner import StageCost, Workload, cost_ratio, sample_bytes
-from cachetrain.profile import forward_flops, peak_rss_bytes, step_memory, train_step_flops
-from cachetrain.trainer import StageModel, make_optimizer, make_scheduler, train_one_epoch
+from cachetrain.plan.planner import StageCost, Workload, cost_ratio, sample_bytes
+from cachetrain.plan.profile import forward_flops, peak_rss_bytes, step_memory, train_step_flops
+from cachetrain.train.trainer import StageModel, make_optimizer, make_scheduler, train_one_epoch
 
 REGIMES = ("cached", "recompute", "e2e")
 

@@ -1,0 +1,55 @@
+"""What a stage's input is: a `Source`, whatever it is made of.
+
+Stage 0 reads images (cachetrain/data: Fashion-MNIST, synthetic, image folders); stage j > 0 reads
+stage j-1's cache (cachetrain/cache/source.py) or its outputs recomputed through frozen stages from
+a nearer source (cachetrain/train/recompute.py). The trainer and the caching pass see only this
+interface, so any input can feed any stage.
+
+Resume state is (epoch, start_batch): `train_batches(epoch, bs, start_batch)` yields exactly the
+batches an uninterrupted epoch would have yielded from that point on, since which samples form batch
+b (and their augmentation draws) is a pure function of (seed, epoch, b).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from typing import Protocol
+
+import numpy as np
+import torch
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # x (B, C, H, W) float32 on the device, y (B,) int64
+SPLITS = ("train", "test")
+
+
+class Source(Protocol):
+    fingerprint: str  # identifies what the batches hold (the plain samples, not the augmentation draws)
+    sample_shape: tuple[int, int, int]  # (C, H, W)
+    num_classes: int
+
+    def num_samples(self, split: str) -> int: ...
+
+    def labels(self, split: str) -> np.ndarray:
+        """(N,) int64, in sample order."""
+
+    def steps_per_epoch(self, batch_size: int) -> int: ...
+
+    def train_batches(self, epoch: int, batch_size: int, start_batch: int = 0,
+                      augment: bool = True) -> Iterator[Batch]:
+        """The training split, shuffled and augmented for `epoch`, from batch `start_batch` on."""
+
+    def eval_batches(self, split: str, batch_size: int, start: int = 0) -> Iterator[Batch]:
+        """Plain batches in sample order from sample `start`: what evaluation and the caching pass read."""
+
+
+def fingerprint(obj: object) -> str:
+    """A short stable digest of a JSON-able description."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The stage-0 shuffle of n samples for `epoch`: a pure function of (seed, epoch), shared by every
+    image source (tensors, folders, DALI), so all of them train on the same order and resume mid-epoch."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
