@@ -114,6 +114,9 @@ class TrainConfig:
     # feature-space augmentation for stages j > 0, applied per batch on the device (off by default)
     feature_crop_padding: int = 0
     feature_flip: bool = False
+    # recompute each BN -> ReLU pair in the backward instead of keeping its output (cachetrain.models.chain):
+    # the same values and gradients, less memory, two extra elementwise passes per pair
+    checkpoint_activations: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "an integer >= 1", self.epochs)
@@ -162,12 +165,6 @@ class CacheConfig:
         _check(self.views == 1 or self.mode == "all", "cache.views", "1 unless cache.mode is 'all'", self.views)
         _check(0.0625 <= self.chunk_mib <= 64, "cache.chunk_mib", "a number in [0.0625, 64]", self.chunk_mib)
         _check(self.batch_size >= 1, "cache.batch_size", "an integer >= 1", self.batch_size)
-
-    @property
-    def storage(self) -> str:
-        """Everything about the storage that changes the values a reader gets back (fingerprinted)."""
-        tag = self.dtype + (f"/bitround{self.bitround}" if self.bitround else "")
-        return tag + (f"/p{self.quant_percentile}/{self.quant_batches}" if self.dtype == "uint8" else "")
 
 
 @dataclass(frozen=True)

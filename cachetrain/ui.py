@@ -62,9 +62,10 @@ def status_table(rows, title: str = "stages") -> Table:
 
 
 def plan_table(plan: dict, title: str) -> Table:
-    """Per stage: output shape, store size per dtype, FLOPs, and where its input comes from."""
+    """Per stage: output shape, store size per storage format, FLOPs, and where its input comes from."""
     table = Table(title=title)
-    for col in ("j", "output", "bytes/sample", "fp32 store", "fp16 store", "uint8 store", "GFLOP/sample",
+    formats = list(plan["stages"][0]["store_bytes"]) if plan["stages"] else []  # every format the planner knows
+    for col in ("j", "output", "bytes/sample", *(f"{d} store" for d in formats), "GFLOP/sample",
                 "cached", "input of stage j"):
         table.add_column(col, justify="left" if col in ("output", "input of stage j") else "right")
     for s in plan["stages"]:
@@ -72,8 +73,7 @@ def plan_table(plan: dict, title: str) -> Table:
         span = "" if not through else f"{through[0]}" if len(through) == 1 else f"{through[0]}..{through[-1]}"
         source = s["input"] + (f" + recompute {span}" if through else "")
         table.add_row(str(s["stage"]), "x".join(map(str, s["out_shape"])), _size(s["sample_bytes"][plan["dtype"]]),
-                      _size(s["store_bytes"]["float32"]), _size(s["store_bytes"]["float16"]),
-                      _size(s["store_bytes"]["uint8"]), f"{s['forward_flops'] / 1e9:.2f}",
+                      *(_size(s["store_bytes"][d]) for d in formats), f"{s['forward_flops'] / 1e9:.2f}",
                       "yes" if s["cached"] else "-", source)
     if plan["cost_unit"] == "FLOP":
         cost = (f"recompute + caching {plan['cost_plan'] / 1e15:,.1f} PFLOP vs "
@@ -86,4 +86,50 @@ def plan_table(plan: dict, title: str) -> Table:
                 f"{plan['cost_recompute_everything'] / 3600:,.1f} h recomputing everything; whole run")
     table.caption = (f"cache {plan['cached'] or 'nothing'}: {_size(plan['disk_bytes'])} on disk; {cost} "
                      f"{100 * plan['total_vs_recompute_everything']:.0f}% of the recompute-everything run")
+    return table
+
+
+def memory_fit_table(mem: dict, title: str, times: dict | None = None, note: str = "") -> Table:
+    """Per unit (each greedy stage, end to end) and memory variant: the peak of a training step at the
+    batch and the largest batch within the budget (cachetrain.plan.memory.memory_table's result); the
+    caption says where the figures come from, what each option costs in step time (`times`:
+    step_time_ratios' result) and how greedy compares with end to end."""
+    table = Table(title=title)
+    table.add_column("unit")
+    table.add_column("input", justify="left")
+    names = [v["name"] for v in mem["variants"]]
+    short = {"plain": "plain", "in-place ReLU": "in-place", "+ checkpointing": "+ckpt", "+ sr head": "+sr"}
+    for name in names:
+        mark = "*" if name in mem["configured"] else ""
+        table.add_column(f"{short.get(name, name)}{mark}\npeak", justify="right")
+        table.add_column("max\nbatch", justify="right")
+    budget = mem["budget_bytes"]
+    for r in mem["units"]:
+        cells = []
+        for name in names:
+            c = r["variants"][name]
+            cells += [_size(c["peak_bytes"]) + ("" if c["fits"] else " !"), f"{c['largest_batch']:,}"]
+        table.add_row(r["unit"], "x".join(map(str, r["in_shape"])), *cells)
+    lo, hi = mem["live_over_count"] or (0, 0)
+    if mem["regime"] == "cuda_peak":
+        clo, chi = mem.get("cuda_over_live") or (0, 0)
+        source = (f"CUDA allocator peak over 3 real steps ({mem['precision']}); it was {clo:.2f}-{chi:.2f}x the "
+                  f"live-tensor peak counted on the CPU, which was {lo:.2f}-{hi:.2f}x the saved-tensor count")
+    else:
+        source = (f"CPU count, {mem['precision']}, on fake tensors (nothing allocated): the live-tensor peak of "
+                  f"one steady-state step; the saved-tensor count (saved + parameters + gradients + "
+                  f"{mem['optimizer']} state + input) is {1 / hi:.2f}-{1 / lo:.2f}x of it")
+    lines = [f"batch {mem['batch']:,}, budget {_size(budget)} (! = over it, * = configured); variants add one option "
+             f"each: in-place ReLU, checkpointing (train.checkpoint_activations), sr head (model.aux); {source}{note}"]
+    for name in names:
+        s = mem["summary"][name]
+        lines.append(f"{name}: largest stage ({s['largest_stage']}) / end to end = {s['largest_stage_over_e2e']:.2f} "
+                     f"(count: {s['largest_stage_over_e2e_count']:.2f}); largest batch greedy "
+                     f"{s['largest_batch_greedy']:,} vs end to end {s['largest_batch_e2e']:,}")
+    if times:
+        cost = ", ".join(f"{n} {r:.2f}x" for n, r in list(times["over_previous"].items())[1:])
+        lines.append(f"step time of {times['unit']} vs the variant before, measured side by side on the CPU (one "
+                     f"thread's CPU seconds) at a {'x'.join(map(str, times['in_shape']))} input, width "
+                     f"{times['width']}, batch {times['batch']}: {cost}")
+    table.caption = "\n".join(lines)
     return table

@@ -3,7 +3,7 @@ never from another test module.
 
 - run configs: `synthetic_raw` (a tiny synthetic run), `fmnist_raw` (a Fashion-MNIST subset), `write_config`,
   `tiny_run` (a config file and its Config), `tiny_greedy` (a Greedy on a tiny run);
-- the command line in a real process: `cli`, `cli_popen`;
+- the command line in a real process: `cli`, `cli_popen`; the same command in this process: `cli_in_process`;
 - stores for the cache and loader tests: `store_info`, `batches_of`, `Doubler`, `make_store` (a store whose
   features name their samples), `sample_ids`;
 - damaging a store as a crash or a bad disk would: `cut_short`, `flip_bytes`;
@@ -17,11 +17,14 @@ the standard-library hooks above.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import mmap
 import multiprocessing
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +127,26 @@ def cli(args: list[str], fault: str | None = None, timeout: float = 300) -> subp
     """`python -m cachetrain.cli ARGS` in its own process, to completion (or to the fault that kills it)."""
     return subprocess.run([sys.executable, "-m", "cachetrain.cli", *args], env=_cli_env(fault), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def cli_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """The same command run as `cachetrain.cli.main(args)` in this process, with what it prints captured as
+    `cli` captures a process's output: seconds cheaper (no torch import). An exception escaping main is
+    printed as the interpreter would (a traceback, exit status 1), so a one-line check fails on it as it
+    would for the real command. For cases whose point is not the process boundary; keep one real
+    process per kind of user-visible error. No fault injection here: CACHETRAIN_FAULT is read per process."""
+    from cachetrain.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(args)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except Exception:  # noqa: BLE001 - reported as the process would report it
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess(["cachetrain", *args], code, out.getvalue(), err.getvalue())
 
 
 def cli_popen(args: list[str]) -> subprocess.Popen:

@@ -1,10 +1,13 @@
 """Trust the data: what a user's image tree or data root can get wrong is refused in one line naming the
 file or folder, never trained on silently. Each case runs the command a user would type
-(`python -m cachetrain.cli stage --config FILE`) in a real process on tiny JPEG trees and checks the exit
-status 2, one stderr line without a traceback, and that nothing already on disk was lost.
+(`cachetrain stage --config FILE`) on tiny JPEG trees and checks the exit status 2, one stderr line without
+a traceback, and that nothing already on disk was lost.
 
-Most of a command's time is importing torch, so the module's commands (and the two racing unpackers)
-are started together by the `runs` fixture, a few at a time, and each test checks its own case."""
+Most of a real command's time is importing torch (seconds on 2 cores). So each kind of refusal is run
+once as a real process (`python -m cachetrain.cli ...`: a bad image met in a DataLoader worker process,
+an unwritable data root, two unpacking processes racing), and the other cases call the same entry point,
+`cachetrain.cli.main`, in this process (`cli_in_process`), their output captured as a process's would be. The real
+processes are started together by the `runs` fixture, a few at a time, and each test checks its own case."""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from cachetrain.config import DataConfig
 from cachetrain.data.tensors import load_fmnist
 from cachetrain.errors import DataError
 from cachetrain.data.folder import FolderImages
+from tests.conftest import cli_in_process
 
 CPU = torch.device("cpu")
 THREE = {"a_shirt": 8, "b_shoe": 8, "c_bag": 8}
@@ -113,6 +117,7 @@ class Case:
     result: subprocess.CompletedProcess | None = None
     error: str | None = None  # the command could not be started as asked (see the read-only case)
     outputs: list = field(default_factory=list)  # a job's ((stdout, stderr), returncode) per process
+    real: bool = True  # False: the command runs as `main(argv)` in this process (module docstring)
 
     def run(self) -> None:
         if self.job is not None:
@@ -121,6 +126,9 @@ class Case:
             self.command()
 
     def command(self) -> None:
+        if not self.real:
+            self.result = cli_in_process(["stage", "--config", str(self.config)])
+            return
         try:
             self.result = subprocess.run(
                 [sys.executable, "-m", "cachetrain.cli", "stage", "--config", str(self.config)], cwd=self.dir,
@@ -142,8 +150,14 @@ def runs(tmp_path_factory) -> dict[str, Case]:
     cases = {name: prepare(tmp_path_factory.mktemp(name)) for name, prepare in PREPARE.items()}
     for c in cases.values():
         c.before = files(c.root)
+    # in-process commands first, one at a time (main is not made to share a process with itself), and
+    # before any thread exists that might fork a child with a preexec_fn while main holds a lock
+    for c in cases.values():
+        if not c.real:
+            c.run()
+    real = sorted((c for c in cases.values() if c.real), key=lambda c: c.job is None)
     with ThreadPoolExecutor(3) as pool:  # each command is a process; threads only wait for them
-        for future in [pool.submit(c.run) for c in sorted(cases.values(), key=lambda c: c.job is None)]:
+        for future in [pool.submit(c.run) for c in real]:
             future.result()
     return cases
 
@@ -152,7 +166,7 @@ def runs(tmp_path_factory) -> dict[str, Case]:
 @case
 def val_only_class(d: Path) -> Case:
     root = make_tree(d / "data", THREE, {"b_shoe": 2, "c_bag": 2, "zz_extra": 2})
-    return Case(d, folder_config(d, root), root)
+    return Case(d, folder_config(d, root), root, real=False)
 
 
 def test_a_val_class_train_lacks_is_refused_naming_it(runs):
@@ -166,7 +180,7 @@ def test_a_val_class_train_lacks_is_refused_naming_it(runs):
 @case
 def train_class_without_val(d: Path) -> Case:
     root = make_tree(d / "data", THREE, {"b_shoe": 3, "c_bag": 3})
-    return Case(d, folder_config(d, root), root)
+    return Case(d, folder_config(d, root), root, real=False)
 
 
 def test_a_train_class_without_val_folder_warns_and_trains(runs):
@@ -201,7 +215,7 @@ def test_val_labels_are_the_train_class_index_of_the_same_name(tmp_path):
 def empty_class(d: Path) -> Case:
     root = make_tree(d / "data", THREE, THREE)
     (root / "train" / "d_empty").mkdir()
-    return Case(d, folder_config(d, root), root, bad=[root / "train" / "d_empty"])
+    return Case(d, folder_config(d, root), root, bad=[root / "train" / "d_empty"], real=False)
 
 
 def test_an_empty_class_folder_is_refused_naming_it(runs):
@@ -215,7 +229,7 @@ def non_image_file(d: Path) -> Case:
     root = make_tree(d / "data", THREE, THREE)
     notes = root / "train" / "b_shoe" / "notes.txt"
     notes.write_text("shot on 2024-05-01\n")
-    return Case(d, folder_config(d, root), root, bad=[notes])
+    return Case(d, folder_config(d, root), root, bad=[notes], real=False)
 
 
 def test_a_non_image_file_is_refused_naming_it(runs):
@@ -224,13 +238,15 @@ def test_a_non_image_file_is_refused_naming_it(runs):
     assert_kept(c.before, c.root)
 
 
-def truncated_jpeg(d: Path, workers: int) -> Case:
+def truncated_jpeg(d: Path, workers: int, real: bool) -> Case:
     root = make_tree(d / "data", THREE, {"a_shirt": 3, "b_shoe": 3, "c_bag": 3})
-    return Case(d, folder_config(d, root, workers=workers), root, bad=[truncate(root / "val" / "b_shoe" / "001.jpg")])
+    return Case(d, folder_config(d, root, workers=workers), root, bad=[truncate(root / "val" / "b_shoe" / "001.jpg")],
+                real=real)
 
 
-PREPARE["truncated_jpeg_0"] = lambda d: truncated_jpeg(d, workers=0)
-PREPARE["truncated_jpeg_1"] = lambda d: truncated_jpeg(d, workers=1)  # decoded in a DataLoader worker process
+PREPARE["truncated_jpeg_0"] = lambda d: truncated_jpeg(d, workers=0, real=False)
+# decoded in a DataLoader worker process, by the real command: a bad file's refusal end to end
+PREPARE["truncated_jpeg_1"] = lambda d: truncated_jpeg(d, workers=1, real=True)
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -250,7 +266,7 @@ def skip_bad_images(d: Path) -> Case:
            root / "val" / "b_shoe" / "000.jpg"]
     bad[1].write_text("not an image")
     bad[2].write_bytes(b"<html>not a jpeg</html>")
-    return Case(d, folder_config(d, root, workers=1, skip_bad_images=True), root, bad=bad)
+    return Case(d, folder_config(d, root, workers=1, skip_bad_images=True), root, bad=bad, real=False)
 
 
 def test_skip_bad_images_leaves_them_out_counted_and_logged(runs):

@@ -114,3 +114,11 @@ def test_a_repair_that_changes_bytes_makes_every_later_stage_stale(tmp_path, cle
     assert [r.state for r in Greedy(load(cfg)).status()] == ["trained"] * 3
     ck = torch.load(run / "stages" / "stage_1" / "checkpoint.pt", weights_only=True)
     assert ck["input_digests"]["cache/stage_0/train.zarr"] == after
+
+
+def test_a_retrain_that_fails_on_its_first_batch_keeps_the_stage_and_its_metrics(tmp_path, clean, capsys):
+    cfg, run = fresh(tmp_path, clean)
+    kept = {name: (run / "stages" / "stage_1" / name).read_bytes() for name in ("checkpoint.pt", "metrics.jsonl")}
+    flip_bytes(chunk_files(run / "cache" / "stage_0" / "train.zarr")[0], at=100)
+    assert main(["stage", "--config", str(cfg), "--j", "1"]) == 2
+    assert {name: (run / "stages" / "stage_1" / name).read_bytes() for name in kept} == kept

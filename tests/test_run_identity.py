@@ -156,3 +156,15 @@ def test_refusal_from_a_real_process_is_one_line_with_exit_2(run_dir):
                         "train.epochs=2"], capture_output=True, text=True)
     assert r.returncode == 2
     assert one_line(r.stderr).startswith(f"error: {run / 'config.yaml'}: this run was started with a different config")
+
+
+def test_the_e2e_baseline_is_retrained_after_a_config_change(run_dir, capsys):
+    cfg, run = run_dir
+    assert cli(capsys, "e2e", "--config", str(cfg))[0] == 0
+    code, out, _ = cli(capsys, "e2e", "--config", str(cfg))
+    assert code == 0 and "already trained" in out
+    code, out, err = cli(capsys, "e2e", "--config", str(cfg), "--set", "train.lr=0.01", "--from-stage", "0")
+    assert code == 0, err
+    assert "already trained" not in out
+    ck = torch.load(run / "e2e" / "checkpoint.pt", weights_only=True)
+    assert ck["config"]["train"]["lr"] == 0.01 and ck["epoch"] == ck["epochs"]

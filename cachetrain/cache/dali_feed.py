@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from cachetrain.cache.feeds import RecentFeed
+from cachetrain.cache.formats import FORMATS
 from cachetrain.cache.loader import batch_plan, gather
 from cachetrain.cache.reader import CacheReader
 from cachetrain.device import dali_device_id, require_dali
@@ -69,9 +70,10 @@ class DaliFeatureLoader:
     def __init__(self, reader: CacheReader, order, device: torch.device, workers: int, seed: int,
                  crop_padding: int, flip: bool):
         require_dali()
-        if reader.info.dtype not in ("float16", "float32"):
+        if reader.info.storage_format.dali is None:
+            readable = " or ".join(name for name, fmt in FORMATS.items() if fmt.dali)
             raise ConfigError(f"loader.backend: expected 'numpy' for a {reader.info.dtype} cache ({reader.path}); "
-                              f"the DALI loader reads float16 or float32, got 'dali'")
+                              f"the DALI loader reads {readable}, got 'dali'")
         self.reader, self.order, self.device = reader, order, device
         self.workers, self.seed, self.padding, self.flip = max(1, workers), seed, crop_padding, flip
         self._iter, self._next = None, None
@@ -80,7 +82,7 @@ class DaliFeatureLoader:
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        dtype = types.FLOAT16 if self.reader.info.dtype == "float16" else types.FLOAT
+        dtype = getattr(types, self.reader.info.storage_format.dali)
         _, h, w = self.reader.info.sample_shape
         p, flip, gpu = self.padding, self.flip, self.device.type == "cuda"
         source = FeatureBatches(self.reader, self.order, batch_size, epoch, start_batch)

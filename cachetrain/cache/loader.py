@@ -22,17 +22,16 @@ the batches an uninterrupted epoch would have yielded from that point on.
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cachetrain.cache.feeds import ChunkFeed, ChunkOrder, MemmapFeed, WorkerFeed, _Chunks
+from cachetrain.threads import in_background as _in_background
+from cachetrain.cache.feeds import ChunkFeed, ChunkOrder, WorkerFeed, _Chunks, file_feed
 from cachetrain.cache.reader import CacheReader
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -74,40 +73,9 @@ def gather(feed: ChunkFeed, idx: np.ndarray, chunk_samples: int, out: torch.Tens
 
 
 def in_background(items: Iterator, depth: int) -> Iterator:
-    """`items`, produced up to `depth` ahead by a thread of their own; its error is raised here, and a
-    consumer that stops early stops the thread promptly (it never blocks on a queue nobody reads)."""
-    out: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                out.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(None)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer's thread
-            put(e)
-
-    thread = threading.Thread(target=produce, name="cache-loader", daemon=True)
-    thread.start()
-    try:
-        while (item := out.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
+    """`items`, produced up to `depth` ahead by a "cache-loader" thread (cachetrain/threads.py): its error
+    is raised here, and a consumer that stops early stops the thread promptly."""
+    return _in_background(items, depth, name="cache-loader")
 
 
 def chunk_schedule(plan: list[np.ndarray], chunk_samples: int) -> tuple[list[int], dict[int, int]]:
@@ -192,7 +160,7 @@ class CacheLoader:
         cs = self.reader.info.chunk_samples
         first_use, last_use = chunk_schedule(plan, cs)
         view_of = np.zeros(self.reader.info.num_chunks, dtype=np.int64) if view_of is None else view_of
-        feeding = nullcontext(MemmapFeed(self.readers, view_of)) if self.reader.memmappable else \
+        feeding = file_feed(self.readers, view_of, first_use) if self.reader.memmappable else \
             self._decoded([(int(view_of[c]), c) for c in first_use])
         ring = self._ring(batch_size)
         try:

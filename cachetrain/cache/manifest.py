@@ -48,16 +48,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from cachetrain.cache.formats import FORMATS, StorageFormat
 from cachetrain.errors import CacheError
 
 FORMAT_VERSION = 1
-# storage dtype -> (numpy dtype on disk, torch dtype the loader reinterprets it as)
-DTYPES = {
-    "float16": (np.float16, torch.float16),
-    "float32": (np.float32, torch.float32),
-    "bfloat16": (np.uint16, torch.bfloat16),  # numpy has no bfloat16: raw bits in uint16
-    "uint8": (np.uint8, torch.uint8),  # with per-channel scale and offset (StoreInfo.quant)
-}
 
 
 class CacheState(enum.Enum):
@@ -79,7 +73,7 @@ class StoreInfo:
     fingerprint: str
     weights_hash: str
     input_fingerprint: str
-    dtype: str
+    dtype: str  # a name in FORMATS (cachetrain/cache/formats.py)
     codec: str
     level: int
     num_samples: int
@@ -101,7 +95,14 @@ class StoreInfo:
         fields["sample_shape"] = tuple(fields["sample_shape"])
         if fields.get("quant"):
             fields["quant"] = tuple(tuple(q) for q in fields["quant"])
+        if fields.get("dtype") not in FORMATS:  # read as unreadable metadata (`_read_attrs`), not a KeyError later
+            raise ValueError(f"dtype {fields.get('dtype')!r} is not a storage format (expected one of "
+                             f"{', '.join(FORMATS)})")
         return cls(**fields)
+
+    @property
+    def storage_format(self) -> StorageFormat:
+        return FORMATS[self.dtype]
 
     @property
     def num_chunks(self) -> int:
@@ -109,7 +110,7 @@ class StoreInfo:
 
     @property
     def sample_bytes(self) -> int:
-        return math.prod(self.sample_shape) * np.dtype(DTYPES[self.dtype][0]).itemsize
+        return self.storage_format.sample_bytes(self.sample_shape)
 
     @property
     def raw_chunk_file_bytes(self) -> int:

@@ -10,6 +10,8 @@ is a CacheError naming the store, the chunk, its samples and the repair command.
 - memory-mapped (uncompressed) chunks are hashed here (google_crc32c, the C implementation zarr
   itself uses) when first used after mapping; will_need maps without hashing, so a chunk read ahead
   arrives from disk while the step before runs;
+- uncompressed chunk files read whole into memory (`read_chunk_file`, the ReadFeed's path) are hashed
+  the same way before they are returned;
 - decoded (zstd) chunks are checked by zarr's decode, which fails on a mismatch; that failure becomes
   the same one-line CacheError (worker processes hand it back as data, cachetrain/feeds.py).
 Each process checks a chunk file once: the check is recorded against the file's identity (device,
@@ -35,9 +37,8 @@ import numpy as np
 import torch
 import zarr
 
-from cachetrain.cache.manifest import (DTYPES, CacheError, CacheState, StoreInfo, chunk_file, damage, labels_file,
+from cachetrain.cache.manifest import (CacheError, CacheState, StoreInfo, chunk_file, damage, labels_file,
                                        metadata_problem, read_manifest, store_state, trailing_crc32c)
-from cachetrain.cache.quant import dequantize
 
 
 MAX_MAPS = 8192  # an mmap each: far below the kernel's vm.max_map_count
@@ -154,11 +155,12 @@ class CacheReader:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.info.dtype][1]
+        return self.info.storage_format.torch_dtype
 
     def to_float(self, x: torch.Tensor) -> torch.Tensor:
-        """A batch in the storage dtype -> float32 features, on x's device (dequantising uint8)."""
-        return dequantize(x, self.info.quant) if self.info.quant else x.float()
+        """A batch in the storage dtype (or a float32 copy of one) -> float32 features, on x's device
+        (dequantising uint8, in place on a float32 copy)."""
+        return self.info.storage_format.decode(x, self.info.quant)
 
     def chunk_bounds(self, c: int) -> tuple[int, int]:
         cs = self.info.chunk_samples
@@ -197,9 +199,10 @@ class CacheReader:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY,
                            **({"trackfd": False} if sys.version_info >= (3, 13) else {}))
         count = (stop - start) * int(np.prod(self.info.sample_shape))
-        block = np.frombuffer(mm, dtype=DTYPES[self.info.dtype][0], count=count)
-        mapped = self._maps[c] = _Mapping(_as_tensor(block.reshape(stop - start, *self.info.sample_shape),
-                                                     self.info.dtype), mm, file, _identity(st, self.expected_crc(c)))
+        fmt = self.info.storage_format
+        block = np.frombuffer(mm, dtype=fmt.numpy_dtype, count=count)
+        mapped = self._maps[c] = _Mapping(fmt.as_tensor(block.reshape(stop - start, *self.info.sample_shape)),
+                                          mm, file, _identity(st, self.expected_crc(c)))
         if VERIFY and self.checked[c] != mapped.identity:
             self._unchecked.add(c)
         while len(self._maps) > self._max_maps:
@@ -249,6 +252,52 @@ class CacheReader:
         self._advised.add(c)
         return True
 
+    def advise(self, c: int) -> None:
+        """Ask the kernel to read chunk c's whole file into the page cache (posix_fadvise WILLNEED),
+        without waiting and without mapping it: the cold read-ahead of `ReadAheadFeed` (feeds.py), which
+        runs further ahead than the mappings are worth holding. A missing file is left to the read that
+        needs it, which names it."""
+        try:
+            fd = os.open(self.chunk_path(c), os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+    def read_chunk_file(self, c: int) -> torch.Tensor:
+        """Chunk c of an uncompressed store, read whole into memory of its own with one large read
+        instead of page faults through a mapping (`ReadFeed`, feeds.py; benchmarks/disk_bench.py measures
+        both cold), and checked as `chunk_view` checks it: its crc32c and the manifest's, unless this
+        process already found this very file good. Compressed stores: `read_chunk`."""
+        if not self.memmappable:
+            return self.read_chunk(c)
+        file, _ = self._stat_chunk(c)  # names a missing or short file
+        with open(file, "rb", buffering=0) as f:
+            st = os.fstat(f.fileno())  # the identity of the file read, should it have been replaced since
+            data = np.empty(st.st_size, dtype=np.uint8)
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger kernel read-ahead window
+            got = 0
+            while got < len(data) and (n := f.readinto(memoryview(data)[got:])):
+                got += n
+        start, stop = self.chunk_bounds(c)
+        if got != self.info.raw_chunk_file_bytes:
+            raise CacheError(f"{self.path}: chunk {c} (samples {start}-{stop - 1}) is {got} bytes, expected "
+                             f"{self.info.raw_chunk_file_bytes} ({file}); run: cachetrain verify, then cachetrain "
+                             f"cache --j {self.info.stage} --repair")
+        identity = _identity(st, self.expected_crc(c))
+        if VERIFY and self.checked[c] != identity:
+            stored = int.from_bytes(data[-4:].tobytes(), "little")
+            if google_crc32c.value(data[:-4]) != stored:
+                raise self._corrupt(c, "its crc32c does not match its bytes", file)
+            if self.expected_crc(c) not in (None, stored):
+                raise self._corrupt(c, "it differs from the store's checksum manifest", file)
+            self.checked[c] = identity
+        fmt = self.info.storage_format
+        block = data[:-4].view(fmt.numpy_dtype)[:(stop - start) * int(np.prod(self.info.sample_shape))]
+        return fmt.as_tensor(block.reshape(stop - start, *self.info.sample_shape))
+
     def _stat_chunk(self, c: int) -> tuple[str, os.stat_result]:
         """Chunk c's file and its stat. zarr would read a missing chunk as zeros, and a short file maps
         garbage: a store that lost or truncated a chunk file must say so instead."""
@@ -289,7 +338,7 @@ class CacheReader:
             if expected is not None and trailing_crc32c(file) != expected:
                 raise self._corrupt(c, "it differs from the store's checksum manifest", file)
             self.checked[c] = identity
-        return _as_tensor(np.ascontiguousarray(block), self.info.dtype)
+        return self.info.storage_format.as_tensor(np.ascontiguousarray(block))
 
 
 def _reason(e: BaseException) -> str:
@@ -298,9 +347,3 @@ def _reason(e: BaseException) -> str:
     if "checksum" in text.lower():
         return "its crc32c does not match its bytes"
     return text[:120]
-
-
-def _as_tensor(block: np.ndarray, dtype: str) -> torch.Tensor:
-    if dtype == "bfloat16":
-        return torch.from_numpy(block.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(block)

@@ -14,9 +14,7 @@ labels, read back from the files) and setting `content_digest` with `complete` i
 from __future__ import annotations
 
 import os
-import queue
 import shutil
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,11 +23,11 @@ import torch
 import zarr
 from zarr.codecs import BitRound, Crc32cCodec, ZstdCodec
 
-from cachetrain.cache.manifest import (CHECKSUMS, DTYPES, CacheState, Layout, StoreInfo, chunk_file, digest_of,
+from cachetrain.cache.manifest import (CHECKSUMS, CacheState, Layout, StoreInfo, chunk_file, digest_of,
                                        file_checksums, labels_file, missing_chunks, store_state)
-from cachetrain.cache.quant import quantize
 from cachetrain.device import autocast
 from cachetrain.faults import fault_point
+from cachetrain.threads import InBackground
 
 Batches = Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # (start, batch_size) -> batches
 
@@ -44,10 +42,11 @@ def _fsync(path: Path) -> None:
 
 
 class BackgroundWriter:
-    """A thread that writes (start, array) blocks of whole chunks into a zarr array. `put` blocks when
-    `depth` blocks are pending (bounding memory) and re-raises the thread's error, if any, in the
-    caller's thread. One thread, because zarr encodes on one event loop per process: with crc32c it
-    wrote about 0.9 GB/s on an H200 host whatever fed it (benchmarks/writer_bench.py).
+    """A thread that writes (start, array) blocks of whole chunks into a zarr array (cachetrain/threads.py:
+    `put` blocks when `depth` blocks are pending, bounding memory, and re-raises the thread's error in the
+    caller's thread; `close` waits for the pending blocks). One thread, because zarr encodes on one event
+    loop per process: with crc32c it wrote about 0.9 GB/s on an H200 host whatever fed it
+    (benchmarks/writer_bench.py).
 
     Each block's chunk files, then the folders naming them, are fsynced by the same thread right after
     it is written, so the disk writes while the next batches compute instead of after the last one (the
@@ -56,41 +55,26 @@ class BackgroundWriter:
 
     def __init__(self, array: zarr.Array, chunk_path: Callable[[int], Path], folder: Path, depth: int = 3):
         self._array, self._chunk_path, self._folder = array, chunk_path, folder  # folder: the array's own
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
-        self._thread.start()
+        self._thread: InBackground[tuple[int, np.ndarray]] = InBackground(self._write, depth, name="cache-writer")
 
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is None:
-                start, block = item
-                try:
-                    self._array[start:start + len(block)] = block
-                    cs = self._array.chunks[0]
-                    folders: set[Path] = set()
-                    for c in range(start // cs, -(-(start + len(block)) // cs)):
-                        chunk = self._chunk_path(c)
-                        _fsync(chunk)
-                        folders.update(_folders_up_to(chunk, self._folder))
-                        fault_point("cache_chunk", str(self._array.store_path))  # fault points count chunks
-                    for folder in sorted(folders, key=lambda p: -len(p.parts)):  # then the entries naming them
-                        _fsync(folder)
-                except BaseException as e:  # noqa: BLE001 - handed to the main thread
-                    self._error = e
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
+    def _write(self, item: tuple[int, np.ndarray]) -> None:
+        start, block = item
+        self._array[start:start + len(block)] = block
+        cs = self._array.chunks[0]
+        folders: set[Path] = set()
+        for c in range(start // cs, -(-(start + len(block)) // cs)):
+            chunk = self._chunk_path(c)
+            _fsync(chunk)
+            folders.update(_folders_up_to(chunk, self._folder))
+            fault_point("cache_chunk", str(self._array.store_path))  # fault points count chunks
+        for folder in sorted(folders, key=lambda p: -len(p.parts)):  # then the entries naming them
+            _fsync(folder)
 
     def put(self, start: int, block: np.ndarray) -> None:
-        self._raise()
-        self._queue.put((start, block))
+        self._thread.put((start, block))
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self._raise()
+        self._thread.close()
 
 
 def _create(path: Path, info: StoreInfo, labels: np.ndarray) -> zarr.Group:
@@ -101,7 +85,7 @@ def _create(path: Path, info: StoreInfo, labels: np.ndarray) -> zarr.Group:
     filters = [BitRound(keepbits=info.bitround)] if info.bitround else []
     group.create_array(
         "features", shape=(info.num_samples, *info.sample_shape), chunks=(info.chunk_samples, *info.sample_shape),
-        dtype=DTYPES[info.dtype][0], fill_value=0, filters=filters, compressors=[*codecs, Crc32cCodec()])
+        dtype=info.storage_format.numpy_dtype, fill_value=0, filters=filters, compressors=[*codecs, Crc32cCodec()])
     _write_labels(group, labels, create=True)
     return group
 
@@ -125,27 +109,6 @@ def _resumable(path: Path) -> bool:
         return True
     except Exception:  # noqa: BLE001
         return False
-
-
-def _to_host(y: torch.Tensor) -> np.ndarray:
-    """A device tensor as a new host array. From CUDA through pinned memory: on the H200 host a pageable
-    device-to-host copy moved 1.3 GB/s, slower than the writer. torch's caching host allocator hands
-    the pinned block back once the writer has dropped the array, so pinning costs once per pass."""
-    if y.device.type != "cuda":
-        return y.cpu().numpy()
-    host = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
-    host.copy_(y)  # synchronous: whole when it returns
-    return host.numpy()
-
-
-def to_storage(y: torch.Tensor, info: StoreInfo) -> np.ndarray:
-    """Stage outputs (B, C, H, W) as the store's dtype, on the host."""
-    if info.dtype == "uint8":
-        return _to_host(quantize(y, info.quant))
-    y = y.to(DTYPES[info.dtype][1])
-    if info.dtype == "bfloat16":
-        y = y.view(torch.int16)
-    return _to_host(y).view(DTYPES[info.dtype][0])
 
 
 def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn.Module, batches: Batches,
@@ -178,6 +141,7 @@ def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn
     with zarr.config.set({"array.write_empty_chunks": True}):
         features = zarr.open_array(str(path / "features"), mode="r+")
     writer = BackgroundWriter(features, lambda c: chunk_file(path, features, c), path / "features")
+    encode = info.storage_format.encode  # stage outputs -> the store's dtype, on the host
     computed = 0
     threads = torch.get_num_threads()
     if device.type == "cpu" and threads > 1 and info.codec != "none":
@@ -192,7 +156,7 @@ def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn
                 pending: list[np.ndarray] = []  # outputs of the group being assembled
                 pending_start = done = start
                 for x, _ in batches(start, layout.forward_batch):
-                    pending.append(to_storage(stage(x), info))
+                    pending.append(encode(stage(x), info.quant))
                     computed += len(x)
                     done += len(x)
                     on_progress(len(x))

@@ -5,6 +5,10 @@ resolution, average pooling to 2x2, then a linear layer (k=1 is pool + linear). 
 resolution, so for early stages of an ImageNet-sized net the head, not the block, dominates memory.
 `sr` follows DGL's "MLP-SR" idea: average-pool space by 4 per side first, then k-1 1x1 conv-BN-ReLU
 layers, pool to 2x2 and a linear layer; much cheaper in memory and FLOPs.
+
+Heads are `Chain`s and pool with `AvgPool` (cachetrain.models.chain): the same layers and values as an
+nn.Sequential of nn.AdaptiveAvgPool2d, but a pool does not keep the stage's output for its backward,
+and with activation checkpointing on the BN -> ReLU pairs are recomputed in the backward.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ import math
 
 from torch import nn
 
+from cachetrain.models.chain import AvgPool, Chain
 
-def conv_head(in_channels: int, k: int, width: int, num_classes: int, bn: bool = True) -> nn.Sequential:
+
+def conv_head(in_channels: int, k: int, width: int, num_classes: int, bn: bool = True) -> Chain:
     layers: list[nn.Module] = []
     c = in_channels
     for _ in range(k - 1):
@@ -22,25 +28,25 @@ def conv_head(in_channels: int, k: int, width: int, num_classes: int, bn: bool =
         layers += [nn.BatchNorm2d(width)] if bn else []
         layers += [nn.ReLU(inplace=True)]
         c = width
-    layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * c, num_classes)]
-    return nn.Sequential(*layers)
+    layers += [AvgPool(2), nn.Flatten(), nn.Linear(4 * c, num_classes)]
+    return Chain(*layers)
 
 
-def sr_head(in_channels: int, k: int, width: int, num_classes: int, spatial: int, bn: bool = True) -> nn.Sequential:
+def sr_head(in_channels: int, k: int, width: int, num_classes: int, spatial: int, bn: bool = True) -> Chain:
     reduced = max(2, math.ceil(spatial / 4))
-    layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(reduced)]
+    layers: list[nn.Module] = [AvgPool(reduced)]
     c = in_channels
     for _ in range(k - 1):
         layers += [nn.Conv2d(c, width, 1, bias=not bn)]
         layers += [nn.BatchNorm2d(width)] if bn else []
         layers += [nn.ReLU(inplace=True)]
         c = width
-    layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * c, num_classes)]
-    return nn.Sequential(*layers)
+    layers += [AvgPool(2), nn.Flatten(), nn.Linear(4 * c, num_classes)]
+    return Chain(*layers)
 
 
 def build_head(kind: str, in_shape: tuple[int, int, int], k: int, width: int, num_classes: int,
-               bn: bool = True) -> nn.Sequential:
+               bn: bool = True) -> Chain:
     c, h, _ = in_shape
     width = width or c
     if kind == "conv":

@@ -12,14 +12,15 @@ from collections.abc import Callable
 from torch import nn
 
 from cachetrain.config import ModelConfig
+from cachetrain.models.chain import Chain
 
 
-def _stage(c_in: int, c_out: int, psi: bool, bn: bool) -> nn.Sequential:
+def _stage(c_in: int, c_out: int, psi: bool, bn: bool) -> Chain:
     layers: list[nn.Module] = [nn.PixelUnshuffle(2)] if psi else []
     layers += [nn.Conv2d(4 * c_in if psi else c_in, c_out, 3, padding=1, bias=not bn)]
     layers += [nn.BatchNorm2d(c_out)] if bn else []
     layers += [nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers)
+    return Chain(*layers)
 
 
 def stage_factories(cfg: ModelConfig, in_channels: int) -> list[Callable[[], nn.Module]]:

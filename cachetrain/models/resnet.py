@@ -2,7 +2,8 @@
 
 Uses torchvision's BasicBlock; only the stem and the widths are ours, so the width can shrink for
 tests and the stem can keep resolution on small images (3x3 stride 1, no max-pool, as is usual
-for CIFAR-sized inputs) or follow ImageNet's 7x7 stride 2 + max-pool above 64 px.
+for CIFAR-sized inputs) or follow ImageNet's 7x7 stride 2 + max-pool above 64 px. With activation
+checkpointing only the stem recomputes its BN -> ReLU pair: torchvision's BasicBlock is left as it is.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from collections.abc import Callable
 from torch import nn
 
 from cachetrain.config import ModelConfig
+from cachetrain.models.chain import Chain
 
 
-def _stem(c_in: int, width: int, small: bool) -> nn.Sequential:
+def _stem(c_in: int, width: int, small: bool) -> Chain:
     if small:
-        return nn.Sequential(nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
-    return nn.Sequential(nn.Conv2d(c_in, width, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(width),
+        return Chain(nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+    return Chain(nn.Conv2d(c_in, width, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(width),
                          nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1))
 
 

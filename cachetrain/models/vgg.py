@@ -12,16 +12,17 @@ from collections.abc import Callable
 from torch import nn
 
 from cachetrain.config import ModelConfig
+from cachetrain.models.chain import Chain
 
 VGG11_GROUPS = [[64], [128], [256, 256], [512, 512], [512, 512]]  # widths at base width 64
 
 
-def _stage(c_in: int, widths: list[int], pool: bool) -> nn.Sequential:
+def _stage(c_in: int, widths: list[int], pool: bool) -> Chain:
     layers: list[nn.Module] = [nn.MaxPool2d(2)] if pool else []
     for w in widths:
         layers += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
         c_in = w
-    return nn.Sequential(*layers)
+    return Chain(*layers)
 
 
 def stage_factories(cfg: ModelConfig, in_channels: int, in_size: int) -> list[Callable[[], nn.Module]]:

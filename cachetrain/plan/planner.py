@@ -28,10 +28,9 @@ import itertools
 import re
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
-from cachetrain.cache.manifest import DTYPES
+from cachetrain.cache.formats import FORMATS
 from cachetrain.config import Config
 from cachetrain.models import build_network, make_head
 from cachetrain.plan.profile import forward_flops, train_step_flops
@@ -87,24 +86,42 @@ FLOPS = FlopCost()  # stateless: the default cost model
 @dataclass(frozen=True)
 class Rates:
     """Seconds from a machine's measured rates (see the module docstring). Reading the images is taken
-    to keep up in every plan."""
+    to keep up in every plan. A cache is read at the page-cache rate while its stores fit in free RAM;
+    given the disk's cold read rate and free RAM (`cachetrain plan --measure`, cachetrain/plan/rates.py),
+    a cache bigger than free RAM cannot stay cached between epochs and is read at the disk's rate."""
 
     flops_per_s: float  # what the training steps reach
-    read_bytes_per_s: float  # what the cache loader lands on the device while a stage trains
+    read_bytes_per_s: float  # what the cache loader lands on the device while a stage trains (page cache)
     write_bytes_per_s: float  # what a caching pass writes
+    disk_read_bytes_per_s: float | None = None  # the same from the disk, cold (None: read_bytes_per_s always)
+    free_ram_bytes: int | None = None  # a cache whose stores are bigger is read from the disk
+    source: str = "given"  # where the rates came from, for the plan's caption
     unit = "s"
 
-    def _read(self, costs: list[StageCost], a: int, dtype: str) -> float:
-        return costs[a].sample_bytes[dtype] / self.read_bytes_per_s if a >= 0 else 0.0
+    def from_disk(self, store_bytes: float) -> bool:
+        """Whether a cache of `store_bytes` (all its stores: every view and the test split) is read from the
+        disk every epoch: it does not fit in free RAM, and the disk's rate is known."""
+        return self.disk_read_bytes_per_s is not None and self.free_ram_bytes is not None \
+            and store_bytes > self.free_ram_bytes
+
+    def read_rate(self, store_bytes: float) -> float:
+        """Bytes/s a stage reads a cache of `store_bytes` at."""
+        return self.disk_read_bytes_per_s if self.from_disk(store_bytes) else self.read_bytes_per_s
+
+    def _read(self, costs: list[StageCost], w: Workload, a: int, dtype: str) -> float:
+        if a < 0:
+            return 0.0
+        per_sample = costs[a].sample_bytes[dtype]
+        return per_sample / self.read_rate((w.train * w.views + w.test) * per_sample)
 
     def train(self, costs: list[StageCost], w: Workload, a: int, j: int, dtype: str) -> float:
-        recompute, read = _recompute(costs, a, j) / self.flops_per_s, self._read(costs, a, dtype)
+        recompute, read = _recompute(costs, a, j) / self.flops_per_s, self._read(costs, w, a, dtype)
         own, own_eval = costs[j].train_flops / self.flops_per_s, costs[j].eval_flops / self.flops_per_s
         return w.epochs * (w.train * max(own + recompute, read) + w.test * max(own_eval + recompute, read))
 
     def build(self, costs: list[StageCost], w: Workload, a: int, j: int, dtype: str) -> float:
         return (w.train * w.views + w.test) * max(_recompute(costs, a, j + 1) / self.flops_per_s,
-                                                  self._read(costs, a, dtype),
+                                                  self._read(costs, w, a, dtype),
                                                   costs[j].sample_bytes[dtype] / self.write_bytes_per_s)
 
     def constant(self, costs: list[StageCost], w: Workload) -> float:
@@ -128,9 +145,8 @@ def input_shape(cfg: Config, image_size: int | None = None) -> tuple[int, int, i
 
 
 def sample_bytes(out_shape: tuple[int, ...]) -> dict[str, int]:
-    """Bytes of one stored sample of shape `out_shape`, per storage dtype."""
-    n = int(np.prod(out_shape))
-    return {d: n * np.dtype(DTYPES[d][0]).itemsize for d in DTYPES}
+    """Bytes of one stored sample of shape `out_shape`, per storage format (cachetrain/cache/formats.py)."""
+    return {name: fmt.sample_bytes(out_shape) for name, fmt in FORMATS.items()}
 
 
 def stage_costs(cfg: Config, in_shape: tuple[int, int, int], num_classes: int = 10) -> list[StageCost]:

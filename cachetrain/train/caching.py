@@ -9,7 +9,6 @@ fixes every store's per-channel scale before the first chunk is written.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import zarr
 from torch import nn
 
 from cachetrain.cache import StoreInfo, plan_layout, store_state, write_store
-from cachetrain.cache.manifest import DTYPES
+from cachetrain.cache.formats import FORMATS
 from cachetrain.cache.quant import Quant, calibrate
 from cachetrain.cache.verify import ChunkProblem, verify_store
 from cachetrain.cache.writer import Batches
@@ -53,9 +52,10 @@ def store_name(split: str, view: int) -> str:
 def cache_stage(job: CacheJob, c: CacheConfig, device: torch.device, amp: bool, console) -> dict[str, int]:
     """Write stage j's outputs to every store of its cache, computing only what is missing. Returns
     samples computed per store name."""
-    sample_bytes = math.prod(job.out_shape) * np.dtype(DTYPES[c.dtype][0]).itemsize
+    fmt = FORMATS[c.dtype]
+    sample_bytes = fmt.sample_bytes(job.out_shape)
     quant = None
-    if c.dtype == "uint8":
+    if fmt.calibrated:
         # a store already holding this checkpoint's outputs fixes the scale (a resumed pass must match it)
         quant = next((info.quant for info in _current_infos(job) if info.quant), None) or \
             _calibrate(job, c, device, amp)

@@ -30,7 +30,7 @@ before kept as checkpoint.prev.pt). Its keys:
     config             dict               Config.to_dict() of the command that wrote it (cachetrain.train.identity
                                           compares it with the run's config)
     input_digests      dict[str, str|None] greedy, optional: {input store relative to the run: its content
-                                          digest when the stage was trained} (cachetrain.train.greedy.stale_reason)
+                                          digest when the stage was trained} (stale_reason in cachetrain.train.state)
 
 Checkpoints are data, not code: everything above is a tensor or a dict/list/tuple of str, int, float,
 bool and None, and `load` reads with `torch.load(weights_only=True)`. A file that needs any other

@@ -18,6 +18,7 @@ from cachetrain.config import Config
 from cachetrain.data import open_dataset
 from cachetrain.device import resolve_device
 from cachetrain.models import build_network, make_head, stage_seed
+from cachetrain.train.identity import config_hash
 from cachetrain.train.rundir import RunDir
 from cachetrain.train.trainer import Position, fit, make_optimizer, make_scheduler
 
@@ -25,8 +26,10 @@ E2E = "e2e"  # the run directory's unit for the baseline: <run>/e2e/
 
 
 def e2e_network(cfg: Config, data) -> nn.Sequential:
-    net = build_network(cfg.model, data.sample_shape, cfg.train.seed)
-    head = make_head(cfg.model, net, net.depth - 1, cfg.model.k, data.num_classes, cfg.train.seed)
+    net = build_network(cfg.model, data.sample_shape, cfg.train.seed,
+                        checkpoint_activations=cfg.train.checkpoint_activations)
+    head = make_head(cfg.model, net, net.depth - 1, cfg.model.k, data.num_classes, cfg.train.seed,
+                     checkpoint_activations=cfg.train.checkpoint_activations)
     return nn.Sequential(*net.stages, head)
 
 
@@ -40,7 +43,9 @@ def train_e2e(cfg: Config, console: Console, data=None) -> float:
         model = model.to(memory_format=torch.channels_last)
     steps = data.steps_per_epoch(t.batch_size)
     ck = run.load_checkpoint(E2E, warn=lambda m: console.print(f"warning: {m}", markup=False))
-    resume = ck is not None and ckpt.input_fingerprint(ck) == data.fingerprint
+    # the baseline is the same network trained jointly: any change of a result key (--from-stage) retrains it
+    resume = (ck is not None and ckpt.input_fingerprint(ck) == data.fingerprint
+              and config_hash(ck.get("config") or {}) == config_hash(cfg))
     epochs = ck["epochs"] if resume else (t.e2e_epochs or t.epochs)
     optimizer = make_optimizer(model.parameters(), t)
     scheduler = make_scheduler(optimizer, t, steps, epochs)
