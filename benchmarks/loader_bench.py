@@ -183,10 +183,11 @@ def main() -> None:
             idx = ORDERS[order](n, reader.info.chunk_samples, 4, seed=0).indices(0)
             return lambda: [None for _ in loader.host_batches(idx, args.batch)]
 
+        rates = {}
         for order in ("quasi_random", "random"):
-            r = rate(loader_epoch(raw, order, 0), n)
+            rates[order] = r = rate(loader_epoch(raw, order, 0), n)
             record(f"cache loader, uncompressed, {order}", r, f"{r / limit:.2f}x memmap")
-            loader_rate = r if order == "quasi_random" else loader_rate
+        loader_rate = rates["quasi_random"]
         zstd_rates = {}
         for workers in (0, 1, 2):
             r = rate(loader_epoch(zst, "quasi_random", workers), n)

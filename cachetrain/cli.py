@@ -18,8 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cachetrain.cache.formats import FORMATS
-from cachetrain.config import Config, K_RANGE, load_config, save_config
-from cachetrain.durable import write_json
+from cachetrain.config import Config, K_RANGE, load_config
 from cachetrain.errors import USER_ERRORS, ConfigError
 from cachetrain.train.identity import config_hash, describe
 from cachetrain.train.greedy import Greedy
@@ -137,7 +136,7 @@ def _identity(args: argparse.Namespace, greedy: Greedy, console: Console) -> Non
     from_stage = getattr(args, "from_stage", None)
     if not identity.started():
         describe_data = getattr(greedy.data, "metadata", None)
-        identity.start(cfg, save_config, write_json, describe_data() if describe_data else None)
+        identity.start(cfg, describe_data() if describe_data else None)
         return
     changes = identity.check(cfg, from_stage)
     if from_stage is None:
@@ -145,7 +144,7 @@ def _identity(args: argparse.Namespace, greedy: Greedy, console: Console) -> Non
     if not changes:
         console.print(f"--from-stage {from_stage}: the config is the run's own; nothing is retrained for it")
         return
-    identity.record_change(cfg, from_stage, changes, save_config, write_json)
+    identity.record_change(cfg, from_stage, changes)
     greedy.history = identity.history()
     console.print(f"config changed from stage {from_stage}: {describe(changes)}; stages {from_stage}.. are retrained")
 

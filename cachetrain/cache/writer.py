@@ -13,7 +13,6 @@ labels, read back from the files) and setting `content_digest` with `complete` i
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import zarr
 from zarr.codecs import BitRound, Crc32cCodec, ZstdCodec
 
+from cachetrain.durable import fsync_path
 from cachetrain.cache.manifest import (CHECKSUMS, CacheState, Layout, StoreInfo, chunk_file, digest_of,
                                        file_checksums, labels_file, missing_chunks, store_state)
 from cachetrain.device import autocast
@@ -32,13 +32,6 @@ from cachetrain.threads import InBackground
 Batches = Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # (start, batch_size) -> batches
 
 
-def _fsync(path: Path) -> None:
-    """Make `path` (a file's data, or a directory's entries) durable: on disk, not only in the page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BackgroundWriter:
@@ -64,11 +57,11 @@ class BackgroundWriter:
         folders: set[Path] = set()
         for c in range(start // cs, -(-(start + len(block)) // cs)):
             chunk = self._chunk_path(c)
-            _fsync(chunk)
+            fsync_path(chunk)
             folders.update(_folders_up_to(chunk, self._folder))
             fault_point("cache_chunk", str(self._array.store_path))  # fault points count chunks
         for folder in sorted(folders, key=lambda p: -len(p.parts)):  # then the entries naming them
-            _fsync(folder)
+            fsync_path(folder)
 
     def put(self, start: int, block: np.ndarray) -> None:
         self._thread.put((start, block))
@@ -174,8 +167,8 @@ def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn
     digest = _write_manifest(path, group, info)
     # only now, with its digest in the same update: every chunk above exists in full, on disk
     group.update_attributes({"complete": True, "content_digest": digest})
-    _fsync(path / "zarr.json")  # zarr replaced the file: its data, then the folder entry naming it
-    _fsync(path)
+    fsync_path(path / "zarr.json")  # zarr replaced the file: its data, then the folder entry naming it
+    fsync_path(path)
     return computed
 
 
@@ -187,7 +180,7 @@ def _write_manifest(path: Path, group: zarr.Group, info: StoreInfo) -> str:
     files = [p for p in (path / CHECKSUMS).rglob("*") if p.is_file()]
     folders = {folder for file in files for folder in _folders_up_to(file, path)}
     for item in [*files, *sorted(folders, key=lambda p: -len(p.parts))]:
-        _fsync(item)
+        fsync_path(item)
     return digest_of(crcs)
 
 
@@ -208,7 +201,7 @@ def _make_durable(path: Path, resumed: list[Path]) -> None:
     files = [*resumed, path / "features" / "zarr.json", *(p for p in (path / "labels").rglob("*") if p.is_file())]
     folders = {folder for file in files for folder in _folders_up_to(file, path)}
     for item in [*files, *sorted(folders, key=lambda p: -len(p.parts)), path.parent]:
-        _fsync(item)
+        fsync_path(item)
 
 
 def _put_missing(writer: BackgroundWriter, block: np.ndarray, start: int, chunk_samples: int,

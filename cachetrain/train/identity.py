@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cachetrain.config import Config, ConfigError
+from cachetrain.config import Config, ConfigError, load_config, save_config
+from cachetrain.durable import write_json
 
 # keys that cannot change what is computed: where things live, how many processes read, how often a
 # mid-epoch checkpoint is taken (resume is bit-identical either way), whether a stage's activations are
@@ -87,7 +88,6 @@ class RunIdentity:
         return self.config_path.exists()
 
     def saved_config(self) -> Config:
-        from cachetrain.config import load_config
         return load_config(self.config_path)
 
     def meta(self) -> dict:
@@ -120,16 +120,15 @@ class RunIdentity:
                               f"can be kept; use --from-stage 0 or start a new run")
         return changes
 
-    def start(self, cfg: Config, write_config, write_json, data: dict | None = None) -> None:
+    def start(self, cfg: Config, data: dict | None = None) -> None:
         """A new run: its config and metadata (with what the dataset says of itself, e.g. an image folder's
         class list and skipped files), each written atomically."""
-        write_config(cfg, self.config_path)
+        save_config(cfg, self.config_path)
         write_json(self.meta_path, {"config_hash": config_hash(cfg), "history": [],
                                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                     **({"data": data} if data else {})})
 
-    def record_change(self, cfg: Config, from_stage: int, changes: dict[str, tuple[Any, Any]],
-                      write_config, write_json) -> None:
+    def record_change(self, cfg: Config, from_stage: int, changes: dict[str, tuple[Any, Any]]) -> None:
         """`--from-stage J`: the new config replaces the saved one and the change joins the history. The
         metadata goes first: a crash between the two writes leaves a history entry whose hash_after
         does not match config.yaml, which the next command detects as a config change again."""
@@ -140,7 +139,7 @@ class RunIdentity:
                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         meta["config_hash"] = config_hash(cfg)
         write_json(self.meta_path, meta)
-        write_config(cfg, self.config_path)
+        save_config(cfg, self.config_path)
 
 
 def stage_config_ok(trained_with: dict | None, current: Config, history: list[dict], j: int) -> bool:
