@@ -4,8 +4,9 @@ A cache that does not fit in the page cache is written to and read from the disk
 matters is how close the caching pass and the loader come to what the disk does for a plain
 sequential write or read of the same bytes. Each measurement is cold: the page cache is dropped
 before every arm (`sync; echo 3 > /proc/sys/vm/drop_caches`, as root), or, without root, every file's
-pages are dropped with posix_fadvise(DONTNEED), or (`--bigger-than-ram`) the store is larger than the
-machine's memory, so no epoch finds it cached. The JSON says which.
+pages are dropped with posix_fadvise(DONTNEED); with `--bigger-than-ram` the store is also larger than
+the machine's memory, so no arm can keep it cached, and only this run's files are dropped (see `Cold`).
+The JSON says which.
 
 Writes (each round, in alternating order; every arm writes the same samples, random ReLU maps):
 - dd: one file of the fp16 store's chunk-file bytes, in 8 MiB writes, then fdatasync (the limit);
@@ -78,24 +79,28 @@ def mem_total() -> int:
 
 
 class Cold:
-    """Empties the page cache before an arm, as well as this machine allows (`method` says how)."""
+    """Empties the page cache before an arm, as well as this machine allows (`method` says how).
+
+    A store bigger than RAM is not cold by its size alone: after one arm reads it through, the page cache
+    may still hold most of it (1.1x RAM: up to ~90%), and the next arm's quasi-random order would find
+    many of its chunks there. So that mode drops this run's own files too, with posix_fadvise(DONTNEED),
+    never the machine's whole page cache: the mode is for where that may not be dropped, and tests run it."""
 
     def __init__(self, folder: Path, no_drop: bool, bigger_than_ram: bool):
         self.folder = folder
-        if no_drop:
-            self.method = "none: page cache warm (--no-drop)"
-        elif bigger_than_ram:
-            self.method = "store bigger than RAM (page cache not dropped)"
-        elif os.geteuid() == 0:
-            self.method = "sync; echo 3 > /proc/sys/vm/drop_caches before every arm"
-        else:
-            self.method = "sync, then posix_fadvise(DONTNEED) on every file under --dir before every arm"
+        self.how = "none" if no_drop else "fadvise" if bigger_than_ram or os.geteuid() != 0 else "drop_caches"
+        self.method = {"none": "none: page cache warm (--no-drop)",
+                       "drop_caches": "sync; echo 3 > /proc/sys/vm/drop_caches before every arm",
+                       "fadvise": "sync, then posix_fadvise(DONTNEED) on every file under --dir before every arm"
+                       }[self.how]
+        if bigger_than_ram and not no_drop:
+            self.method = f"store bigger than RAM, and {self.method}"
 
     def __call__(self) -> None:
-        if self.method.startswith("none") or self.method.startswith("store bigger"):
+        if self.how == "none":
             return
         os.sync()
-        if self.method.startswith("sync; echo 3"):
+        if self.how == "drop_caches":
             Path("/proc/sys/vm/drop_caches").write_text("3\n")
             return
         for file in (p for p in self.folder.rglob("*") if p.is_file()):
@@ -251,6 +256,19 @@ def markdown(title: str, rows: dict[str, dict], refs: list[str]) -> str:
     return "\n".join(lines)
 
 
+TARGET = 0.8  # issue 18: the caching pass and a cold loader epoch, each at least 0.8x the disk's sequential rate
+
+
+def against_targets(writes: dict[str, dict], reads: dict[str, dict]) -> list[dict]:
+    """Every caching pass (x dd) and every cold loader epoch (x the large file read sequentially) against
+    TARGET, in fp16 bytes moved per second."""
+    rows = [{"what": f"caching pass, {name[len('cache_'):]}", "ratio": row["ratio_to_dd"], "over": "dd"}
+            for name, row in writes.items() if name.startswith("cache_") and not name.endswith("_tmpfs")]
+    rows += [{"what": f"cold epoch, {name}", "ratio": row["ratio_to_large_file"], "over": "large_file"}
+             for name, row in reads.items() if name.startswith("loader_")]
+    return [{**row, "target": TARGET, "met": row["ratio"] >= TARGET} for row in rows]
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gib", type=float, default=2.0, help="fp16 store size (default 2; ignored with --bigger-than-ram)")
@@ -361,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
                           "chunk_file_bytes": info.raw_chunk_file_bytes, "chunks": info.num_chunks,
                           "bytes_on_disk": disk_bytes(folder / f"{name}.zarr")} for name, (info, _) in stores.items()},
         "writes": writes, "reads": reads, "warm": warm,
-        "targets": {"caching_pass_over_sequential_write": 0.8, "cold_loader_epoch_over_large_file_read": 0.8},
+        "targets": against_targets(writes, reads),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -376,6 +394,9 @@ def main(argv: list[str] | None = None) -> dict:
     if warm:
         print()
         print(markdown("warm reads", warm, ["warm_mmap_batch_ahead"]))
+    print(f"\n**against the targets (>= {TARGET}x)**\n\n| | x | over | met |\n|---|---:|---|---|")
+    for row in result["targets"]:
+        print(f"| {row['what']} | {row['ratio']:.2f} | {row['over']} | {'yes' if row['met'] else 'no'} |")
     print(f"\nwrote {out}")
     shutil.rmtree(folder, ignore_errors=True)
     return result

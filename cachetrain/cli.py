@@ -19,12 +19,12 @@ from rich.table import Table
 
 from cachetrain.cache.formats import FORMATS
 from cachetrain.config import Config, K_RANGE, load_config
-from cachetrain.errors import USER_ERRORS, ConfigError
+from cachetrain.errors import USER_ERRORS, ConfigError, StageError
 from cachetrain.train.identity import config_hash, describe
 from cachetrain.train.greedy import Greedy
 from cachetrain.ui import status_table
 
-LOCKED = ("train", "stage", "cache", "e2e", "eval")  # commands that take the run's lock (and may start it)
+LOCKED = ("train", "stage", "cache", "e2e", "eval", "probe")  # commands that take the run's lock (and may start it)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,6 +82,25 @@ def _parser() -> argparse.ArgumentParser:
                       "stage's and the end-to-end network's training peak and the largest batch, with and without "
                       "the options that lower it")
     plan.add_argument("--batch", type=int, help="batch for --gpu-memory (default: train.batch_size)")
+    probe = command("probe", "fit the linear probes each trained stage lacks, and the end-to-end network's probes and "
+                             "greedy-vs-e2e CKA once it is trained; written to <run>/probes.jsonl and cka.jsonl")
+    probe.add_argument("--j", type=int, help="only this stage (its probes are fitted again)")
+    report = sub.add_parser("report", help="markdown + JSON report and plots of one or more runs",
+                            description="per-stage train/val/test accuracy, probes, gap and CKA by depth, and the "
+                                        "critical layer, for a run and the runs it is compared with (--vs)")
+    report.add_argument("--run", required=True, help="the run to report")
+    report.add_argument("--vs", nargs="+", default=[], metavar="RUN", help="runs to overlay on the same plots")
+    report.add_argument("--delta", type=float, default=0.3,
+                        help="critical layer: validation gains below this many points per stage (default 0.3)")
+    report.add_argument("--out", help="output folder (default: <run>/report)")
+    fork = sub.add_parser("fork", help="a new run reusing another run's stages 0..J-1 and their caches (hard links)",
+                          description="make run --to from run --run: stages 0..J-1 and their caches are reused "
+                                      "without copying; stages J.. train with the --set changes")
+    fork.add_argument("--run", required=True, help="the run to fork")
+    fork.add_argument("--at", type=int, required=True, metavar="J", help="the first stage the new run trains")
+    fork.add_argument("--to", required=True, help="the new run directory")
+    fork.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="a config change for stages J.. (repeatable), e.g. --set stages.3.lr=0.01")
     bench = command("bench", "greedy-cached vs greedy-recompute vs end-to-end: time, memory, accuracy, plots")
     bench.add_argument("--quick", action="store_true", help="small subsets and one epoch per stage (a smoke test)")
     bench.add_argument("--out", help="output folder (default: bench/<config name>)")
@@ -101,7 +120,7 @@ def _config(args: argparse.Namespace) -> tuple[Config, str]:
     return load_config(path, overrides), " ".join(named)
 
 
-HINT = re.compile(r"\bcachetrain (train|stage|cache|verify|status|eval|e2e|plan)\b")
+HINT = re.compile(r"\bcachetrain (train|stage|cache|verify|status|eval|e2e|plan|probe)\b")
 
 
 def with_run_options(text: str, named: str) -> str:
@@ -159,6 +178,13 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     console = console or Console(width=None if sys.stdout.isatty() else 120, soft_wrap=True)
     greedy, named = None, ""
     try:
+        if args.command == "report":
+            return _report(args, console)
+        if args.command == "fork":
+            from cachetrain.train.fork import fork_run
+            fork_run(Path(args.run), args.at, Path(args.to), args.set, console)
+            console.print(f"next: cachetrain train --run {shlex.quote(args.to)}", markup=False, highlight=False)
+            return 0
         cfg, named = _config(args)
         greedy = Greedy(cfg, console)
         check_ranges(args, greedy)
@@ -179,7 +205,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
         greedy.run.lock()
         _identity(args, greedy, console)
         if args.command == "train":
-            rows = greedy.train_all()
+            rows = greedy.train_all(after_stage=_probes_after(greedy))
             console.print(status_table(rows, title=f"{cfg.run_path}: per-stage test accuracy"))
         elif args.command == "stage":
             j = args.j if args.j is not None else greedy.next_stage()
@@ -189,14 +215,21 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
             greedy.train_stage(j, k=args.k, restart=args.j is not None and greedy.stage_state(j) == "trained")
             if j in greedy.cached_stages() and not args.no_cache:
                 greedy.cache_stage(j)
+            if cfg.train.probes:
+                _probes_after(greedy)(j)
             console.print(status_table(greedy.status(), title=f"{cfg.run_path}"))
         elif args.command == "cache":
             computed = greedy.cache_stage(args.j, repair=args.repair)
-            console.print(f"stage {args.j} cache: computed {computed['train']} train and {computed['test']} test samples")
+            console.print(f"stage {args.j} cache: computed {computed['train']} train, {computed.get('val', 0)} val and "
+                          f"{computed['test']} test samples")
         elif args.command == "e2e":
             from cachetrain.train.e2e import train_e2e
             acc = train_e2e(cfg, console, data=greedy.data)
             console.print(f"end-to-end test accuracy: {100 * acc:.2f}%")
+            if cfg.train.probes:
+                _probe(greedy, None, console, stages=False)
+        elif args.command == "probe":
+            _probe(greedy, args.j, console)
         elif args.command == "eval":
             r = greedy.evaluate_network()
             table = Table(title=f"{cfg.run_path}: assembled network, stages 0..{r['stages'] - 1}")
@@ -242,7 +275,9 @@ def _plan(greedy: Greedy, args: argparse.Namespace, console: Console) -> int:
     cfg = greedy.cfg
     gpu_budget = _gpu_budget(args, cfg)  # a bad --gpu-memory or --batch fails before any work
     if args.samples is None:
-        n_train, n_test = greedy.data.num_samples("train"), greedy.data.num_samples("test")
+        # the validation split is cached once and evaluated every epoch, like the test split (Workload.test)
+        n_train = greedy.data.num_samples("train")
+        n_test = greedy.data.num_samples("test") + greedy.data.num_samples("val")
         num_classes = greedy.data.num_classes
     else:
         n_train, n_test = args.samples, args.test_samples or 0
@@ -340,9 +375,56 @@ def _rates(args: argparse.Namespace, greedy: Greedy, console: Console):
                  source="given on the command line")
 
 
+def _probes_after(greedy: Greedy):
+    """after_stage(j) for Greedy.train_all: stage j's probes, unless they exist for its weights or are off."""
+    if not greedy.cfg.train.probes:
+        return None
+    from cachetrain.train.diagnostics import Diagnostics
+
+    diag = Diagnostics(greedy)
+    return lambda j: diag.probe_stage(j) if j in diag.missing_stages() else None
+
+
+def _probe(greedy: Greedy, j: int | None, console: Console, stages: bool = True) -> None:
+    """`cachetrain probe`: what is missing (or stage j's probes again), then e2e probes and CKA if it is trained."""
+    from cachetrain.train.diagnostics import Diagnostics
+
+    diag = Diagnostics(greedy)
+    if j is not None:
+        if greedy.stage_state(j) != "trained":
+            raise StageError(f"--j {j}: stage {j} is {greedy.stage_state(j)}; run: {Greedy.command('stage', j)}")
+        diag.probe_stage(j)
+        return
+    for i in diag.missing_stages() if stages else []:
+        diag.probe_stage(i)
+    model = diag.e2e_model()
+    if model is None:
+        console.print("no trained end-to-end network: its probes and CKA come after: cachetrain e2e", markup=False)
+        return
+    if diag.e2e_missing(model):
+        diag.probe_e2e(model)
+    if diag.cka_missing(model):
+        diag.cka(model)
+
+
+def _report(args: argparse.Namespace, console: Console) -> int:
+    from cachetrain.study.report import write_report
+
+    runs = [Path(args.run), *map(Path, args.vs)]
+    out = Path(args.out or Path(args.run) / "report")
+    write_report(runs, out, delta=args.delta)
+    console.print((out / "report.md").read_text(), markup=False, highlight=False)
+    console.print(f"wrote {out}/report.md, report.json and the plots", markup=False, highlight=False)
+    return 0
+
+
 def _status(greedy: Greedy, console: Console, named: str) -> int:
     rows = greedy.status()
     console.print(status_table(rows, title=f"{greedy.cfg.run_path}"))
+    forked = greedy.identity.meta().get("forked_from") if greedy.identity.started() else None
+    if forked:
+        console.print(f"forked from {forked['run']} at stage {forked['at']} (stages 0..{forked['at'] - 1} and their "
+                      f"caches are hard links to its files)", markup=False, highlight=False)
     for r in rows:
         if r.reason:
             console.print(f"stage {r.j} is stale: {r.reason}", markup=False, highlight=False)

@@ -34,6 +34,11 @@ class DataConfig:
     root: str | None = None  # None: $CACHETRAIN_DATA, else the dataset's default location
     train_subset: int = 0  # first N training samples (0 = all); a stratified-enough prefix for tests
     test_subset: int = 0
+    # validation split, held out of the training split (after train_subset) by a permutation seeded with
+    # split_seed alone (cachetrain.data.split): None: 1/12 of it, at least 1 (5,000 of Fashion-MNIST's
+    # 60,000); an integer: that many samples (0: no validation split); a number in (0, 1): that fraction
+    val_samples: int | float | None = None
+    split_seed: int = 0
     # stage-0 augmentation on the images (training split only; caching always uses the plain images)
     crop_padding: int = 2  # random crop with this zero padding (0 = no crop)
     flip: bool = True
@@ -51,6 +56,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.train_subset >= 0, "data.train_subset", "an integer >= 0", self.train_subset)
         _check(self.test_subset >= 0, "data.test_subset", "an integer >= 0", self.test_subset)
+        v = self.val_samples
+        # whether it leaves a training sample is known only when the dataset is opened (cachetrain.data.split)
+        _check(v is None or (v >= 0 if isinstance(v, int) else 0 < v < 1), "data.val_samples",
+               "an integer >= 0, a fraction in (0, 1) or null", v)
         _check(self.crop_padding >= 0, "data.crop_padding", "an integer >= 0", self.crop_padding)
         _check(len(self.shape) == 3 and min(self.shape) >= 1, "data.shape", "[C, H, W] of positive integers", self.shape)
         _check(self.num_classes >= 2, "data.num_classes", "an integer >= 2", self.num_classes)
@@ -58,6 +67,11 @@ class DataConfig:
         _check(self.synthetic_test >= 1, "data.synthetic_test", "an integer >= 1", self.synthetic_test)
         _check(self.synthetic_noise >= 0, "data.synthetic_noise", "a number >= 0", self.synthetic_noise)
         _check(self.image_size >= 8, "data.image_size", "an integer >= 8", self.image_size)
+
+    @property
+    def has_val(self) -> bool:
+        """Whether the run has a validation split (and its caches a val store), known without opening the data."""
+        return self.val_samples != 0
 
     @property
     def resolved_root(self) -> Path:
@@ -117,6 +131,17 @@ class TrainConfig:
     # recompute each BN -> ReLU pair in the backward instead of keeping its output (cachetrain.models.chain):
     # the same values and gradients, less memory, two extra elementwise passes per pair
     checkpoint_activations: bool = False
+    # early stopping on validation loss: stop a stage (and the end-to-end baseline) when its validation loss
+    # has not improved for this many epochs, and keep the weights of its best epoch (0: off, keep the last)
+    patience: int = 0
+    # train early stages less (after Trinh 2019's "slow down" of early layers): stage j of J trains with
+    # `slowdown_of` (epochs or lr) scaled by slowdown ** (J - 1 - j); epochs round to the nearest integer >= 1.
+    # 1.0: off. stages.<j>.<key> set explicitly wins over it.
+    slowdown: float = 1.0
+    slowdown_of: Literal["epochs", "lr"] = "epochs"
+    # after each stage (and after `cachetrain e2e`), fit linear probes on its cached outputs
+    # (cachetrain.train.diagnostics); they do not change training
+    probes: bool = True
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "an integer >= 1", self.epochs)
@@ -130,6 +155,24 @@ class TrainConfig:
         _check(self.checkpoint_steps >= 0, "train.checkpoint_steps", "an integer >= 0", self.checkpoint_steps)
         _check(self.feature_crop_padding >= 0, "train.feature_crop_padding", "an integer >= 0",
                self.feature_crop_padding)
+        _check(self.patience >= 0, "train.patience", "an integer >= 0 (0: no early stopping)", self.patience)
+        _check(0 < self.slowdown <= 1, "train.slowdown", "a number in (0, 1] (1: off)", self.slowdown)
+
+
+@dataclass(frozen=True)
+class StageOverrides:
+    """`stages.<j>.<key>`: training settings stage j uses instead of train.<key> (unset: train's). Lets any
+    stage be trained differently, e.g. fewer epochs or a lower learning rate for early stages."""
+
+    epochs: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    feature_crop_padding: int | None = None
+    feature_flip: bool | None = None
+    patience: int | None = None
+
+    def set_keys(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -192,13 +235,41 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    stages: dict[int, StageOverrides] = field(default_factory=dict)  # per-stage training overrides
+
+    def __post_init__(self) -> None:
+        bad = [j for j in self.stages if not 0 <= j < self.model.stages]
+        _check(not bad, "stages", f"stage indices in [0, {self.model.stages - 1}] (model.stages is "
+                                  f"{self.model.stages})", bad)
+        for j, over in self.stages.items():  # each override checked by TrainConfig's own rules
+            try:
+                dataclasses.replace(self.train, **over.set_keys())
+            except ConfigError as e:
+                raise ConfigError(f"stages.{j}.{str(e).removeprefix('train.')}") from None
+        patience = [self.train.patience] + [o.patience for o in self.stages.values() if o.patience]
+        _check(self.data.has_val or not any(patience), "train.patience",
+               "0 when data.val_samples is 0 (early stopping needs a validation split)", max(patience))
+
+    def stage_train(self, j: int) -> TrainConfig:
+        """The training settings of greedy stage j: train.*, then the slowdown rule, then stages.<j>.*."""
+        t, depth = self.train, self.model.stages
+        scaled: dict[str, Any] = {}
+        if t.slowdown < 1:
+            factor = t.slowdown ** (depth - 1 - j)
+            scaled = {"epochs": max(1, round(t.epochs * factor))} if t.slowdown_of == "epochs" else \
+                {"lr": t.lr * factor}
+        over = self.stages.get(j)
+        return dataclasses.replace(t, **{**scaled, **(over.set_keys() if over else {})})
 
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir or f"runs/{self.name}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        raw = dataclasses.asdict(self)
+        # only the keys set: a saved config stays the file the user wrote (and YAML keys stay ints)
+        raw["stages"] = {j: over.set_keys() for j, over in sorted(self.stages.items())}
+        return raw
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> Config:
@@ -236,6 +307,15 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is dict:  # stages.<j>: integer keys (YAML ints, or "2" from --set stages.2.lr=...)
+        _check(isinstance(value, dict), key, "a mapping of stage index to settings", value)
+        key_tp, value_tp = typing.get_args(tp)
+        out = {}
+        for k, v in value.items():
+            ok = isinstance(k, int) or (isinstance(k, str) and k.strip().isdigit())
+            _check(ok and not isinstance(k, bool), f"{key}.{k}", "a stage index (an integer)", k)
+            out[int(k)] = _coerce(value_tp, v, f"{key}.{int(k)}")
+        return out
     if origin is list:
         _check(isinstance(value, list), key, _type_name(tp), value)
         (item,) = typing.get_args(tp)

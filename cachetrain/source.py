@@ -5,6 +5,11 @@ stage j-1's cache (cachetrain/cache/source.py) or its outputs recomputed through
 a nearer source (cachetrain/train/recompute.py). The trainer and the caching pass see only this
 interface, so any input can feed any stage.
 
+Every source serves three splits (SPLITS): "train", the part of the training split that is trained on;
+"val", the samples held out of it (cachetrain.data.split; none when `data.val_samples` is 0); "test".
+Only "train" is shuffled and augmented (`train_batches`); "val" and "test" are read plain, in sample
+order (`eval_batches`), and an empty split yields no batch.
+
 Resume state is (epoch, start_batch): `train_batches(epoch, bs, start_batch)` yields exactly the
 batches an uninterrupted epoch would have yielded from that point on, since which samples form batch
 b (and their augmentation draws) is a pure function of (seed, epoch, b).
@@ -21,7 +26,7 @@ import numpy as np
 import torch
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # x (B, C, H, W) float32 on the device, y (B,) int64
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")  # val: held out of the training split; may be empty
 
 
 class Source(Protocol):
@@ -29,7 +34,8 @@ class Source(Protocol):
     sample_shape: tuple[int, int, int]  # (C, H, W)
     num_classes: int
 
-    def num_samples(self, split: str) -> int: ...
+    def num_samples(self, split: str) -> int:
+        """Samples in `split` (one of SPLITS); 0 for "val" when the run has no validation split."""
 
     def labels(self, split: str) -> np.ndarray:
         """(N,) int64, in sample order."""
@@ -38,7 +44,8 @@ class Source(Protocol):
 
     def train_batches(self, epoch: int, batch_size: int, start_batch: int = 0,
                       augment: bool = True) -> Iterator[Batch]:
-        """The training split, shuffled and augmented for `epoch`, from batch `start_batch` on."""
+        """The training split (its "train" part, the validation samples left out), shuffled and augmented for
+        `epoch`, from batch `start_batch` on."""
 
     def eval_batches(self, split: str, batch_size: int, start: int = 0) -> Iterator[Batch]:
         """Plain batches in sample order from sample `start`: what evaluation and the caching pass read."""
@@ -50,6 +57,7 @@ def fingerprint(obj: object) -> str:
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The stage-0 shuffle of n samples for `epoch`: a pure function of (seed, epoch), shared by every
-    image source (tensors, folders, DALI), so all of them train on the same order and resume mid-epoch."""
+    """The stage-0 shuffle of the n training samples (the validation split left out) for `epoch`: a pure
+    function of (seed, epoch), shared by every image source (tensors, folders, DALI), so all of them train
+    on the same order and resume mid-epoch."""
     return np.random.default_rng([seed, epoch]).permutation(n)

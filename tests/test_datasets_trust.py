@@ -278,9 +278,10 @@ def test_skip_bad_images_leaves_them_out_counted_and_logged(runs):
     data = FolderImages(cfg, 0, CPU, workers=0, backend="numpy")
     assert sorted(p for p, _ in data.skipped_files) == sorted(str(p.relative_to(c.root)) for p in c.bad)
     assert all(m["reason"] for m in data.metadata()["skipped_files"])
-    assert data.num_samples("train") == 23 and data.num_samples("test") == 23
+    # 23 training images kept, 2 of them held out for validation (data.val_samples: 1/12)
+    assert data.num_samples("train") == 21 and data.num_samples("val") == 2 and data.num_samples("test") == 23
     for epoch in (0, 1):  # the same sample set every epoch
-        assert sum(len(y) for _, y in data.train_batches(epoch, 8)) == 23
+        assert sum(len(y) for _, y in data.train_batches(epoch, 8)) == 21
     # what was left out is in the fingerprint: the tree after a repair is another input
     jpeg(c.bad[0], 100)
     assert FolderImages(cfg, 0, CPU, workers=0, backend="numpy").fingerprint != data.fingerprint
@@ -311,7 +312,7 @@ for r in range(rounds):  # both processes start each round together, on a fresh 
         time.sleep(0.001)
     os.environ["CACHETRAIN_DATA"] = str(base / f"round{r}")
     data = open_dataset(DataConfig(name="fmnist", train_subset=64, test_subset=64), 0, torch.device("cpu"))
-    assert data.num_samples("train") == 64 and data.labels("test").max() <= 9
+    assert data.num_samples("train") + data.num_samples("val") == 64 and data.labels("test").max() <= 9
 print("opened", rounds)
 """
 ROUNDS = 5

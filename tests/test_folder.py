@@ -21,7 +21,9 @@ def jpeg_folder(tmp_path_factory):
     from PIL import Image
 
     root = tmp_path_factory.mktemp("folder")
-    data = load_fmnist(DataConfig(train_subset=300, test_subset=100), seed=0, device=torch.device("cpu"))
+    # val_samples=0: every one of the 300 training images goes into train/ (the folder holds out its own)
+    data = load_fmnist(DataConfig(train_subset=300, test_subset=100, val_samples=0), seed=0,
+                       device=torch.device("cpu"))
     for split, name in (("train", "train"), ("test", "val")):
         x, y = data._x[split], data._y[split]
         for i in range(len(y)):
@@ -49,7 +51,8 @@ def test_stage0_trains_and_caches_from_jpegs(jpeg_folder, tmp_path, backend):
     assert [r.state for r in rows] == ["trained", "trained"]
     assert rows[0].cache is CacheState.COMPLETE
     assert rows[1].test_acc > 0.25, rows[1].test_acc  # chance is 0.10
-    assert g.input_source(1).num_samples("train") == 300
+    assert g.input_source(1).num_samples("train") == 275  # 25 of train/'s 300 files held out for validation
+    assert g.input_source(1).num_samples("val") == 25
 
 
 def test_dali_and_torchvision_eval_batches_agree_on_samples(jpeg_folder):
@@ -61,5 +64,5 @@ def test_dali_and_torchvision_eval_batches_agree_on_samples(jpeg_folder):
     # same images, decoded and resized by two libraries: close, not equal
     assert (xa - xb).abs().mean() < 0.15
     train_ids = [y for _, y in dali.train_batches(0, 64)]
-    assert sum(len(y) for y in train_ids) == 300
+    assert sum(len(y) for y in train_ids) == 275  # train/'s 300 files, 25 held out for validation
     assert not np.array_equal(torch.cat(train_ids).numpy(), tv.labels("train"))  # shuffled

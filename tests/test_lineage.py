@@ -47,7 +47,7 @@ def fresh(tmp_path, clean, upto: int | None = None):
 def test_a_stage_records_the_digest_of_the_stores_it_trained_on(clean):
     recorded = torch.load(clean / "stages" / "stage_1" / "checkpoint.pt", weights_only=True)["input_digests"]
     assert recorded == {f"cache/stage_0/{s}.zarr": content_digest(clean / "cache" / "stage_0" / f"{s}.zarr")
-                        for s in ("train", "test")}
+                        for s in ("train", "val", "test")}
     assert all(recorded.values())
 
 

@@ -147,11 +147,11 @@ def test_training_follows_a_plan_that_skips_a_cache(tmp_path, capsys):
 
 def test_plan_command_saves_a_plan_within_budget(tmp_path, capsys):
     path = write_config(tmp_path / "c.yaml", synthetic_raw(tmp_path / "run"))
-    stage_bytes = 8 * 16 * 16 * 2 * (384 + 128)  # stage 0's output, fp16, both splits
+    stage_bytes = 8 * 16 * 16 * 2 * (384 + 128)  # stage 0's output, fp16, every split (train, val, test)
     assert main(["plan", "--config", str(path), "--disk-budget", str(stage_bytes)]) == 0
     saved = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert saved["disk_bytes"] <= stage_bytes and len(saved["cached"]) == 1
-    assert "cache plan for 384 + 128 samples" in capsys.readouterr().out
+    assert "cache plan for 352 + 160 samples" in capsys.readouterr().out  # 32 of the 384 held out for validation
     assert main(["plan", "--config", str(path), "--disk-budget", "lots"]) == 2
     err = capsys.readouterr()
     assert main(["plan", "--config", str(path), "--flop-rate", "1T", "--read-rate", "1GB", "--write-rate", "1GB"]) == 0

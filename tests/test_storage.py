@@ -68,7 +68,8 @@ def test_augmented_views_are_cached_and_drawn_per_chunk(tmp_path):
     g, rows = train_tiny(tmp_path, views=3)
     assert [r.state for r in rows] == ["trained"] * 3
     for j in (0, 1):
-        assert [p.name for _, _, p in g.stores(j)] == ["train.zarr", "train_v1.zarr", "train_v2.zarr", "test.zarr"]
+        assert [p.name for _, _, p in g.stores(j)] == ["train.zarr", "train_v1.zarr", "train_v2.zarr", "val.zarr",
+                                                      "test.zarr"]  # val: one plain view, as test
         assert all(p.exists() for _, _, p in g.stores(j))
     fp = g.output_fingerprint(0)
     views = [CacheReader(g.run.store_path(0, "train", v), fp).read_chunk(0) for v in range(3)]

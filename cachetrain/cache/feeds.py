@@ -152,7 +152,8 @@ class WorkerFeed:
 # ReadFeed ask the disk. The loader's own one-batch read-ahead is two batches' bytes: short when samples
 # are small (batch 256 of 32 KiB samples: 16 MiB). On the 2-core machine's virtual disk, cold, a
 # quasi-random epoch of such a 2 GiB store read 724 MB/s with that alone and 942 MB/s with this 64 MiB
-# read-ahead (benchmarks/disk_bench.py, medians of 3 alternating rounds; figures/disk_results.json);
+# read-ahead (benchmarks/disk_bench.py, medians of 3 alternating rounds, 2026-12-02; the raw file of that run
+# is in commit 86364b6; the 2026-12-04 run printed 1,234 MB/s with it);
 # a hand-timed sweep found 32 to 256 MiB alike and 16 MiB short of them. From a warm page cache it cost
 # nothing measurable (0.98x, within the noise). What is read ahead waits in the page cache, not in this
 # process: it only has to stay small against free memory, so that a store bigger than RAM does not

@@ -1,5 +1,7 @@
 """Stage j's input when it is stage j-1's cache: a `Source` (cachetrain/source.py) over the cache
-loader (numpy or DALI), with the traversal order, the views and the feature-space augmentation."""
+loader (numpy or DALI), with the traversal order, the views and the feature-space augmentation.
+Its splits are the cache's stores: the training views, the test store and, when the run has a
+validation split, the val store (without one, "val" has no samples)."""
 
 from __future__ import annotations
 
@@ -21,13 +23,15 @@ class CacheSource:
     from one view, drawn from (seed, epoch)."""
 
     def __init__(self, train: CacheReader | list[CacheReader], test: CacheReader, cfg: LoaderConfig, seed: int,
-                 device: torch.device, crop_padding: int = 0, flip: bool = False, num_classes: int | None = None):
+                 device: torch.device, crop_padding: int = 0, flip: bool = False, num_classes: int | None = None,
+                 val: CacheReader | None = None):
         views = train if isinstance(train, list) else [train]
         train = views[0]
         self.views = len(views)
-        self.readers = {"train": train, "test": test}
+        self.readers = {"train": train, "test": test, **({"val": val} if val is not None else {})}
         self.loaders = {"train": CacheLoader(views, device, cfg.workers, cfg.prefetch_chunks),
-                        "test": CacheLoader(test, device, cfg.workers, cfg.prefetch_chunks)}
+                        **{split: CacheLoader(self.readers[split], device, cfg.workers, cfg.prefetch_chunks)
+                           for split in ("val", "test") if split in self.readers}}
         info = train.info
         self.order = ORDERS[cfg.order](info.num_samples, info.chunk_samples, cfg.window_chunks, seed)
         self.sample_shape = info.sample_shape
@@ -43,9 +47,13 @@ class CacheSource:
             self.dali = DaliFeatureLoader(train, self.order, device, cfg.workers, seed, crop_padding, flip)
 
     def num_samples(self, split: str) -> int:
+        if split == "val" and "val" not in self.readers:  # the run has no validation split
+            return 0
         return self.readers[split].info.num_samples
 
     def labels(self, split: str) -> np.ndarray:
+        if split == "val" and "val" not in self.readers:
+            return np.zeros(0, dtype=np.int64)
         return self.readers[split].labels
 
     def steps_per_epoch(self, batch_size: int) -> int:
@@ -71,5 +79,7 @@ class CacheSource:
         return np.random.default_rng([self.seed, epoch, 0x71E]).integers(0, self.views, size=n)
 
     def eval_batches(self, split: str, batch_size: int, start: int = 0) -> Iterator[Batch]:
-        """Plain batches in sample order (training split: view 0, the unaugmented pass)."""
+        """Plain batches in sample order (training split: view 0, the unaugmented pass); none from an empty split."""
+        if start >= self.num_samples(split):
+            return
         yield from self.loaders[split].batches(np.arange(start, self.num_samples(split)), batch_size)

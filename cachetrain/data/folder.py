@@ -16,6 +16,10 @@ What the tree must look like (checked when the dataset is opened, each failure o
   naming the file when a batch reaches them, from DataLoader workers too; with
   `data.skip_bad_images: true` they are found when the dataset is opened instead, left out and
   counted (`FolderImages.skipped_files`, a printed line, the dataset fingerprint).
+
+Splits: the `val/` tree is the "test" split (what ImageNet calls val is only reported); the "val" split
+(`data.val_samples`, cachetrain.data.split) is held out of the `train/` files, after data.train_subset
+and after skipped files are left out, and read with the evaluation transforms.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from cachetrain.config import DataConfig
 from cachetrain.data.images import IMAGE_EXTENSIONS, FIX, bad_image_error, image_problem
 from cachetrain.data.jpeg import folder_files, image_batches
+from cachetrain.data.split import hold_out
 from cachetrain.device import dali_available, require_dali
 from cachetrain.errors import DataError
 from cachetrain.source import Batch, epoch_order, fingerprint
@@ -136,10 +141,15 @@ class FolderImages:
         for split, samples in (("train", train), ("val", test)):
             if not samples:
                 raise DataError(f"data.root: {root / split} holds no images; expected {root / split}/<class>/*.jpg")
+        self.split = hold_out(cfg, len(train))  # the "val" split: files held out of train/
+        files = [str(Path(p).relative_to(root)) for p, _ in train + test]
+        val = [train[i] for i in self.split.val]
+        train = [train[i] for i in self.split.train]
         train_ds = ImageFiles(train, self.classes, self.train_tf, size)
         train_eval = copy.copy(train_ds)  # the same file list (scanned once), evaluation transforms
         train_eval.transform = self.eval_tf
         self._sets = {"train": train_ds, "train_eval": train_eval,
+                      "val": ImageFiles(val, self.classes, self.eval_tf, size),
                       "test": ImageFiles(test, self.classes, self.eval_tf, size)}
         self.num_classes = len(self.classes)
         self.sample_shape = (3, size, size)
@@ -148,11 +158,11 @@ class FolderImages:
         if backend == "dali":
             require_dali()
         self.use_dali = backend == "dali" or (backend == "auto" and device.type == "cuda" and dali_available())
-        files = [str(Path(p).relative_to(root)) for p, _ in train + test]
         # the classes are the label space; the file list leaves out skipped files, so what was skipped
-        # is part of the fingerprint as well
+        # is part of the fingerprint as well, and so is which of train/'s files are held out for validation
         self.fingerprint = fingerprint({"dataset": "imagefolder", "classes": self.classes, "files": fingerprint(files),
-                                        "size": size, "eval": "resize8/7-centercrop", "mean": MEAN, "std": STD})
+                                        "size": size, "eval": "resize8/7-centercrop", "mean": MEAN, "std": STD,
+                                        "val_split": self.split.metadata()})
 
     def _scan(self, split_dir: Path, subset: int, skip: bool, present: set[str] | None = None) -> list[tuple[str, int]]:
         """(path, label) of the split's images, subset applied; bad files raise DataError or, with `skip`,
@@ -197,9 +207,11 @@ class FolderImages:
         return samples
 
     def metadata(self) -> dict:
-        """What a run should record about its data: label i is classes[i]; the files left out and why."""
+        """What a run should record about its data: label i is classes[i]; the files left out and why; which
+        training files are held out for validation."""
         return {"classes": self.classes, "missing_val_classes": self.missing_val_classes,
-                "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped_files]}
+                "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped_files],
+                "val_split": self.split.metadata()}
 
     def num_samples(self, split: str) -> int:
         return len(self._sets[split])
@@ -247,7 +259,9 @@ class FolderImages:
                               seed=hash((self.seed, view, start)) & 0x7FFFFFFF)
 
     def eval_batches(self, split: str, batch_size: int, start: int = 0) -> Iterator[Batch]:
-        name = "train_eval" if split == "train" else "test"
+        name = "train_eval" if split == "train" else split
+        if start >= len(self._sets[name]):  # an empty val split (or nothing left): no pipeline to build
+            return
         if self.use_dali:
             yield from self._dali(name, False, batch_size, 0, start)
             return

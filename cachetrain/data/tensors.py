@@ -2,7 +2,8 @@
 
 Each is a `Source` (cachetrain/source.py): `train_batches(epoch)` yields augmented, shuffled batches
 (a pure function of (seed, epoch)) and `eval_batches(split)` yields plain batches in sample order,
-which is what the caching pass reads.
+which is what the caching pass reads. The validation split ("val") is held out of the training split
+when the dataset is built (cachetrain.data.split); "train" is the rest, in the original order.
 
 Fashion-MNIST is unpacked from the Debian package's .gz files into the data root on first use; runs
 starting together on one empty data root take turns under a lock, so none ever reads a half-written
@@ -26,6 +27,7 @@ import torch
 from cachetrain.errors import DataError
 from cachetrain.augment import batch_rng, crop_flip
 from cachetrain.config import DataConfig
+from cachetrain.data.split import hold_out
 from cachetrain.source import Batch, epoch_order, fingerprint
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -42,8 +44,10 @@ class TensorImages:
         for split, (_, y) in (("train", train), ("test", test)):
             if len(y) == 0:
                 raise DataError(f"data: the {name} {split} split has no samples")
-        self._x = {"train": train[0], "test": test[0]}  # (N, C, H, W) uint8
-        self._y = {"train": train[1].long(), "test": test[1].long()}
+        self.split = hold_out(cfg, len(train[1]))  # the validation samples, held out of the training split
+        parts = {"train": torch.from_numpy(self.split.train), "val": torch.from_numpy(self.split.val)}
+        self._x = {**{s: train[0][i] for s, i in parts.items()}, "test": test[0]}  # (N, C, H, W) uint8
+        self._y = {**{s: train[1][i].long() for s, i in parts.items()}, "test": test[1].long()}
         self.mean, self.std = mean, std
         self.num_classes = num_classes
         self.sample_shape = tuple(train[0].shape[1:])
@@ -52,7 +56,11 @@ class TensorImages:
         # what determines the plain (unaugmented) images the caching pass sees
         self.fingerprint = fingerprint({"dataset": name, "n": [len(train[1]), len(test[1])], "shape": self.sample_shape,
                                         "mean": mean, "std": std, "subset": [cfg.train_subset, cfg.test_subset],
-                                        "generator": generator})
+                                        "generator": generator, "val_split": self.split.metadata()})
+
+    def metadata(self) -> dict:
+        """What a run records about its data: which training samples it holds out for validation."""
+        return {"val_split": self.split.metadata()}
 
     def num_samples(self, split: str) -> int:
         return len(self._y[split])

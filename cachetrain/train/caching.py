@@ -1,7 +1,8 @@
 """Caching a trained stage: which stores it writes, what each is computed from, and their repair.
 
-Stage j's cache is one test store and `cache.views` training stores. View 0 of the training split
-is the plain pass (no augmentation); view v > 0 of stage 0 is the training images under stage-0
+Stage j's cache is `cache.views` training stores, one validation store when the run has a validation
+split (`data.val_samples`), and one test store. The val and test stores, and view 0 of the training
+split, are plain passes (no augmentation); view v > 0 of stage 0 is the training images under stage-0
 augmentation drawn from (seed, view, batch), and view v of stage j > 0 is stage j run over view v of
 stage j-1's cache. For `cache.dtype: uint8`, one calibration pass over a spread of training samples
 fixes every store's per-channel scale before the first chunk is written.
@@ -36,7 +37,7 @@ class CacheJob:
     j: int
     k: int
     stage: nn.Module  # trained weights, eval mode, on the device
-    source: Source  # stage j's input: view 0 of the training split and the test split come from here
+    source: Source  # stage j's input: view 0 of the training split, the val and test splits come from here
     out_shape: tuple[int, int, int]  # (C, H, W) of one output
     fingerprint: str  # of the outputs (cachetrain.cache.output_fingerprint)
     weights_hash: str

@@ -31,6 +31,8 @@ before kept as checkpoint.prev.pt). Its keys:
                                           compares it with the run's config)
     input_digests      dict[str, str|None] greedy, optional: {input store relative to the run: its content
                                           digest when the stage was trained} (stale_reason in cachetrain.train.state)
+    selection          dict | None        with train.patience > 0: trainer.Selection.to_checkpoint(), the
+                                          best epoch by validation loss so far and a copy of its weights
 
 Checkpoints are data, not code: everything above is a tensor or a dict/list/tuple of str, int, float,
 bool and None, and `load` reads with `torch.load(weights_only=True)`. A file that needs any other

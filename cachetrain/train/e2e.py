@@ -20,7 +20,7 @@ from cachetrain.device import resolve_device
 from cachetrain.models import build_network, make_head, stage_seed
 from cachetrain.train.identity import config_hash
 from cachetrain.train.rundir import RunDir
-from cachetrain.train.trainer import Position, fit, make_optimizer, make_scheduler
+from cachetrain.train.trainer import Position, Selection, fit, make_optimizer, make_scheduler
 
 E2E = "e2e"  # the run directory's unit for the baseline: <run>/e2e/
 
@@ -50,6 +50,7 @@ def train_e2e(cfg: Config, console: Console, data=None) -> float:
     optimizer = make_optimizer(model.parameters(), t)
     scheduler = make_scheduler(optimizer, t, steps, epochs)
     start = Position()
+    selection = Selection.from_checkpoint(ck.get("selection") if resume else None, t.patience)
     if resume and ck["epoch"] < ck["epochs"]:
         start = ckpt.restore(ck, {"model": model}, optimizer, scheduler)  # shapes checked; weights, rng, ...
         run.truncate_metrics(E2E, start.epoch)
@@ -64,7 +65,8 @@ def train_e2e(cfg: Config, console: Console, data=None) -> float:
         run.save_checkpoint(E2E, ckpt.build(unit=E2E, k=cfg.model.k, model=model, optimizer=optimizer,
                                             scheduler=scheduler, at=at, epochs=epochs, steps_per_epoch=steps,
                                             input_fingerprint=data.fingerprint, test_acc=test_acc,
-                                            config=cfg.to_dict()))
+                                            config=cfg.to_dict(),
+                                            selection=selection.to_checkpoint() if t.patience else None))
 
     return fit(model, data, t, device, optimizer, scheduler, epochs, start, save,
-               log=lambda row: run.append_metrics(E2E, row), console=console, title="e2e")
+               log=lambda row: run.append_metrics(E2E, row), console=console, title="e2e", selection=selection)

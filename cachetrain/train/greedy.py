@@ -14,6 +14,7 @@ delegations, so the answers live in one place.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -135,12 +136,16 @@ class Greedy:
         return out
 
     # -- the whole run ---------------------------------------------------------------------------
-    def train_all(self) -> list[StageStatus]:
+    def train_all(self, after_stage: Callable[[int], None] | None = None) -> list[StageStatus]:
+        """Train and cache every stage not done yet; `after_stage(j)` runs once stage j and its cache are
+        (the CLI records its probes there: cachetrain.train.diagnostics)."""
         for j in range(self.depth):
             if self.stage_state(j) != "trained":
                 self.train_stage(j)
             if j in self.cached_stages():
                 self.cache_stage(j)
+            if after_stage is not None:
+                after_stage(j)
         return self.status()
 
     def evaluate_network(self) -> dict:

@@ -67,7 +67,7 @@ class StageInputs:
             if state.stage_state(i) != "trained":
                 raise StageError(f"stage {j} needs stage {i} trained first ({state.stage_state(i)}); run: "
                                  f"{command('stage', i)}")
-        t = self.cfg.train
+        t = self.cfg.stage_train(j)  # stages.<j>.feature_* apply to the stage that reads the input
         a = max((i for i in state.cached_stages() if i < j), default=-1)  # nearest cached ancestor
         seed = stage_seed(t.seed, j)
         aug = (t.feature_crop_padding, t.feature_flip) if a == j - 1 else (0, False)
@@ -80,14 +80,14 @@ class StageInputs:
                                augment_base=self.cfg.cache.mode == "none")
 
     def cache_source(self, a: int, seed: int, crop_padding: int = 0, flip: bool = False) -> CacheSource:
-        """Stage a's cache (every training view and the test split) as a Source, checked against stage a's
-        current output fingerprint."""
+        """Stage a's cache (every training view, the validation split when the run has one, and the test
+        split) as a Source, checked against stage a's current output fingerprint."""
         fp = self.state.output_fingerprint(a)
         hint = f"run: {command('cache', a)}"
         readers = {(split, v): CacheReader(path, fp, rebuild_hint=hint) for split, v, path in self.state.stores(a)}
         views = [readers["train", v] for v in range(self.cfg.cache.views)]
         return CacheSource(views, readers["test", 0], self.cfg.loader, seed, self.device, crop_padding, flip,
-                           num_classes=self.data.num_classes)
+                           num_classes=self.data.num_classes, val=readers.get(("val", 0)))
 
     def view_inputs(self, j: int, view: int):
         """batches(start, size) -> stage j's inputs for training view v > 0, in sample order from `start`:

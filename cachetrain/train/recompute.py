@@ -9,6 +9,9 @@ mode without autograd, in float32 (bf16 autocast on CUDA when `train.amp`).
 augmented images every epoch (`cache.mode: none` keeps that: it is the reference behaviour); a cache
 plan must not change the training problem, only where features come from, so it reads the images
 plain, as a cache of them would hold.
+
+The val and test splits (and every split's labels and sizes) are the base's, forwarded like training
+batches: a run with a validation split validates on the same samples whatever its input is made of.
 """
 
 from __future__ import annotations

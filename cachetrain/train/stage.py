@@ -22,7 +22,7 @@ from cachetrain.models import make_head
 from cachetrain.train import checkpoint
 from cachetrain.train.inputs import StageInputs
 from cachetrain.train.state import RunState
-from cachetrain.train.trainer import Position, StageModel, fit, make_optimizer, make_scheduler
+from cachetrain.train.trainer import Position, Selection, StageModel, fit, make_optimizer, make_scheduler
 
 
 def train_stage(state: RunState, inputs: StageInputs, console: Console, j: int, k: int | None = None,
@@ -30,7 +30,7 @@ def train_stage(state: RunState, inputs: StageInputs, console: Console, j: int, 
     """Train stage j, resuming a partial run of it (mid-epoch included) unless `restart` or another k
     is asked; returns its test accuracy."""
     cfg, run, device = state.cfg, state.run, inputs.device
-    t = cfg.train
+    t = cfg.stage_train(j)  # train.*, the slowdown rule, then stages.<j>.* overrides
     source = inputs.input_source(j)
     ck = state.checkpoint(j)
     resume = (ck is not None and not restart and state.stage_state(j) == "partial"
@@ -48,6 +48,8 @@ def train_stage(state: RunState, inputs: StageInputs, console: Console, j: int, 
     optimizer = make_optimizer(model.parameters(), t)
     scheduler = make_scheduler(optimizer, t, steps, epochs)
     start = Position()
+    # early stopping selects over the whole StageModel (block and head together)
+    selection = Selection.from_checkpoint(ck.get("selection") if resume else None, t.patience)
     if resume:
         # shapes checked, then weights, optimizer, scheduler, rng
         start = checkpoint.restore(ck, {"model": stage, "head": head}, optimizer, scheduler)
@@ -75,11 +77,11 @@ def train_stage(state: RunState, inputs: StageInputs, console: Console, j: int, 
         run.save_checkpoint(j, checkpoint.build(
             unit=j, k=k, model=stage, head=head, optimizer=optimizer, scheduler=scheduler, at=at, epochs=epochs,
             steps_per_epoch=steps, input_fingerprint=input_fp, test_acc=test_acc, config=cfg.to_dict(),
-            input_digests=input_digests, weights_hash=weights_hash(stage) if at.epoch == epochs else None))
+            input_digests=input_digests, weights_hash=weights_hash(stage) if at.epoch == epochs else None,
+            selection=selection.to_checkpoint() if t.patience else None))
         state.forget_checkpoints()  # stage j changed: every fingerprint derived from it may have too
 
     test_acc = fit(model, source, t, device, optimizer, scheduler, epochs, start, save,
-                   log=log,
-                   console=console, title=f"stage {j} (k={k})")
+                   log=log, console=console, title=f"stage {j} (k={k})", selection=selection)
     fault_point("stage_end")
     return test_acc

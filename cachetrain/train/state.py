@@ -54,7 +54,7 @@ class StageStatus:
     cache: CacheState | None  # None: not cached (the last stage, or recomputed by the stages after it)
     cache_bytes: int
     raw_bytes: int
-    chunks_missing: int = 0  # over both splits, when the cache is being written
+    chunks_missing: int = 0  # over every store, when the cache is being written
     reason: str | None = None  # why the stage is stale, in words
 
 
@@ -116,8 +116,9 @@ class RunState:
         return self._plan
 
     def stores(self, j: int) -> list[tuple[str, int, Path]]:
-        """(split, view, path) of every store stage j's cache consists of."""
-        views = {"train": self.cfg.cache.views, "test": 1}
+        """(split, view, path) of every store stage j's cache consists of: the training views, the validation
+        split's store when the run has one (data.val_samples), the test split's."""
+        views = {"train": self.cfg.cache.views, "val": int(self.cfg.data.has_val), "test": 1}
         return [(split, v, self.run.store_path(j, split, v)) for split in SPLITS for v in range(views[split])]
 
     # -- freshness -----------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ class RunState:
             rows.append(StageStatus(
                 j=j, state=self.stage_state(j), reason=self.stale_reason(j), k=ck["k"] if ck else None,
                 epochs_done=ck["epoch"] if ck else 0,
-                batch=ck.get("batch", 0) if ck else 0, epochs=ck["epochs"] if ck else self.cfg.train.epochs,
+                batch=ck.get("batch", 0) if ck else 0, epochs=ck["epochs"] if ck else self.cfg.stage_train(j).epochs,
                 train_acc=metrics[-1]["train_acc"] if metrics else None,
                 test_acc=metrics[-1]["test_acc"] if metrics else None, cache=cache, cache_bytes=size, raw_bytes=raw,
                 chunks_missing=missing))

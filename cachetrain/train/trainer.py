@@ -1,4 +1,4 @@
-"""Training one stage: plain train_one_epoch / evaluate functions over batches from any source.
+"""Training one stage: plain train_one_epoch / evaluate_split functions over batches from any source.
 
 The model trained at stage j is its block followed by its auxiliary head; everything before it is
 either a cache (its batches come from the loader) or, for j = 0, the images. Time spent waiting
@@ -171,16 +171,84 @@ class Position:
     stats: EpochStats | None = None
 
 
+@dataclass
+class Selection:
+    """Early stopping on validation loss (train.patience): the best epoch so far, its test accuracy and a
+    copy of its weights. Kept in the checkpoint (`selection`), so a resumed fit stops where an
+    uninterrupted one would and keeps the same weights."""
+
+    patience: int
+    best_epoch: int = 0
+    best_val_loss: float = math.inf
+    best_test_acc: float | None = None
+    best_state: dict | None = None
+
+    def observe(self, epoch: int, val_loss: float, test_acc: float, model: nn.Module) -> bool:
+        """Record finished epoch `epoch` (1-based); True when training should stop."""
+        if val_loss < self.best_val_loss:
+            self.best_epoch, self.best_val_loss, self.best_test_acc = epoch, val_loss, test_acc
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return epoch - self.best_epoch >= self.patience
+
+    def to_checkpoint(self) -> dict:
+        return {"patience": self.patience, "best_epoch": self.best_epoch, "best_val_loss": self.best_val_loss,
+                "best_test_acc": self.best_test_acc, "best_state": self.best_state}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict | None, patience: int) -> Selection:
+        if not saved:
+            return cls(patience)
+        return cls(patience, saved["best_epoch"], saved["best_val_loss"], saved["best_test_acc"], saved["best_state"])
+
+
+def evaluate_split(model: nn.Module, batches: Iterable, device: torch.device, amp: bool = False,
+                   limit: int | None = None) -> tuple[float, float] | tuple[None, None]:
+    """(accuracy, mean cross-entropy) over `batches` (the first `limit` samples); (None, None) when empty."""
+    model.eval()
+    correct, loss_sum, n = 0, 0.0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            if limit is not None and n >= limit:
+                break
+            if limit is not None and n + len(y) > limit:
+                x, y = x[:limit - n], y[:limit - n]
+            with autocast(device, amp):
+                logits = model(x).float()
+            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            n += len(y)
+    return (correct / n, loss_sum / n) if n else (None, None)
+
+
+def epoch_diagnostics(model: nn.Module, source, batch_size: int, device: torch.device, amp: bool) -> dict:
+    """What each finished epoch records besides its running training sums: accuracy and loss on the
+    validation and test splits, and on a fixed plain (unaugmented, eval-mode) prefix of the training split
+    as large as the validation split (5,000 samples without one), so train - val is a like-for-like gap."""
+    bs = 2 * batch_size
+    n_val = source.num_samples("val")
+    val_acc, val_loss = evaluate_split(model, source.eval_batches("val", bs), device, amp) if n_val else (None, None)
+    test_acc, test_loss = evaluate_split(model, source.eval_batches("test", bs), device, amp)
+    train_acc, train_loss = evaluate_split(model, source.eval_batches("train", bs), device, amp,
+                                           limit=n_val or 5000)
+    return {"val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc, "test_loss": test_loss,
+            "train_eval_acc": train_acc, "train_eval_loss": train_loss,
+            "gap": None if val_acc is None else train_acc - val_acc}
+
+
 def fit(model: nn.Module, source, cfg: TrainConfig, device: torch.device, optimizer, scheduler, epochs: int,
         start: Position, save: Callable[[Position, float | None], None], log: Callable[[dict], None],
-        console, title: str) -> float:
-    """Train for epochs start.epoch..epochs-1 (the first from start.batch), evaluating on the test split and
-    calling `save` after every epoch and every cfg.checkpoint_steps steps; returns the last test accuracy."""
+        console, title: str, selection: Selection | None = None) -> float:
+    """Train for epochs start.epoch..epochs-1 (the first from start.batch), evaluating on the validation,
+    test and training splits and calling `save` after every epoch and every cfg.checkpoint_steps steps;
+    returns the test accuracy of the weights kept. With a `selection` whose patience is > 0, training stops
+    once validation loss has not improved for that many epochs, and the best epoch's weights are kept:
+    `save` is then called at Position(epochs) with them, and the last row logged names `selected_epoch`."""
     from cachetrain.ui import StageProgress  # the UI stays out of the numeric core's imports
 
     steps = source.steps_per_epoch(cfg.batch_size)
     # CUDA: sync for the running loss every few steps only, but always on a mid-epoch checkpoint step
     sync_every = 1 if device.type != "cuda" else math.gcd(25, cfg.checkpoint_steps or 25)
+    select = selection is not None and selection.patience > 0 and source.num_samples("val") > 0
     test_acc = float("nan")
     for epoch in range(start.epoch, epochs):
         resumed = epoch == start.epoch
@@ -197,13 +265,32 @@ def fit(model: nn.Module, source, cfg: TrainConfig, device: torch.device, optimi
             train_one_epoch(model, batches, optimizer, scheduler, device, cfg.amp, cfg.channels_last, stats, on_step,
                             sync_every)
             train_seconds = time.perf_counter() - t0
-            test_acc = evaluate(model, source.eval_batches("test", 2 * cfg.batch_size), device, cfg.amp)
-        log({"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy, "test_acc": test_acc,
-             "samples_per_s": stats.samples_per_s, "steady_samples_per_s": stats.steady_samples_per_s,
-             "data_seconds": stats.data_seconds, "train_seconds": train_seconds, "lr": scheduler.get_last_lr()[0]})
+            t0 = time.perf_counter()
+            diag = epoch_diagnostics(model, source, cfg.batch_size, device, cfg.amp)
+            eval_seconds = time.perf_counter() - t0
+        test_acc = diag["test_acc"]
+        row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy, **diag,
+               "samples_per_s": stats.samples_per_s, "steady_samples_per_s": stats.steady_samples_per_s,
+               "data_seconds": stats.data_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+               "lr": scheduler.get_last_lr()[0]}
+        stop = select and selection.observe(epoch + 1, diag["val_loss"], test_acc, model)
+        last = stop or epoch + 1 == epochs
+        if select and last:  # keep the best epoch's weights: those are the stage's (or the network's) result
+            model.load_state_dict(selection.best_state)
+            test_acc = selection.best_test_acc
+            row.update(selected_epoch=selection.best_epoch, stopped_early=bool(stop and epoch + 1 < epochs))
+        log(row)
+        val = "" if diag["val_acc"] is None else f"val acc {diag['val_acc']:.4f}  "
         console.print(f"{title} epoch {epoch + 1}/{epochs}: loss {stats.loss:.4f}  train acc {stats.accuracy:.4f}  "
-                      f"test acc {test_acc:.4f}  {stats.samples_per_s:,.0f} samples/s "
+                      f"{val}test acc {diag['test_acc']:.4f}  {stats.samples_per_s:,.0f} samples/s "
                       f"(data wait {stats.data_seconds:.1f} s)")
+        if select and last:
+            if stop and epoch + 1 < epochs:
+                console.print(f"{title}: validation loss has not improved for {selection.patience} epochs: stopped "
+                              f"after epoch {epoch + 1}")
+            console.print(f"{title}: keeps epoch {selection.best_epoch}'s weights (lowest validation loss)")
+            save(Position(epochs, 0, None), test_acc)
+            break
         save(Position(epoch + 1, 0, None), test_acc)
     return test_acc
 
@@ -218,8 +305,3 @@ def predict(model: nn.Module, batches: Iterable, device: torch.device, amp: bool
             preds.append(model(x).argmax(1).cpu())
         labels.append(y.cpu())
     return torch.cat(preds).numpy(), torch.cat(labels).numpy()
-
-
-def evaluate(model: nn.Module, batches: Iterable, device: torch.device, amp: bool = False) -> float:
-    preds, labels = predict(model, batches, device, amp)
-    return float((preds == labels).mean())

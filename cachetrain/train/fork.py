@@ -1,0 +1,144 @@
+"""Fork a run at stage J: a new run that reuses stages 0..J-1 of another, and their caches, without copying.
+
+`cachetrain fork --run A --at J --to B [--set ...]` makes run B whose stages 0..J-1 are A's: their
+checkpoints and cache chunk files are hard links to A's files, so an ablation of the later stages costs
+only the later stages, in time and in disk. B's config is A's with the `--set` changes, recorded in B's
+history as a change from stage J (cachetrain.train.identity), so the lineage checks stay exact: B's
+stages 0..J-1 are valid because every change was made from stage J, and B's stage J reads the very
+bytes A's stage J-1 cached (the same content digests).
+
+Why hard links are safe: nothing cachetrain writes modifies a file in place except the metrics lines
+(appended) and the stores' metadata (rewritten by zarr). Checkpoints and chunk files are replaced by
+rename (a temp file, then os.replace), which gives B's name a new file and leaves A's untouched; a
+repair deletes B's name only. So B's metrics files and every store's JSON metadata are copied, and
+everything else is linked. Hard links need one file system: across two, the fork is refused rather than
+silently copying terabytes.
+
+B is assembled in a hidden folder beside it and renamed into place when whole, so a crash leaves no
+half-made run under B's name. A's run lock is held meanwhile, so no job changes A under the fork.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from cachetrain.config import Config, ConfigError, load_config, save_config
+from cachetrain.durable import fsync_path, write_json
+from cachetrain.errors import StageError
+from cachetrain.train.greedy import Greedy
+from cachetrain.train.identity import RunIdentity, config_hash, describe
+
+PROBES = "probes.jsonl"  # cachetrain.train.diagnostics writes it; the parent's greedy rows for stages < J carry over
+
+
+def fork_run(parent: Path, at: int, child: Path, overrides: list[str], console: Console) -> Config:
+    """Make run `child` from `parent`'s stages 0..at-1 (see the module docstring); returns its config."""
+    parent, child = Path(parent), Path(child)
+    ident = RunIdentity(parent)
+    if not ident.started():
+        raise ConfigError(f"--run {parent}: no run there (no config.yaml); fork an existing run")
+    if child.exists() and (not child.is_dir() or any(child.iterdir())):
+        raise ConfigError(f"--to {child}: already exists and is not empty; fork into a new run directory")
+    base = ident.saved_config()
+    cfg = load_config(ident.config_path, [*overrides, f"run_dir={child}", f"name={child.name}"])
+    depth = base.model.stages
+    if not 0 <= at < depth:
+        raise ConfigError(f"--at {at}: expected a stage index in [0, {depth - 1}] (model.stages is {depth})")
+    changes = ident.check(cfg, from_stage=at)  # refuses data./model. changes unless --at 0, naming them
+
+    greedy = Greedy(base, console)
+    greedy.run.lock()  # nothing changes A while it is linked
+    try:
+        for j in range(at):
+            if greedy.stage_state(j) != "trained":
+                raise StageError(f"--at {at}: stage {j} of {parent} is {greedy.stage_state(j)}; finish it first "
+                                 f"(cachetrain stage --run {parent}) or fork at an earlier stage")
+        cached = sorted(j for j in greedy.cached_stages() if j < at)
+        tmp = child.parent / f".{child.name}.forking-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            linked = _assemble(greedy, tmp, at, cached)
+            meta = ident.meta()
+            history = list(meta["history"])
+            if changes:
+                history.append({"from_stage": at, "changes": {k: list(v) for k, v in changes.items()},
+                                "hash_before": config_hash(base), "hash_after": config_hash(cfg),
+                                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            save_config(cfg, tmp / "config.yaml")
+            write_json(tmp / "run.json", {
+                "config_hash": config_hash(cfg), "history": history,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "forked_from": {"run": str(parent.resolve()), "at": at, "config_hash": config_hash(base)},
+                **({"data": meta["data"]} if "data" in meta else {})})
+            if child.exists():
+                child.rmdir()  # empty (checked above)
+            os.rename(tmp, child)
+            fsync_path(child.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        greedy.run.unlock()
+    console.print(f"forked {parent} at stage {at} into {child}: stages 0..{at - 1} and the caches of stages "
+                  f"{', '.join(map(str, cached)) or 'none'} reused ({linked} files hard-linked)"
+                  + (f"; changed from stage {at}: {describe(changes)}" if changes else ""), markup=False)
+    return cfg
+
+
+def _assemble(greedy, tmp: Path, at: int, cached: list[int]) -> int:
+    """Link or copy stages 0..at-1 and the cached stages' stores into `tmp`; returns the files linked."""
+    run = greedy.run
+    linked = 0
+    for j in range(at):
+        linked += _mirror(run.stage_dir(j), tmp / run.stage_dir(j).relative_to(run.path),
+                          copy=lambda p: p.name.endswith(".jsonl"))
+    for j in cached:
+        for _, _, store in greedy.stores(j):
+            if store.exists():
+                linked += _mirror(store, tmp / store.relative_to(run.path), copy=lambda p: p.suffix == ".json")
+    probes = run.path / PROBES
+    if probes.exists():
+        rows = [line for line in probes.read_text().splitlines() if line.strip()]
+        keep = [r for r in rows if _greedy_row_before(json.loads(r), at)]
+        if keep:
+            (tmp / PROBES).write_text("\n".join(keep) + "\n")
+            fsync_path(tmp / PROBES)
+    return linked
+
+
+def _greedy_row_before(row: dict, at: int) -> bool:
+    return row.get("net") == "greedy" and isinstance(row.get("stage"), int) and row["stage"] < at
+
+
+def _mirror(src: Path, dst: Path, copy) -> int:
+    """Recreate folder `src` at `dst`: files for which copy(path) holds are copied, the rest hard-linked;
+    every file and folder made durable. Returns the number of links."""
+    links = 0
+    for folder, dirs, files in os.walk(src):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        out = dst / Path(folder).relative_to(src)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            if name.startswith(".") or name.endswith(".tmp"):
+                continue  # a lock, a temp file of an interrupted write
+            a, b = Path(folder) / name, out / name
+            if copy(a):
+                shutil.copy2(a, b)
+                fsync_path(b)
+                continue
+            try:
+                os.link(a, b)
+            except OSError as e:
+                if e.errno == errno.EXDEV:
+                    raise ConfigError(f"--to {dst}: on another file system than {a}; a fork hard-links the parent's "
+                                      f"files, so put the new run on the same file system") from None
+                raise
+            links += 1
+        fsync_path(out)
+    return links
