@@ -11,11 +11,13 @@ resumed or reported alone; a rerun of the script skips finished work. The grid:
 - layercnn at J=8 (downsampling at stages 1 and 3) with k = 1, 2, 3; vgg (VGG-11's 5 groups) and resnet
   (stem + 4 groups) at k=2; each greedy, and end to end with the same network (for layercnn, at k=2).
 - Mitigations of early-layer overfitting, on layercnn k=2 (the reference run): train early stages less
-  (`train.slowdown` of epochs) and early stopping on validation loss (`train.patience`). They change stage 0, so they are trained from scratch.
+  (`train.slowdown` of epochs, and of the learning rate) and early stopping on validation loss
+  (`train.patience`). They change stage 0, so they are trained from scratch.
 - The regime question only a caching trainer raises: stages after stage 0 see fixed features (one view),
   where recomputing re-augments every batch. Forks of the reference run at stage 1 (its stage 0 and
-  its cache are reused through hard links, `cachetrain fork`): feature-space crop + flip, and recomputing
-  stage 0 for every batch (`cache.mode: none`), which re-augments the images every batch.
+  its cache are reused through hard links, `cachetrain fork`): feature-space crop + flip, recomputing
+  stage 0 for every batch (`cache.mode: none`, which re-augments the images every batch), and two views
+  of every cache (`cache.views: 2`: the plain pass and one augmented pass, drawn per chunk each epoch).
 
 Writes OUT/study.json and OUT/study.md (the table for the README: per run, the greedy and end-to-end test
 accuracy, the critical layer, the train - val gap at stage 0 and at the last stage, probe accuracy at the
@@ -74,11 +76,13 @@ def grid(quick: bool) -> tuple[list[str], list[Run], dict[str, list[str]]]:
             what="fork at 1: feature-space crop + flip"),
         Run("recompute", ["cache.mode=none"], fork=("layercnn_k2", 1),
             what="fork at 1: recompute, re-augment every batch"),
+        Run("views2", ["cache.views=2"], fork=("layercnn_k2", 1), what="fork at 1: 2 views of each cache"),
+        Run("slowdown_lr", k2 + ["train.slowdown=0.7", "train.slowdown_of=lr"], what="lr x 0.7^(J-1-j)"),
     ]
     groups = {"k": ["layercnn_k2", "layercnn_k1", "layercnn_k3"],
               "arch": ["layercnn_k2", "vgg_k2", "resnet_k2"],
-              "mitigations": ["layercnn_k2", "slowdown_epochs", "patience"],
-              "regime": ["layercnn_k2", "feature_aug", "recompute"]}
+              "mitigations": ["layercnn_k2", "slowdown_epochs", "slowdown_lr", "patience"],
+              "regime": ["layercnn_k2", "feature_aug", "recompute", "views2"]}
     return base, runs, groups
 
 
@@ -110,9 +114,12 @@ def run_one(run: Run, base: list[str], out: Path) -> float:
 def summarise(out: Path, runs: list[Run], groups: dict[str, list[str]], seconds: dict[str, float]) -> dict:
     from cachetrain.study.report import write_report
 
-    reports = {}
+    done = {r.name for r in runs if (out / "runs" / r.name / "stages").is_dir()}
+    runs = [r for r in runs if r.name in done]
     for group, names in groups.items():
-        reports[group] = write_report([out / "runs" / n for n in names], out / f"report_{group}")
+        names = [n for n in names if n in done]
+        if names:
+            write_report([out / "runs" / n for n in names], out / f"report_{group}")
     main = write_report([out / "runs" / r.name for r in runs], out / "report_all")
     rows = []
     for r, rep in zip(runs, main["runs"]):

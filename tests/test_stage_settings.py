@@ -77,3 +77,24 @@ def test_early_stopping_keeps_the_best_validation_epoch(tmp_path):
 def test_patience_needs_a_validation_split(tmp_path):
     with pytest.raises(ConfigError, match="train.patience"):
         Config.from_dict(synthetic_raw(tmp_path / "run", train={"patience": 2}, data={"val_samples": 0}))
+
+
+def test_selection_stops_after_patience_epochs_without_improvement():
+    from torch import nn
+
+    from cachetrain.train.trainer import Selection
+
+    model = nn.Linear(2, 2)
+    sel = Selection(patience=2)
+    stops = []
+    for epoch, val_loss in enumerate([1.0, 0.8, 0.9, 0.95, 0.7], start=1):
+        with torch.no_grad():
+            model.weight.fill_(epoch)  # the weights of each epoch are told apart
+        stops.append(sel.observe(epoch, val_loss, test_acc=epoch / 10, model=model))
+        if stops[-1]:
+            break  # fit stops here; epoch 5's better loss is never seen
+    assert stops == [False, False, False, True]  # epochs 3 and 4 did not improve on epoch 2
+    assert sel.best_epoch == 2 and sel.best_test_acc == pytest.approx(0.2)
+    assert torch.all(sel.best_state["weight"] == 2)
+    again = Selection.from_checkpoint(sel.to_checkpoint(), 2)  # what a resumed fit starts from
+    assert (again.best_epoch, again.best_val_loss) == (2, 0.8)

@@ -220,16 +220,29 @@ def evaluate_split(model: nn.Module, batches: Iterable, device: torch.device, am
     return (correct / n, loss_sum / n) if n else (None, None)
 
 
+def spread_batches(source, split: str, batch_size: int, n: int) -> Iterator:
+    """About n samples of a split in whole batches spread evenly over it, not its first n: image folders
+    are sorted by class, so a prefix would be a few classes. Each batch is read from its own start."""
+    total = source.num_samples(split)
+    if n >= total:
+        yield from source.eval_batches(split, batch_size)
+        return
+    count = -(-n // batch_size)
+    for start in np.linspace(0, total - batch_size, count).astype(int).tolist():
+        batches = source.eval_batches(split, batch_size, start)
+        yield next(batches)
+        batches.close()  # a loader's workers and read-ahead stop here
+
+
 def epoch_diagnostics(model: nn.Module, source, batch_size: int, device: torch.device, amp: bool) -> dict:
     """What each finished epoch records besides its running training sums: accuracy and loss on the
-    validation and test splits, and on a fixed plain (unaugmented, eval-mode) prefix of the training split
+    validation and test splits, and on a fixed plain (unaugmented, eval-mode) subset of the training split
     as large as the validation split (5,000 samples without one), so train - val is a like-for-like gap."""
     bs = 2 * batch_size
     n_val = source.num_samples("val")
     val_acc, val_loss = evaluate_split(model, source.eval_batches("val", bs), device, amp) if n_val else (None, None)
     test_acc, test_loss = evaluate_split(model, source.eval_batches("test", bs), device, amp)
-    train_acc, train_loss = evaluate_split(model, source.eval_batches("train", bs), device, amp,
-                                           limit=n_val or 5000)
+    train_acc, train_loss = evaluate_split(model, spread_batches(source, "train", bs, n_val or 5000), device, amp)
     return {"val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc, "test_loss": test_loss,
             "train_eval_acc": train_acc, "train_eval_loss": train_loss,
             "gap": None if val_acc is None else train_acc - val_acc}
