@@ -256,3 +256,17 @@ def test_run_started_before_the_split_is_stale_because_its_input_changed(tmp_pat
     out = capsys.readouterr().out
     assert "stage 0 is stale: its input changed since it was trained" in out
     assert "next: train retrains stage 0 from scratch" in out
+
+
+def test_a_run_before_the_split_stays_valid_with_no_validation_split(tmp_path, capsys):
+    """The same old run under `data.val_samples: 0` trains on the very samples it did: nothing changed, so
+    nothing is stale (the demo's config holds none out, and its runs from before stay finished)."""
+    raw = synthetic_raw(tmp_path / "run", model={"stages": 2}, data={"val_samples": 0})
+    path = write_config(tmp_path / "c.yaml", raw)
+    assert main(["stage", "--config", str(path), "--j", "0", "--no-cache"]) == 0
+    ck_path = tmp_path / "run" / "stages" / "stage_0" / "checkpoint.pt"
+    ck = torch.load(ck_path, weights_only=True)
+    assert ck["input_fingerprint"] == FINGERPRINT_BEFORE_SPLIT  # what the code before the split recorded
+    capsys.readouterr()
+    assert main(["status", "--config", str(path)]) == 0
+    assert "stale" not in capsys.readouterr().out

@@ -162,7 +162,7 @@ class FolderImages:
         # is part of the fingerprint as well, and so is which of train/'s files are held out for validation
         self.fingerprint = fingerprint({"dataset": "imagefolder", "classes": self.classes, "files": fingerprint(files),
                                         "size": size, "eval": "resize8/7-centercrop", "mean": MEAN, "std": STD,
-                                        "val_split": self.split.metadata()})
+                                        **self.split.fingerprint_keys()})
 
     def _scan(self, split_dir: Path, subset: int, skip: bool, present: set[str] | None = None) -> list[tuple[str, int]]:
         """(path, label) of the split's images, subset applied; bad files raise DataError or, with `skip`,

@@ -44,6 +44,11 @@ class ValSplit:
     def metadata(self) -> dict:
         return {"seed": self.seed, "samples": len(self.val), "indices_sha256": self.indices_sha256}
 
+    def fingerprint_keys(self) -> dict:
+        """What the split adds to a dataset's fingerprint: nothing when no sample is held out, so a run made
+        before there were splits, on the same samples, stays valid (`data.val_samples: 0`)."""
+        return {"val_split": self.metadata()} if len(self.val) else {}
+
 
 def val_count(cfg: DataConfig, n: int) -> int:
     """How many of the training split's `n` samples `data.val_samples` holds out; a DataError when that

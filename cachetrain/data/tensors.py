@@ -56,7 +56,7 @@ class TensorImages:
         # what determines the plain (unaugmented) images the caching pass sees
         self.fingerprint = fingerprint({"dataset": name, "n": [len(train[1]), len(test[1])], "shape": self.sample_shape,
                                         "mean": mean, "std": std, "subset": [cfg.train_subset, cfg.test_subset],
-                                        "generator": generator, "val_split": self.split.metadata()})
+                                        "generator": generator, **self.split.fingerprint_keys()})
 
     def metadata(self) -> dict:
         """What a run records about its data: which training samples it holds out for validation."""
