@@ -187,7 +187,8 @@ class Selection:
         """Record finished epoch `epoch` (1-based); True when training should stop."""
         if val_loss < self.best_val_loss:
             self.best_epoch, self.best_val_loss, self.best_test_acc = epoch, val_loss, test_acc
-            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            # on the host: a second copy of the weights should not take device memory from training
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         return epoch - self.best_epoch >= self.patience
 
     def to_checkpoint(self) -> dict:
