@@ -9,7 +9,8 @@ where the grid asks for the end-to-end baseline, then `cachetrain probe`), so an
 resumed or reported alone; a rerun of the script skips finished work. The grid:
 
 - layercnn at J=8 (downsampling at stages 1 and 3) with k = 1, 2, 3; vgg (VGG-11's 5 groups) and resnet
-  (stem + 4 groups) at k=2; each greedy, and end to end with the same network (for layercnn, at k=2).
+  (stem + 4 groups) at k=2; each greedy, and end to end with the same network (for layercnn, at k=2) for
+  as many epochs as one greedy stage; and the layercnn end to end for 4x those epochs.
 - Mitigations of early-layer overfitting, on layercnn k=2 (the reference run): train early stages less
   (`train.slowdown` of epochs, and of the learning rate) and early stopping on validation loss
   (`train.patience`). They change stage 0, so they are trained from scratch.
@@ -78,8 +79,11 @@ def grid(quick: bool) -> tuple[list[str], list[Run], dict[str, list[str]]]:
             what="fork at 1: recompute, re-augment every batch"),
         Run("views2", ["cache.views=2"], fork=("layercnn_k2", 1), what="fork at 1: 2 views of each cache"),
         Run("slowdown_lr", k2 + ["train.slowdown=0.7", "train.slowdown_of=lr"], what="lr x 0.7^(J-1-j)"),
+        # the baseline above trains as many epochs as one greedy stage (the bench's rule); this one, 4x that
+        Run("e2e_long", ["train.e2e_epochs=12"], fork=("layercnn_k2", 7), e2e=True,
+            what="fork at 7: end to end for 12 epochs"),
     ]
-    groups = {"k": ["layercnn_k2", "layercnn_k1", "layercnn_k3"],
+    groups = {"k": ["layercnn_k2", "layercnn_k1", "layercnn_k3", "e2e_long"],
               "arch": ["layercnn_k2", "vgg_k2", "resnet_k2"],
               "mitigations": ["layercnn_k2", "slowdown_epochs", "slowdown_lr", "patience"],
               "regime": ["layercnn_k2", "feature_aug", "recompute", "views2"]}
