@@ -35,7 +35,8 @@ def crop_flip(x: torch.Tensor, padding: int, flip: bool, rng: np.random.Generato
     return x[bi, :, ri, ci].permute(0, 3, 1, 2)
 
 
-def batch_rng(seed: int, epoch: int, batch: int) -> np.random.Generator:
-    """The augmentation stream of one batch: independent of every other batch, so resuming mid-epoch
-    draws exactly what an uninterrupted run would have."""
-    return np.random.default_rng([seed, epoch, batch, 0xA06])
+def batch_rng(seed: int, epoch: int, batch: int, rank: int = 0) -> np.random.Generator:
+    """The augmentation stream of one batch (rank `rank`'s part of it under torchrun): independent of every
+    other batch and rank, so resuming mid-epoch draws exactly what an uninterrupted run would have. Rank 0's
+    stream is the single process's."""
+    return np.random.default_rng([seed, epoch, batch, 0xA06] if rank == 0 else [seed, epoch, batch, 0xA06, rank])

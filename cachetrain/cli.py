@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import re
 import shlex
 import sys
@@ -19,12 +20,14 @@ from rich.table import Table
 
 from cachetrain.cache.formats import FORMATS
 from cachetrain.config import Config, K_RANGE, load_config
+from cachetrain.dist import Dist
 from cachetrain.errors import USER_ERRORS, ConfigError, StageError
 from cachetrain.train.identity import config_hash, describe
 from cachetrain.train.greedy import Greedy
 from cachetrain.ui import status_table
 
 LOCKED = ("train", "stage", "cache", "e2e", "eval", "probe")  # commands that take the run's lock (and may start it)
+DISTRIBUTED = ("train", "stage", "cache", "e2e")  # commands that run under torchrun, every rank together
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     # not a terminal (CI logs, pipes): a fixed wide console, so tables do not wrap at 80 columns
     console = console or Console(width=None if sys.stdout.isatty() else 120, soft_wrap=True)
-    greedy, named = None, ""
+    greedy, named, dist = None, "", Dist()
     try:
         if args.command == "report":
             return _report(args, console)
@@ -186,7 +189,10 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
             console.print(f"next: cachetrain train --run {shlex.quote(args.to)}", markup=False, highlight=False)
             return 0
         cfg, named = _config(args)
-        greedy = Greedy(cfg, console)
+        dist = _dist(args.command, cfg)
+        if not dist.writer:  # rank 0 reports; the others print only their errors
+            console = Console(quiet=True)
+        greedy = Greedy(cfg, console, dist)
         check_ranges(args, greedy)
         if args.command not in ("bench",) and args.command not in LOCKED and greedy.identity.started():
             greedy.identity.check(cfg, None)  # reading a run with another config would misreport it
@@ -202,8 +208,10 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
             return 0
         if args.command == "plan":
             return _plan(greedy, args, console)
-        greedy.run.lock()
-        _identity(args, greedy, console)
+        if dist.writer:  # one lock and one identity check for the whole torchrun job
+            greedy.run.lock()
+            _identity(args, greedy, console)
+        dist.barrier()
         if args.command == "train":
             rows = greedy.train_all(after_stage=_probes_after(greedy))
             console.print(status_table(rows, title=f"{cfg.run_path}: per-stage test accuracy"))
@@ -215,8 +223,9 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
             greedy.train_stage(j, k=args.k, restart=args.j is not None and greedy.stage_state(j) == "trained")
             if j in greedy.cached_stages() and not args.no_cache:
                 greedy.cache_stage(j)
-            if cfg.train.probes:
+            if cfg.train.probes and dist.writer:
                 _probes_after(greedy)(j)
+            dist.barrier()
             console.print(status_table(greedy.status(), title=f"{cfg.run_path}"))
         elif args.command == "cache":
             computed = greedy.cache_stage(args.j, repair=args.repair)
@@ -224,10 +233,11 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
                           f"{computed['test']} test samples")
         elif args.command == "e2e":
             from cachetrain.train.e2e import train_e2e
-            acc = train_e2e(cfg, console, data=greedy.data)
+            acc = train_e2e(cfg, console, data=greedy.data, dist=dist)
             console.print(f"end-to-end test accuracy: {100 * acc:.2f}%")
-            if cfg.train.probes:
+            if cfg.train.probes and dist.writer:
                 _probe(greedy, None, console, stages=False)
+            dist.barrier()
         elif args.command == "probe":
             _probe(greedy, args.j, console)
         elif args.command == "eval":
@@ -242,7 +252,8 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
             console.print(table)
         return 0
     except USER_ERRORS as e:
-        print(f"error: {with_run_options(str(e), named)}", file=sys.stderr)
+        rank = f"rank {dist.rank}: " if dist.world > 1 else ""
+        print(f"error: {rank}{with_run_options(str(e), named)}", file=sys.stderr)
         return 2
     except OSError as e:
         from cachetrain.durable import UNWRITABLE, unwritable_message
@@ -261,6 +272,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     finally:
         if greedy is not None:
             greedy.run.unlock()
+        dist.close()
 
 
 def results_markdown_note(out: Path) -> str:
@@ -373,6 +385,16 @@ def _rates(args: argparse.Namespace, greedy: Greedy, console: Console):
         raise ConfigError(f"plan: rates must be above zero, got {given}")
     return Rates(values["--flop-rate"], values["--read-rate"], values["--write-rate"],
                  source="given on the command line")
+
+
+def _dist(command: str, cfg) -> Dist:
+    """This process's place in a torchrun job (joining its process group), or a single process."""
+    from cachetrain.device import resolve_device
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and command not in DISTRIBUTED:
+        raise ConfigError(f"torchrun: the {command} command runs in one process; expected it without torchrun, "
+                          f"which runs only {', '.join(DISTRIBUTED[:-1])} and {DISTRIBUTED[-1]}")
+    return Dist.from_env(resolve_device(cfg.train.device).type)
 
 
 def _probes_after(greedy: Greedy):

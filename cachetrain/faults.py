@@ -10,6 +10,9 @@ full disk would. Points are named where the code calls `fault_point`:
     cache_finish      every chunk of a store is written, its `complete` flag is not yet set
     stage_end         a stage's final checkpoint is saved, its cache not yet started
 
+Under torchrun, `CACHETRAIN_FAULT_RANK=<r>` limits the fault to rank r, and a fault fires only in the
+job's first attempt (TORCHELASTIC_RESTART_COUNT 0), so the workers torchrun restarts run through.
+
 Unset (the normal case), `fault_point` costs one dict lookup.
 """
 
@@ -45,7 +48,16 @@ class _Faults:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-_faults = _Faults(os.environ.get(_ENV))  # read once per process: the spec is fixed for a test run
+def _armed() -> str | None:
+    rank = os.environ.get("CACHETRAIN_FAULT_RANK")
+    if rank is not None and rank != os.environ.get("RANK", "0"):
+        return None
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
+    return os.environ.get(_ENV)
+
+
+_faults = _Faults(_armed())  # read once per process: the spec is fixed for a test run
 
 
 def fault_point(point: str, path: str = "") -> None:

@@ -25,6 +25,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from cachetrain.dist import Shard, rank_batches
+
 Batch = tuple[torch.Tensor, torch.Tensor]  # x (B, C, H, W) float32 on the device, y (B,) int64
 SPLITS = ("train", "val", "test")  # val: held out of the training split; may be empty
 
@@ -61,3 +63,12 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     function of (seed, epoch), shared by every image source (tensors, folders, DALI), so all of them train
     on the same order and resume mid-epoch."""
     return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def train_plan(mine: np.ndarray, batch_size: int, steps: int, shard: Shard) -> list[np.ndarray]:
+    """The samples of each training batch of an epoch, from this rank's share `mine` of the epoch's order:
+    one process cuts it batch_size at a time (the last batch short); under torchrun each rank cuts its
+    share into the same `steps` batches (cachetrain.dist.rank_batches), together one global batch."""
+    if shard.world == 1:
+        return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    return rank_batches(mine, steps)

@@ -148,15 +148,17 @@ class CacheLoader:
                                 pin_memory=pin) for _ in range(self.depth + 2)]
         return ring
 
-    def _assembled(self, indices: np.ndarray, batch_size: int, view_of: np.ndarray | None,
-                   copied: dict[int, torch.cuda.Event]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    def _assembled(self, indices: np.ndarray | None, batch_size: int, view_of: np.ndarray | None,
+                   copied: dict[int, torch.cuda.Event], plan: list[np.ndarray] | None = None
+                   ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """(slot, x in the storage dtype, y) in a ring of reused (pinned, on CUDA) buffers, filled by a
         background thread or by the caller's (`self.background`). Slot s is refilled only after the
         consumer is done with it: on the CPU, once it asked for the next batch; on CUDA, once the event
         it put in `copied[s]` (its asynchronous copy out of the buffer) has completed."""
-        plan = batch_plan(indices, batch_size)
+        plan = batch_plan(indices, batch_size) if plan is None else [np.sort(b) for b in plan]
         if not plan:
             return
+        batch_size = max(len(b) for b in plan)  # the ring's batch size (a given plan's batches may differ by one)
         cs = self.reader.info.chunk_samples
         first_use, last_use = chunk_schedule(plan, cs)
         view_of = np.zeros(self.reader.info.num_chunks, dtype=np.int64) if view_of is None else view_of
@@ -211,23 +213,26 @@ class CacheLoader:
         return self.reader.to_float(torch.empty(x.shape, dtype=torch.float32, device=x.device,
                                                 memory_format=layout).copy_(x))
 
-    def host_batches(self, indices: np.ndarray, batch_size: int, view_of: np.ndarray | None = None) -> Iterator[Batch]:
+    def host_batches(self, indices: np.ndarray | None, batch_size: int, view_of: np.ndarray | None = None,
+                     plan: list[np.ndarray] | None = None) -> Iterator[Batch]:
         """(x in the storage dtype, y) on the host; x is a reused buffer, valid until the next batch is drawn."""
-        for _, x, y in self._assembled(indices, batch_size, view_of, {}):
+        for _, x, y in self._assembled(indices, batch_size, view_of, {}, plan):
             yield x, y
 
-    def batches(self, indices: np.ndarray, batch_size: int, view_of: np.ndarray | None = None) -> Iterator[Batch]:
-        """(x float32 (B, C, H, W), y int64 (B,)) on the device, for `indices` taken batch_size at a time."""
+    def batches(self, indices: np.ndarray | None, batch_size: int, view_of: np.ndarray | None = None,
+                plan: list[np.ndarray] | None = None) -> Iterator[Batch]:
+        """(x float32 (B, C, H, W), y int64 (B,)) on the device, for `indices` taken batch_size at a time, or
+        for the batches of `plan` (index arrays) when given."""
         to_float = self._to_float
         if self.device.type != "cuda":
-            for x, y in self.host_batches(indices, batch_size, view_of):
+            for x, y in self.host_batches(indices, batch_size, view_of, plan):
                 yield to_float(x), y  # a new tensor: the ring buffer x lives in gets refilled
             return
         # CUDA: copy batch b+1 on a side stream while the caller computes on batch b
         copy_stream, compute = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
         copied: dict[int, torch.cuda.Event] = {}
         pending = None
-        for slot, x, y in self._assembled(indices, batch_size, view_of, copied):
+        for slot, x, y in self._assembled(indices, batch_size, view_of, copied, plan):
             with torch.cuda.stream(copy_stream):
                 xd, yd = x.to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
                 event = torch.cuda.Event()

@@ -14,7 +14,9 @@ from cachetrain.augment import batch_rng, crop_flip
 from cachetrain.cache.loader import Batch, CacheLoader
 from cachetrain.cache.reader import CacheReader
 from cachetrain.config import ConfigError, LoaderConfig
+from cachetrain.dist import Shard
 from cachetrain.orders import ORDERS
+from cachetrain.source import train_plan
 
 
 class CacheSource:
@@ -24,7 +26,7 @@ class CacheSource:
 
     def __init__(self, train: CacheReader | list[CacheReader], test: CacheReader, cfg: LoaderConfig, seed: int,
                  device: torch.device, crop_padding: int = 0, flip: bool = False, num_classes: int | None = None,
-                 val: CacheReader | None = None):
+                 val: CacheReader | None = None, shard: Shard = Shard()):
         views = train if isinstance(train, list) else [train]
         train = views[0]
         self.views = len(views)
@@ -33,7 +35,10 @@ class CacheSource:
                         **{split: CacheLoader(self.readers[split], device, cfg.workers, cfg.prefetch_chunks)
                            for split in ("val", "test") if split in self.readers}}
         info = train.info
-        self.order = ORDERS[cfg.order](info.num_samples, info.chunk_samples, cfg.window_chunks, seed)
+        # under torchrun each rank reads its own whole chunks of a permutation all ranks share (cachetrain.orders)
+        self.order = ORDERS[cfg.order](info.num_samples, info.chunk_samples, cfg.window_chunks, seed, shard.rank,
+                                       shard.world)
+        self.shard = shard
         self.sample_shape = info.sample_shape
         self.fingerprint = info.fingerprint
         self.num_classes = num_classes or int(train.labels.max()) + 1
@@ -41,6 +46,9 @@ class CacheSource:
         self.dali = None
         if cfg.backend == "dali":
             from cachetrain.cache.dali_feed import DaliFeatureLoader
+            if shard.world > 1:
+                raise ConfigError("loader.backend: expected 'numpy' or 'auto' under torchrun (the DALI feature loader "
+                                  "batches one process's order), got 'dali'")
             if self.views > 1:
                 raise ConfigError("loader.backend: expected 'numpy' or 'auto' with cache.views > 1 (the DALI loader "
                                   "reads one view), got 'dali'")
@@ -66,10 +74,16 @@ class CacheSource:
         if self.dali is not None:
             yield from self.dali.train_batches(epoch, batch_size, start_batch)
             return
-        indices = self.train_indices(epoch, batch_size, start_batch)
         view_of = self.view_of(epoch)
-        for b, (x, y) in enumerate(self.loaders["train"].batches(indices, batch_size, view_of), start=start_batch):
-            yield (crop_flip(x, self.padding, self.flip, batch_rng(self.seed, epoch, b)) if augment else x), y
+        if self.shard.world == 1:
+            batches = self.loaders["train"].batches(self.train_indices(epoch, batch_size, start_batch), batch_size,
+                                                    view_of)
+        else:
+            plan = train_plan(self.order.indices(epoch), batch_size, self.steps_per_epoch(batch_size), self.shard)
+            batches = self.loaders["train"].batches(None, batch_size, view_of, plan=plan[start_batch:])
+        for b, (x, y) in enumerate(batches, start=start_batch):
+            rng = batch_rng(self.seed, epoch, b, self.shard.rank)
+            yield (crop_flip(x, self.padding, self.flip, rng) if augment else x), y
 
     def view_of(self, epoch: int) -> np.ndarray:
         """The view each chunk is read from in this epoch (all 0 with one view)."""

@@ -32,6 +32,7 @@ import torch
 import zarr
 from zarr.codecs import BitRound, Crc32cCodec, ZstdCodec
 
+from cachetrain.dist import Dist
 from cachetrain.durable import fsync_path
 from cachetrain.cache.manifest import (CHECKSUMS, CacheState, Layout, StoreInfo, chunk_file, digest_of,
                                        file_checksums, labels_file, missing_chunks, store_state)
@@ -151,26 +152,25 @@ def _resumable(path: Path) -> bool:
 
 def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn.Module, batches: Batches,
                 layout: Layout, device: torch.device, amp: bool = False,
-                on_progress: Callable[[int], None] = lambda n: None) -> int:
+                on_progress: Callable[[int], None] = lambda n: None, dist: Dist = Dist()) -> int:
     """Bring the store at `path` to COMPLETE for `info`, computing only the missing chunk groups.
     `batches(start, size)` must yield the stage's inputs in sample order from `start`. Returns the
-    number of samples computed (0 when the store was already complete)."""
-    state, found = store_state(path, info.fingerprint)
-    if state is CacheState.COMPLETE:
+    number of samples computed, by every rank (0 when the store was already complete).
+
+    Under torchrun every rank calls this together: rank 0 creates or reopens the store and lists the missing
+    chunks; each rank computes one contiguous share of the missing chunk groups and writes and fsyncs those
+    chunks (each chunk has exactly one writer); after a barrier rank 0 fsyncs the rest, writes the manifest
+    and sets `complete`. Progress is the chunk files on disk, so an interrupted pass resumes with any number
+    of ranks."""
+    missing_list = _prepare(path, info, labels) if dist.writer else None
+    missing_list = dist.broadcast(missing_list)  # every rank waits for the store to exist
+    if missing_list is None:
         return 0
-    if state in (CacheState.WRITING, CacheState.DAMAGED) and found == info and _resumable(path):
-        # same producer and same layout: resume it (a DAMAGED store is WRITING again until it is whole)
-        group = zarr.open_group(str(path), mode="r+")
-        if state is CacheState.DAMAGED:
-            group.attrs["complete"] = False
-        if not _labels_match(path, group, labels):
-            _write_labels(group, labels)
-    else:
-        group = _create(path, info, labels)
-    missing = set(missing_chunks(path, info))
+    missing = set(missing_list)
     group_size = layout.group_chunks * info.chunk_samples
     todo = [g for g in range(-(-info.num_samples // group_size))
             if any(c in missing for c in range(g * layout.group_chunks, (g + 1) * layout.group_chunks))]
+    todo = [int(g) for g in np.array_split(np.asarray(todo, dtype=np.int64), dist.world)[dist.rank]]
 
     stage.eval()
     # a chunk file must exist for every written chunk, even an all-zero one: file presence is progress.
@@ -207,14 +207,39 @@ def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn
     finally:
         torch.set_num_threads(threads)
         writer.close()
-    _make_durable(path, [chunk_file(path, features, c) for c in range(info.num_chunks)])
-    fault_point("cache_finish")
-    digest = _write_manifest(path, group, info)
-    # only now, with its digest in the same update: every chunk above exists in full, on disk
-    group.update_attributes({"complete": True, "content_digest": digest})
-    fsync_path(path / "zarr.json")  # zarr replaced the file: its data, then the folder entry naming it
-    fsync_path(path)
+    if dist.world > 1:  # this rank's chunks are durable before it reports them written
+        mine = [c for g in todo for c in range(g * layout.group_chunks, min(info.num_chunks, (g + 1) * layout.group_chunks))]
+        _make_durable(path, [chunk_file(path, features, c) for c in mine if c in missing])
+    computed = int(dist.sum([computed])[0])  # also the barrier: every rank's chunks are on disk
+    if dist.writer:
+        _make_durable(path, [chunk_file(path, features, c) for c in range(info.num_chunks)])
+        fault_point("cache_finish")
+        group = zarr.open_group(str(path), mode="r+")
+        digest = _write_manifest(path, group, info)
+        # only now, with its digest in the same update: every chunk above exists in full, on disk
+        group.update_attributes({"complete": True, "content_digest": digest})
+        fsync_path(path / "zarr.json")  # zarr replaced the file: its data, then the folder entry naming it
+        fsync_path(path)
+    dist.barrier()  # no rank reads the store before it is complete
     return computed
+
+
+def _prepare(path: Path, info: StoreInfo, labels: np.ndarray) -> list[int] | None:
+    """Create the store, or reopen one this producer left unfinished; its missing chunks, or None when it
+    is already complete."""
+    state, found = store_state(path, info.fingerprint)
+    if state is CacheState.COMPLETE:
+        return None
+    if state in (CacheState.WRITING, CacheState.DAMAGED) and found == info and _resumable(path):
+        # same producer and same layout: resume it (a DAMAGED store is WRITING again until it is whole)
+        group = zarr.open_group(str(path), mode="r+")
+        if state is CacheState.DAMAGED:
+            group.attrs["complete"] = False
+        if not _labels_match(path, group, labels):
+            _write_labels(group, labels)
+    else:
+        _create(path, info, labels)
+    return [int(c) for c in missing_chunks(path, info)]
 
 
 def _write_manifest(path: Path, group: zarr.Group, info: StoreInfo) -> str:

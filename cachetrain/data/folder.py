@@ -40,7 +40,9 @@ from cachetrain.data.jpeg import folder_files, image_batches
 from cachetrain.data.split import hold_out
 from cachetrain.device import dali_available, require_dali
 from cachetrain.errors import DataError
-from cachetrain.source import Batch, epoch_order, fingerprint
+from cachetrain.dist import Shard
+from cachetrain.errors import ConfigError
+from cachetrain.source import Batch, epoch_order, fingerprint, train_plan
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def _names(names: list[str], most: int = 8) -> str:
@@ -101,7 +103,8 @@ def _subset(samples: list[tuple[str, int]], n: int) -> list[tuple[str, int]]:
 
 
 class FolderImages:
-    def __init__(self, cfg: DataConfig, seed: int, device: torch.device, workers: int, backend: str = "auto"):
+    def __init__(self, cfg: DataConfig, seed: int, device: torch.device, workers: int, backend: str = "auto",
+                 shard: Shard = Shard()):
         from torchvision import transforms as T
 
         root = cfg.resolved_root
@@ -153,11 +156,15 @@ class FolderImages:
                       "test": ImageFiles(test, self.classes, self.eval_tf, size)}
         self.num_classes = len(self.classes)
         self.sample_shape = (3, size, size)
-        self.seed, self.device, self.workers = seed, device, workers
+        self.seed, self.device, self.workers, self.shard = seed, device, workers, shard
         self.size, self.flip_aug = size, cfg.flip
         if backend == "dali":
             require_dali()
-        self.use_dali = backend == "dali" or (backend == "auto" and device.type == "cuda" and dali_available())
+        self.use_dali = backend == "dali" or (backend == "auto" and device.type == "cuda" and dali_available()
+                                                and shard.world == 1)
+        if self.use_dali and shard.world > 1:
+            raise ConfigError("loader.backend: expected 'numpy' under torchrun (the DALI image pipeline reads the whole "
+                              f"training split, not one rank's share), got {backend!r}")
         # the classes are the label space; the file list leaves out skipped files, so what was skipped
         # is part of the fingerprint as well, and so is which of train/'s files are held out for validation
         self.fingerprint = fingerprint({"dataset": "imagefolder", "classes": self.classes, "files": fingerprint(files),
@@ -222,8 +229,9 @@ class FolderImages:
     def steps_per_epoch(self, batch_size: int) -> int:
         return -(-self.num_samples("train") // batch_size)
 
-    def _load(self, ds, indices, batch_size: int, seed: int) -> Iterator[Batch]:
-        batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    def _load(self, ds, indices, batch_size: int, seed: int, batches: list | None = None) -> Iterator[Batch]:
+        """`indices` batch_size at a time, or the given `batches` (lists of sample indices)."""
+        batches = batches if batches is not None else [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
         loader = DataLoader(ds, batch_sampler=batches, num_workers=self.workers,
                             generator=torch.Generator().manual_seed(seed), pin_memory=self.device.type == "cuda")
         for x, y in loader:
@@ -242,11 +250,13 @@ class FolderImages:
         if self.use_dali and augment:
             yield from self._dali("train", True, batch_size, epoch, start_batch * batch_size)
             return
-        order = epoch_order(self.seed, epoch, self.num_samples("train")).tolist()
-        # the workers' augmentation seeds come from (seed, epoch, start_batch): resuming mid-epoch
+        mine = epoch_order(self.seed, epoch, self.num_samples("train"))[self.shard.rank::self.shard.world]
+        plan = [b.tolist() for b in train_plan(mine, batch_size, self.steps_per_epoch(batch_size), self.shard)]
+        # the workers' augmentation seeds come from (seed, epoch, start_batch[, rank]): resuming mid-epoch
         # repeats the order exactly; the random crops after the resume point are fresh draws
-        yield from self._load(self._sets[name], order[start_batch * batch_size:], batch_size,
-                              seed=hash((self.seed, epoch, start_batch)) & 0x7FFFFFFF)
+        key = (self.seed, epoch, start_batch) + ((self.shard.rank,) if self.shard.world > 1 else ())
+        yield from self._load(self._sets[name], [], batch_size, seed=hash(key) & 0x7FFFFFFF,
+                              batches=plan[start_batch:])
 
     def augmented_batches(self, batch_size: int, start: int, view: int) -> Iterator[Batch]:
         """The training split in sample order under the training transforms (a cache view)."""

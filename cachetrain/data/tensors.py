@@ -28,7 +28,8 @@ from cachetrain.errors import DataError
 from cachetrain.augment import batch_rng, crop_flip
 from cachetrain.config import DataConfig
 from cachetrain.data.split import hold_out
-from cachetrain.source import Batch, epoch_order, fingerprint
+from cachetrain.dist import Shard
+from cachetrain.source import Batch, epoch_order, fingerprint, train_plan
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"
@@ -40,7 +41,7 @@ class TensorImages:
 
     def __init__(self, name: str, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
                  mean: float, std: float, num_classes: int, cfg: DataConfig, seed: int, device: torch.device,
-                 generator: dict | None = None):
+                 generator: dict | None = None, shard: Shard = Shard()):
         for split, (_, y) in (("train", train), ("test", test)):
             if len(y) == 0:
                 raise DataError(f"data: the {name} {split} split has no samples")
@@ -52,7 +53,7 @@ class TensorImages:
         self.num_classes = num_classes
         self.sample_shape = tuple(train[0].shape[1:])
         self.padding, self.flip = cfg.crop_padding, cfg.flip
-        self.seed, self.device = seed, device
+        self.seed, self.device, self.shard = seed, device, shard
         # what determines the plain (unaugmented) images the caching pass sees
         self.fingerprint = fingerprint({"dataset": name, "n": [len(train[1]), len(test[1])], "shape": self.sample_shape,
                                         "mean": mean, "std": std, "subset": [cfg.train_subset, cfg.test_subset],
@@ -76,10 +77,12 @@ class TensorImages:
         return -(-self.num_samples("train") // batch_size)
 
     def train_batches(self, epoch: int, batch_size: int, start_batch: int = 0, augment: bool = True) -> Iterator[Batch]:
-        order = torch.from_numpy(epoch_order(self.seed, epoch, self.num_samples("train")))
-        for b in range(start_batch, self.steps_per_epoch(batch_size)):
-            x, y = self._batch("train", order[b * batch_size:(b + 1) * batch_size])
-            yield (crop_flip(x, self.padding, self.flip, batch_rng(self.seed, epoch, b)) if augment else x), y
+        order = epoch_order(self.seed, epoch, self.num_samples("train"))[self.shard.rank::self.shard.world]
+        plan = train_plan(order, batch_size, self.steps_per_epoch(batch_size), self.shard)
+        for b in range(start_batch, len(plan)):
+            x, y = self._batch("train", torch.from_numpy(plan[b]))
+            rng = batch_rng(self.seed, epoch, b, self.shard.rank)
+            yield (crop_flip(x, self.padding, self.flip, rng) if augment else x), y
 
     def eval_batches(self, split: str, batch_size: int, start: int = 0) -> Iterator[Batch]:
         for i in range(start, self.num_samples(split), batch_size):
@@ -149,7 +152,7 @@ def _unpack_fmnist(root: Path, raw: Path) -> None:
         os.close(lock)  # releases the flock
 
 
-def load_fmnist(cfg: DataConfig, seed: int, device: torch.device) -> TensorImages:
+def load_fmnist(cfg: DataConfig, seed: int, device: torch.device, shard: Shard = Shard()) -> TensorImages:
     from torchvision.datasets import FashionMNIST
 
     root = cfg.resolved_root
@@ -162,10 +165,10 @@ def load_fmnist(cfg: DataConfig, seed: int, device: torch.device) -> TensorImage
         x, y = ds.data.unsqueeze(1), ds.targets  # (N, 1, 28, 28) uint8
         splits.append(_subset(x, y, cfg.train_subset if train else cfg.test_subset))
     return TensorImages("fmnist", splits[0], splits[1], mean=0.2860, std=0.3530, num_classes=10,
-                        cfg=cfg, seed=seed, device=device)
+                        cfg=cfg, seed=seed, device=device, shard=shard)
 
 
-def make_synthetic(cfg: DataConfig, seed: int, device: torch.device) -> TensorImages:
+def make_synthetic(cfg: DataConfig, seed: int, device: torch.device, shard: Shard = Shard()) -> TensorImages:
     """Noisy images around one smooth random template per class: learnable, so tests can check accuracy.
     The data depend only on the data config (not the training seed)."""
     c, h, w = cfg.shape
@@ -182,4 +185,4 @@ def make_synthetic(cfg: DataConfig, seed: int, device: torch.device) -> TensorIm
     return TensorImages("synthetic", _subset(*train, cfg.train_subset), _subset(*test, cfg.test_subset),
                         mean=0.5, std=0.25, num_classes=cfg.num_classes, cfg=cfg, seed=seed, device=device,
                         generator={"seed": 1234, "signal": 40, "noise": cfg.synthetic_noise,
-                                   "classes": cfg.num_classes})
+                                   "classes": cfg.num_classes}, shard=shard)

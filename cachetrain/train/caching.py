@@ -26,6 +26,7 @@ from cachetrain.cache.verify import ChunkProblem, verify_store
 from cachetrain.cache.writer import Batches
 from cachetrain.config import CacheConfig
 from cachetrain.device import autocast
+from cachetrain.dist import Dist
 from cachetrain.source import Source
 from cachetrain.ui import StageProgress
 
@@ -50,16 +51,19 @@ def store_name(split: str, view: int) -> str:
     return split if view == 0 else f"{split} view {view}"
 
 
-def cache_stage(job: CacheJob, c: CacheConfig, device: torch.device, amp: bool, console) -> dict[str, int]:
+def cache_stage(job: CacheJob, c: CacheConfig, device: torch.device, amp: bool, console,
+                dist: Dist = Dist()) -> dict[str, int]:
     """Write stage j's outputs to every store of its cache, computing only what is missing. Returns
-    samples computed per store name."""
+    samples computed per store name. Under torchrun, every rank writes its share of each store's chunks
+    (cachetrain.cache.writer.write_store)."""
     fmt = FORMATS[c.dtype]
     sample_bytes = fmt.sample_bytes(job.out_shape)
     quant = None
-    if fmt.calibrated:
+    if fmt.calibrated and dist.writer:
         # a store already holding this checkpoint's outputs fixes the scale (a resumed pass must match it)
         quant = next((info.quant for info in _current_infos(job) if info.quant), None) or \
             _calibrate(job, c, device, amp)
+    quant = dist.broadcast(quant)  # one scale for every rank's chunks
     computed = {}
     for split, view, path in job.stores:
         n = job.source.num_samples(split)
@@ -73,7 +77,7 @@ def cache_stage(job: CacheJob, c: CacheConfig, device: torch.device, amp: bool, 
             else job.view_inputs(view)
         with StageProgress(console, f"cache stage {job.j} {name}", n) as bar:
             computed[name] = write_store(path, info, job.source.labels(split), job.stage, inputs, layout, device, amp,
-                                         on_progress=bar.advance)
+                                         on_progress=bar.advance, dist=dist)
     return computed
 
 

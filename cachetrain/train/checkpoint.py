@@ -33,6 +33,9 @@ before kept as checkpoint.prev.pt). Its keys:
                                           digest when the stage was trained} (stale_reason in cachetrain.train.state)
     selection          dict | None        with train.patience > 0: trainer.Selection.to_checkpoint(), the
                                           best epoch by validation loss so far and a copy of its weights
+    world              int, optional      the processes that trained it (torchrun's WORLD_SIZE; absent = 1); a
+                                          mid-epoch checkpoint resumes only with as many (sample order depends on
+                                          it). Under torchrun `stats` holds the sums over every rank
 
 Checkpoints are data, not code: everything above is a tensor or a dict/list/tuple of str, int, float,
 bool and None, and `load` reads with `torch.load(weights_only=True)`. A file that needs any other
@@ -219,3 +222,13 @@ def _needs(message: str) -> str:
     if m:
         return f"pickle opcode {chr(int(m.group(1)))!r}"
     return "Python objects"
+
+
+def check_world(ck: dict, world: int, unit: str) -> None:
+    """A checkpoint taken mid-epoch resumes only with the number of processes that wrote it (`world`):
+    which samples form batch b of an epoch depends on it. At an epoch boundary any number resumes."""
+    wrote = ck.get("world", 1)
+    if ck.get("batch", 0) and wrote != world:
+        raise CheckpointError(f"{unit}: its checkpoint was taken mid-epoch by {wrote} process(es); expected "
+                              f"{wrote} to resume it, got {world}; rerun with torchrun and {wrote} processes in "
+                              f"all (nnodes x nproc-per-node)")

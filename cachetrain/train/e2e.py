@@ -17,6 +17,7 @@ from cachetrain.train import checkpoint as ckpt
 from cachetrain.config import Config
 from cachetrain.data import open_dataset
 from cachetrain.device import resolve_device
+from cachetrain.dist import Dist
 from cachetrain.models import build_network, make_head, stage_seed
 from cachetrain.train.identity import config_hash
 from cachetrain.train.rundir import RunDir
@@ -33,11 +34,15 @@ def e2e_network(cfg: Config, data) -> nn.Sequential:
     return nn.Sequential(*net.stages, head)
 
 
-def train_e2e(cfg: Config, console: Console, data=None) -> float:
+def train_e2e(cfg: Config, console: Console, data=None, dist: Dist = Dist()) -> float:
+    """Train (or resume) the baseline; under torchrun every rank runs this together, DDP over the whole
+    network, and rank 0 writes its checkpoints and metrics. `data` must be sharded for `dist` (open_dataset's
+    `shard`)."""
     t = cfg.train
-    device = resolve_device(t.device)
-    data = data or open_dataset(cfg.data, stage_seed(t.seed, 0), device, cfg.loader.workers, cfg.loader.backend)
-    run = RunDir(cfg.run_path)
+    device = dist.device(resolve_device(t.device))
+    data = data or open_dataset(cfg.data, stage_seed(t.seed, 0), device, cfg.loader.workers, cfg.loader.backend,
+                                dist.shard)
+    run = RunDir(cfg.run_path, writer=dist.writer)
     model = e2e_network(cfg, data).to(device)
     if t.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -52,13 +57,14 @@ def train_e2e(cfg: Config, console: Console, data=None) -> float:
     start = Position()
     selection = Selection.from_checkpoint(ck.get("selection") if resume else None, t.patience)
     if resume and ck["epoch"] < ck["epochs"]:
+        ckpt.check_world(ck, dist.world, "the end-to-end baseline")
         start = ckpt.restore(ck, {"model": model}, optimizer, scheduler)  # shapes checked; weights, rng, ...
         run.truncate_metrics(E2E, start.epoch)
         console.print(f"e2e: resuming at epoch {start.epoch + 1}, batch {start.batch}/{steps}")
     elif resume:
         console.print(f"e2e: already trained ({ck['epoch']} epochs, test acc {ck['test_acc']:.4f})")
         return ck["test_acc"]
-    else:
+    elif dist.writer:
         run.metrics_path(E2E).unlink(missing_ok=True)
 
     def save(at: Position, test_acc: float | None) -> None:
@@ -66,7 +72,9 @@ def train_e2e(cfg: Config, console: Console, data=None) -> float:
                                             scheduler=scheduler, at=at, epochs=epochs, steps_per_epoch=steps,
                                             input_fingerprint=data.fingerprint, test_acc=test_acc,
                                             config=cfg.to_dict(),
-                                            selection=selection.to_checkpoint() if t.patience else None))
+                                            selection=selection.to_checkpoint() if t.patience else None,
+                                            world=dist.world))
 
     return fit(model, data, t, device, optimizer, scheduler, epochs, start, save,
-               log=lambda row: run.append_metrics(E2E, row), console=console, title="e2e", selection=selection)
+               log=lambda row: run.append_metrics(E2E, row), console=console, title="e2e", selection=selection,
+               dist=dist)

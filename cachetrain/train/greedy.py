@@ -24,6 +24,7 @@ from cachetrain.cache import CacheError, CacheState, StoreInfo
 from cachetrain.cache.verify import ChunkProblem
 from cachetrain.config import Config
 from cachetrain.device import resolve_device
+from cachetrain.dist import Dist
 from cachetrain.errors import StageError
 from cachetrain.models import Network
 from cachetrain.train import caching
@@ -38,15 +39,16 @@ from cachetrain.train.trainer import StageModel, predict
 class Greedy:
     command = staticmethod(command)  # the one place a suggested command is spelled (cachetrain.train.state)
 
-    def __init__(self, cfg: Config, console: Console | None = None):
+    def __init__(self, cfg: Config, console: Console | None = None, dist: Dist = Dist()):
         self.cfg = cfg
-        self.run = RunDir(cfg.run_path)
+        self.dist = dist  # under torchrun: this process's rank; rank 0 writes the run's files
+        self.run = RunDir(cfg.run_path, writer=dist.writer)
         self.identity = RunIdentity(cfg.run_path)
-        self.device = resolve_device(cfg.train.device)
+        self.device = dist.device(resolve_device(cfg.train.device))
         self.console = console or Console()
         # the dataset is opened by the inputs, on first use; the state asks for its fingerprint only then
         self.state = RunState(cfg, self.run, self.identity, self.console, lambda: self.data.fingerprint)
-        self.inputs = StageInputs(cfg, self.state, self.device)
+        self.inputs = StageInputs(cfg, self.state, self.device, dist.shard)
 
     @property
     def depth(self) -> int:
@@ -105,8 +107,12 @@ class Greedy:
 
     # -- the jobs ----------------------------------------------------------------------------------
     def train_stage(self, j: int, k: int | None = None, restart: bool = False) -> float:
-        """Train stage j (cachetrain.train.stage.train_stage)."""
-        return train_stage(self.state, self.inputs, self.console, j, k, restart)
+        """Train stage j (cachetrain.train.stage.train_stage); under torchrun, every rank returns once rank 0
+        has written its last checkpoint."""
+        acc = train_stage(self.state, self.inputs, self.console, j, k, restart, self.dist)
+        self.dist.barrier()
+        self.state.forget_checkpoints()  # the other ranks read the checkpoint rank 0 wrote
+        return acc
 
     def cache_stage(self, j: int, repair: bool = False) -> dict[str, int]:
         """Write stage j's outputs to every store of its cache, computing only what is missing. With
@@ -114,16 +120,17 @@ class Greedy:
         if self.stage_state(j) != "trained":
             raise StageError(f"stage {j} is {self.stage_state(j)}, so there is nothing to cache yet; run: "
                              f"{command('stage', j)}")
-        if repair:
+        if repair and self.dist.writer:
             for problem in caching.drop_corrupt_chunks(self.stores(j)):
                 self.console.print(f"repair: {problem}", markup=False)
+        self.dist.barrier()
         ck = self.checkpoint(j)
         job = caching.CacheJob(j=j, k=ck["k"], stage=self.trained_stage(j), source=self.input_source(j),
                                out_shape=self.net.out_shapes[j], fingerprint=self.output_fingerprint(j),
                                weights_hash=ck["weights_hash"], input_fingerprint=ck["input_fingerprint"],
                                stores=self.stores(j), view_inputs=lambda view: self.inputs.view_inputs(j, view))
         try:
-            return caching.cache_stage(job, self.cfg.cache, self.device, self.cfg.train.amp, self.console)
+            return caching.cache_stage(job, self.cfg.cache, self.device, self.cfg.train.amp, self.console, self.dist)
         finally:
             self.state.forget_digests()  # the stores' digests may have changed
 
@@ -145,7 +152,9 @@ class Greedy:
             if j in self.cached_stages():
                 self.cache_stage(j)
             if after_stage is not None:
-                after_stage(j)
+                if self.dist.writer:
+                    after_stage(j)
+                self.dist.barrier()
         return self.status()
 
     def evaluate_network(self) -> dict:

@@ -24,6 +24,7 @@ from cachetrain.cache.loader import CacheLoader
 from cachetrain.cache.source import CacheSource
 from cachetrain.config import Config
 from cachetrain.data import open_dataset
+from cachetrain.dist import Shard
 from cachetrain.errors import StageError
 from cachetrain.models import Network, build_network, make_head, stage_seed
 from cachetrain.train.checkpoint import load_state
@@ -32,16 +33,17 @@ from cachetrain.train.state import RunState, command
 
 
 class StageInputs:
-    def __init__(self, cfg: Config, state: RunState, device: torch.device):
+    def __init__(self, cfg: Config, state: RunState, device: torch.device, shard: Shard = Shard()):
         self.cfg = cfg
         self.state = state
         self.device = device
+        self.shard = shard  # under torchrun: this rank's part of each training batch
 
     @cached_property
     def data(self):
         """The images (stage 0's input), with stage 0's shuffle and augmentation seed."""
         return open_dataset(self.cfg.data, stage_seed(self.cfg.train.seed, 0), self.device, self.cfg.loader.workers,
-                            self.cfg.loader.backend)
+                            self.cfg.loader.backend, self.shard)
 
     @cached_property
     def net(self) -> Network:
@@ -87,7 +89,7 @@ class StageInputs:
         readers = {(split, v): CacheReader(path, fp, rebuild_hint=hint) for split, v, path in self.state.stores(a)}
         views = [readers["train", v] for v in range(self.cfg.cache.views)]
         return CacheSource(views, readers["test", 0], self.cfg.loader, seed, self.device, crop_padding, flip,
-                           num_classes=self.data.num_classes, val=readers.get(("val", 0)))
+                           num_classes=self.data.num_classes, val=readers.get(("val", 0)), shard=self.shard)
 
     def view_inputs(self, j: int, view: int):
         """batches(start, size) -> stage j's inputs for training view v > 0, in sample order from `start`:

@@ -38,6 +38,7 @@ class RecomputeSource:
         self.device, self.amp = device, amp
         self.seed, self.padding, self.flip = seed, crop_padding, flip
         self.augment_base = augment_base
+        self.rank = base.shard.rank  # under torchrun, the base serves this rank's share of each batch
         self.forward_calls = 0  # frozen forwards run, for benchmarks and tests
 
     def num_samples(self, split: str) -> int:
@@ -59,7 +60,7 @@ class RecomputeSource:
         base = self.base.train_batches(epoch, batch_size, start_batch, augment=self.augment_base)
         for b, (x, y) in enumerate(base, start=start_batch):
             x = self._forward(x)
-            yield (crop_flip(x, self.padding, self.flip, batch_rng(self.seed, epoch, b)) if augment else x), y
+            yield (crop_flip(x, self.padding, self.flip, batch_rng(self.seed, epoch, b, self.rank)) if augment else x), y
 
     def eval_batches(self, split: str, batch_size: int, start: int = 0) -> Iterator[Batch]:
         for x, y in self.base.eval_batches(split, batch_size, start):

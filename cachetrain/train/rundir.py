@@ -35,8 +35,10 @@ __all__ = ["CheckpointError", "RunDir", "RunLocked"]
 
 
 class RunDir:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, writer: bool = True):
         self.path = Path(path)
+        # under torchrun only rank 0 writes the run's files (cachetrain.dist); the others read them
+        self.writer = writer
         self._unreadable: set[int] = set()  # stages whose checkpoint.pt failed to load (prev.pt was used)
 
     def stage_dir(self, j: int | str) -> Path:
@@ -64,6 +66,8 @@ class RunDir:
         rename, keep the current checkpoint as checkpoint.prev.pt (a hard link, so the current name is
         never missing). A crash or a full disk at any moment leaves a readable checkpoint.pt: the new one
         or the one before it; the folder is fsynced after the rename."""
+        if not self.writer:
+            return
         path = self.checkpoint_path(j)
         prev = self.previous_checkpoint_path(j)
 
@@ -127,11 +131,14 @@ class RunDir:
     # -- metrics and other small files ---------------------------------------------------------------
     def append_metrics(self, j: int | str, row: dict) -> None:
         """One JSON line, fsynced (cachetrain.durable.append_line)."""
-        append_line(self.metrics_path(j), json.dumps(row))
+        if self.writer:
+            append_line(self.metrics_path(j), json.dumps(row))
 
     def truncate_metrics(self, j: int | str, epochs: int) -> None:
         """Drop rows of epochs after `epochs` (written by a run that died before checkpointing them), and a
         torn last line."""
+        if not self.writer:
+            return
         rows = [r for r in self.read_metrics(j) if r["epoch"] <= epochs]
         atomic_write(self.metrics_path(j), "".join(json.dumps(r) + "\n" for r in rows))
 

@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 
 from cachetrain.cache import weights_hash
+from cachetrain.dist import Dist
 from cachetrain.faults import fault_point
 from cachetrain.models import make_head
 from cachetrain.train import checkpoint
@@ -26,9 +27,10 @@ from cachetrain.train.trainer import Position, Selection, StageModel, fit, make_
 
 
 def train_stage(state: RunState, inputs: StageInputs, console: Console, j: int, k: int | None = None,
-                restart: bool = False) -> float:
+                restart: bool = False, dist: Dist = Dist()) -> float:
     """Train stage j, resuming a partial run of it (mid-epoch included) unless `restart` or another k
-    is asked; returns its test accuracy."""
+    is asked; returns its test accuracy. Under torchrun (`dist`) every rank runs this together; rank 0
+    writes the checkpoints and metrics."""
     cfg, run, device = state.cfg, state.run, inputs.device
     t = cfg.stage_train(j)  # train.*, the slowdown rule, then stages.<j>.* overrides
     source = inputs.input_source(j)
@@ -51,6 +53,7 @@ def train_stage(state: RunState, inputs: StageInputs, console: Console, j: int, 
     # early stopping selects over the whole StageModel (block and head together)
     selection = Selection.from_checkpoint(ck.get("selection") if resume else None, t.patience)
     if resume:
+        checkpoint.check_world(ck, dist.world, f"stage {j}")
         # shapes checked, then weights, optimizer, scheduler, rng
         start = checkpoint.restore(ck, {"model": stage, "head": head}, optimizer, scheduler)
         run.truncate_metrics(j, start.epoch)
@@ -78,10 +81,11 @@ def train_stage(state: RunState, inputs: StageInputs, console: Console, j: int, 
             unit=j, k=k, model=stage, head=head, optimizer=optimizer, scheduler=scheduler, at=at, epochs=epochs,
             steps_per_epoch=steps, input_fingerprint=input_fp, test_acc=test_acc, config=cfg.to_dict(),
             input_digests=input_digests, weights_hash=weights_hash(stage) if at.epoch == epochs else None,
-            selection=selection.to_checkpoint() if t.patience else None))
+            selection=selection.to_checkpoint() if t.patience else None, world=dist.world))
         state.forget_checkpoints()  # stage j changed: every fingerprint derived from it may have too
 
     test_acc = fit(model, source, t, device, optimizer, scheduler, epochs, start, save,
-                   log=log, console=console, title=f"stage {j} (k={k})", selection=selection)
+                   log=log, console=console, title=f"stage {j} (k={k})", selection=selection, dist=dist)
     fault_point("stage_end")
     return test_acc
+

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 
 from cachetrain.config import TrainConfig
 from cachetrain.device import autocast
+from cachetrain.dist import Dist
 from cachetrain.faults import fault_point
 
 
@@ -161,6 +162,15 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     return stats
 
 
+def all_ranks(stats: EpochStats, dist: Dist) -> EpochStats:
+    """`stats` with the loss, accuracy and sample sums of every rank (batches and seconds stay this rank's:
+    the position in the epoch, and the wall time all ranks share)."""
+    if dist.world == 1:
+        return stats
+    loss_sum, correct, samples, steady = dist.sum([stats.loss_sum, stats.correct, stats.samples, stats.steady_samples])
+    return replace(stats, loss_sum=loss_sum, correct=int(correct), samples=int(samples), steady_samples=int(steady))
+
+
 @dataclass
 class Position:
     """Where a fit stands: `epoch` finished epochs, then `batch` batches of the next one, with that
@@ -251,34 +261,43 @@ def epoch_diagnostics(model: nn.Module, source, batch_size: int, device: torch.d
 
 def fit(model: nn.Module, source, cfg: TrainConfig, device: torch.device, optimizer, scheduler, epochs: int,
         start: Position, save: Callable[[Position, float | None], None], log: Callable[[dict], None],
-        console, title: str, selection: Selection | None = None) -> float:
+        console, title: str, selection: Selection | None = None, dist: Dist = Dist()) -> float:
     """Train for epochs start.epoch..epochs-1 (the first from start.batch), evaluating on the validation,
     test and training splits and calling `save` after every epoch and every cfg.checkpoint_steps steps;
     returns the test accuracy of the weights kept. With a `selection` whose patience is > 0, training stops
     once validation loss has not improved for that many epochs, and the best epoch's weights are kept:
-    `save` is then called at Position(epochs) with them, and the last row logged names `selected_epoch`."""
+    `save` is then called at Position(epochs) with them, and the last row logged names `selected_epoch`.
+
+    Under torchrun (`dist`), every rank trains DDP over `model` on its share of each batch, and `save`
+    and `log` get the sums over all ranks (rank 0 writes them: cachetrain.train.rundir); every rank then
+    evaluates with rank 0's BN statistics, so all reach the same numbers and the same decisions."""
     from cachetrain.ui import StageProgress  # the UI stays out of the numeric core's imports
 
     steps = source.steps_per_epoch(cfg.batch_size)
     # CUDA: sync for the running loss every few steps only, but always on a mid-epoch checkpoint step
     sync_every = 1 if device.type != "cuda" else math.gcd(25, cfg.checkpoint_steps or 25)
     select = selection is not None and selection.patience > 0 and source.num_samples("val") > 0
+    trained = dist.wrap(model)  # DDP under torchrun: gradients averaged over ranks in the backward
     test_acc = float("nan")
     for epoch in range(start.epoch, epochs):
         resumed = epoch == start.epoch
         stats = start.stats if resumed and start.stats else EpochStats()
+        if resumed and start.stats and not dist.writer:  # the checkpoint's sums are every rank's: rank 0 holds them
+            stats = EpochStats(batches=start.stats.batches)
         with StageProgress(console, f"{title} epoch {epoch + 1}/{epochs}", steps) as bar:
 
             def on_step(s: EpochStats) -> None:
                 bar.update(s)
                 if cfg.checkpoint_steps and s.batches % cfg.checkpoint_steps == 0 and s.batches < steps:
-                    save(Position(epoch, s.batches, s), None)
+                    save(Position(epoch, s.batches, all_ranks(s, dist)), None)
 
             t0 = time.perf_counter()
             batches = source.train_batches(epoch, cfg.batch_size, start.batch if resumed else 0)
-            train_one_epoch(model, batches, optimizer, scheduler, device, cfg.amp, cfg.channels_last, stats, on_step,
+            train_one_epoch(trained, batches, optimizer, scheduler, device, cfg.amp, cfg.channels_last, stats, on_step,
                             sync_every)
             train_seconds = time.perf_counter() - t0
+            dist.sync_buffers(model)
+            stats = all_ranks(stats, dist)
             t0 = time.perf_counter()
             diag = epoch_diagnostics(model, source, cfg.batch_size, device, cfg.amp)
             eval_seconds = time.perf_counter() - t0
@@ -287,7 +306,7 @@ def fit(model: nn.Module, source, cfg: TrainConfig, device: torch.device, optimi
                "samples_per_s": stats.samples_per_s, "steady_samples_per_s": stats.steady_samples_per_s,
                "data_seconds": stats.data_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
                "lr": scheduler.get_last_lr()[0]}
-        stop = select and selection.observe(epoch + 1, diag["val_loss"], test_acc, model)
+        stop = select and dist.broadcast(selection.observe(epoch + 1, diag["val_loss"], test_acc, model))
         last = stop or epoch + 1 == epochs
         if select and last:  # keep the best epoch's weights: those are the stage's (or the network's) result
             model.load_state_dict(selection.best_state)
@@ -306,6 +325,12 @@ def fit(model: nn.Module, source, cfg: TrainConfig, device: torch.device, optimi
             save(Position(epochs, 0, None), test_acc)
             break
         save(Position(epoch + 1, 0, None), test_acc)
+    if dist.world > 1:  # DDP keeps the replicas equal; a rank that drifted would make rank 0's file a lie
+        from cachetrain.cache import weights_hash
+        hashes = dist.gather(weights_hash(model))
+        if len(set(hashes)) > 1:
+            raise RuntimeError(f"{title}: the ranks' weights differ after training (hashes {hashes}); the checkpoint "
+                               f"rank 0 wrote is not what every rank trained")
     return test_acc
 
 
