@@ -33,7 +33,7 @@ import yaml
 from cachetrain.config import load_config
 
 CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "fmnist.yaml")
-SETS = ["data.train_subset=10000", "data.test_subset=2000", "data.val_samples=0", "model.stages=2",
+SETS = ["data.train_subset=10000", "data.test_subset=2000", "data.val_samples=0", "model.stages=2", "model.downsample=[1]",
         "train.epochs=1", "train.probes=false"]
 
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     base_cfg = out / "base.yaml"
     base_cfg.write_text(yaml.safe_dump(raw))
     run(["stage", "--config", str(base_cfg), "--no-cache"], 1, cores)  # stage 0, trained once
-    n = cfg.data.train_subset + cfg.data.test_subset
+    n = None  # samples the pass writes: read from the first cache's stores
     rounds = []
     for r in range(args.rounds):
         row = {}
@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
             arm_cfg = out / f"r{r}_p{procs}.yaml"
             arm_cfg.write_text(yaml.safe_dump(raw))
             cache_s = run(["cache", "--config", str(arm_cfg), "--j", "0"], procs, cores)
+            n = n or sum(json.loads(z.read_text())["attributes"]["num_samples"]
+                         for z in (arm / "cache" / "stage_0").glob("*.zarr/zarr.json"))
             stage_s = run(["stage", "--config", str(arm_cfg), "--j", "1", "--no-cache"], procs, cores)
             row[procs] = {"cache_seconds": cache_s, "cache_samples_per_s": n / cache_s, "stage_seconds": stage_s,
                           "stage_samples_per_s": steady_rate(arm, 1)}
