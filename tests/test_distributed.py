@@ -104,28 +104,34 @@ def copy_run(src: Path, dst: Path) -> Path:
     return write_config(dst / "c.yaml", raw(dst / "run"))
 
 
-def test_a_cache_built_by_two_ranks_is_the_one_process_cache_byte_for_byte(stage0, tmp_path):
-    one, two = copy_run(stage0, tmp_path / "one"), copy_run(stage0, tmp_path / "two")
-    ok(cli(["cache", "--config", str(one), "--j", "0"]))
+@pytest.fixture(scope="module")
+def one_process_cache(stage0, tmp_path_factory) -> Path:
+    """Stage 0's cache written by one process: the reference the parallel passes must reproduce."""
+    d = tmp_path_factory.mktemp("one")
+    ok(cli(["cache", "--config", str(copy_run(stage0, d)), "--j", "0"]))
+    return d / "run/cache/stage_0"
+
+
+def test_a_cache_built_by_two_ranks_is_the_one_process_cache_byte_for_byte(stage0, one_process_cache, tmp_path):
+    two = copy_run(stage0, tmp_path)
     r = ok(torchrun(["cache", "--config", str(two), "--j", "0"]))
     assert "computed 320 train, 64 val and 128 test samples" in r.stdout  # every rank's share, counted once
     for split in ("train", "val", "test"):
-        a, b = (tmp_path / x / "run/cache/stage_0" / f"{split}.zarr" for x in ("one", "two"))
+        b = tmp_path / "run/cache/stage_0" / f"{split}.zarr"
         assert zarr.open_group(str(b), mode="r").attrs["complete"] is True
-        assert store_files(a) == store_files(b), split
+        assert store_files(one_process_cache / f"{split}.zarr") == store_files(b), split
     assert ok(cli(["verify", "--config", str(two)])).returncode == 0
 
 
-def test_a_two_rank_caching_pass_killed_midway_resumes_with_one_process(stage0, tmp_path):
-    ref, cut = copy_run(stage0, tmp_path / "ref"), copy_run(stage0, tmp_path / "cut")
-    ok(cli(["cache", "--config", str(ref), "--j", "0"]))
+def test_a_two_rank_caching_pass_killed_midway_resumes_with_one_process(stage0, one_process_cache, tmp_path):
+    cut = copy_run(stage0, tmp_path / "cut")
     r = torchrun(["cache", "--config", str(cut), "--j", "0"], fault="cache_chunk:4", fault_rank=1)
     assert r.returncode != 0
     train = tmp_path / "cut/run/cache/stage_0/train.zarr"
     assert zarr.open_group(str(train), mode="r").attrs["complete"] is False  # never taken for complete
     ok(cli(["cache", "--config", str(cut), "--j", "0"]))
     assert ok(cli(["verify", "--config", str(cut)])).returncode == 0
-    assert store_files(train) == store_files(tmp_path / "ref/run/cache/stage_0/train.zarr")
+    assert store_files(train) == store_files(one_process_cache / "train.zarr")
 
 
 @pytest.fixture(scope="module")
