@@ -246,3 +246,17 @@ def test_a_mid_epoch_checkpoint_resumes_only_with_its_number_of_processes():
     check_world({"batch": 3}, 1, "stage 0")
     with pytest.raises(CheckpointError, match="taken mid-epoch by 2 process"):
         check_world({"batch": 3, "world": 2}, 1, "stage 0")
+
+
+def test_a_torchrun_job_on_a_run_in_use_is_refused_naming_the_holder(tmp_path):
+    from cachetrain.train.rundir import RunDir
+
+    cfg = write_config(tmp_path / "c.yaml", raw(tmp_path / "run"))
+    held = RunDir(tmp_path / "run").lock()  # this process holds the run, as another job would
+    try:
+        r = torchrun(["stage", "--config", str(cfg)])
+    finally:
+        held.unlock()
+    assert r.returncode != 0
+    assert f"run directory is in use by process {os.getpid()}" in r.stderr
+    assert not (tmp_path / "run/stages").exists()  # nothing trained, nothing written
