@@ -8,6 +8,7 @@ per rank, the same number of steps on every rank.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -22,7 +23,6 @@ import zarr
 
 from cachetrain.cache.source import CacheSource
 from cachetrain.config import DataConfig, LoaderConfig
-from cachetrain.data import open_dataset
 from cachetrain.dist import Shard, rank_batches
 from cachetrain.errors import CheckpointError, ConfigError
 from cachetrain.train.checkpoint import check_world
@@ -154,7 +154,6 @@ def test_a_two_rank_stage_trains_like_one_process(two_rank_stage, tmp_path):
 
 
 def eval_row(line: str) -> dict:
-    import json
     return json.loads(line)
 
 
@@ -230,15 +229,23 @@ def test_each_epoch_every_cached_sample_once_across_ranks_in_whole_chunks(tmp_pa
 
 
 def test_each_epoch_every_image_once_across_ranks():
-    cfg = DataConfig(name="synthetic", shape=(1, 8, 8), synthetic_train=100, synthetic_test=10, val_samples=0)
+    from cachetrain.data.tensors import TensorImages
+
+    n = 100
+    x = torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 1, 4, 4).contiguous()  # image i is i
+    data = ((x, torch.zeros(n, dtype=torch.long)), (x[:10], torch.zeros(10, dtype=torch.long)))
+    cfg = DataConfig(name="synthetic", val_samples=0)
     cpu = torch.device("cpu")
-    images = [open_dataset(cfg, 3, cpu, shard=Shard(r, 2)) for r in range(2)]
-    whole = open_dataset(cfg, 3, cpu)
-    marked = [x[:, 0, 0, 0] for x, _ in whole.eval_batches("train", 100)][0]  # pixel values name samples (mostly)
-    got = [np.concatenate([x[:, 0, 0, 0].numpy() for x, _ in s.train_batches(0, 16, augment=False)]) for s in images]
-    assert len(got[0]) + len(got[1]) == 100
-    assert sorted(np.concatenate(got).tolist()) == sorted(marked.numpy().tolist())
-    assert len(list(images[0].train_batches(0, 16))) == len(list(images[1].train_batches(0, 16))) == 7
+    images = [TensorImages("ids", *data, mean=0.0, std=1 / 255, num_classes=1, cfg=cfg, seed=3, device=cpu,
+                           shard=Shard(r, 2)) for r in range(2)]
+    for epoch in (0, 1):
+        got = [[x[:, 0, 0, 0].round().long().numpy() for x, _ in s.train_batches(epoch, 16, augment=False)]
+               for s in images]
+        assert len(got[0]) == len(got[1]) == 7  # ceil(100 / 16) steps on each rank
+        seen = np.concatenate([np.concatenate(g) for g in got])
+        assert sorted(seen.tolist()) == list(range(n))  # every image exactly once across the two ranks
+        again = [x[:, 0, 0, 0].round().long().numpy() for x, _ in images[1].train_batches(epoch, 16, 3, augment=False)]
+        assert all(np.array_equal(a, b) for a, b in zip(again, got[1][3:], strict=True))
 
 
 def test_a_mid_epoch_checkpoint_resumes_only_with_its_number_of_processes():
