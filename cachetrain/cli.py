@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cachetrain.cache.formats import FORMATS
+from cachetrain.cache.location import RemotePath
 from cachetrain.config import Config, K_RANGE, load_config
 from cachetrain.dist import Dist
 from cachetrain.errors import USER_ERRORS, ConfigError, StageError
@@ -194,6 +195,8 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
             console = Console(quiet=True)
         greedy = Greedy(cfg, console, dist)
         check_ranges(args, greedy)
+        if isinstance(greedy.run.cache_root, RemotePath) and args.command not in ("plan", "bench"):
+            greedy.run.cache_root.check_bucket()  # a missing bucket, or one not ours: one line, before any work
         if args.command not in ("bench",) and args.command not in LOCKED and greedy.identity.started():
             greedy.identity.check(cfg, None)  # reading a run with another config would misreport it
         if args.command == "status":

@@ -195,6 +195,9 @@ class CacheConfig:
     level: int = 1
     chunk_mib: float = 4.0  # target chunk size; a chunk always holds a whole number of samples
     batch_size: int = 256  # forward batch of the caching pass, rounded to whole chunks
+    # where the stores go: "" -> <run>/cache; else <location>/<run name>/stage_<j>, with location a folder
+    # or an object store URL, s3://bucket/prefix (credentials and endpoint: the AWS_* environment)
+    location: str = ""
 
     def __post_init__(self) -> None:
         _check(1 <= self.level <= 22, "cache.level", "an integer in [1, 22]", self.level)
@@ -208,6 +211,10 @@ class CacheConfig:
         _check(self.views == 1 or self.mode == "all", "cache.views", "1 unless cache.mode is 'all'", self.views)
         _check(0.0625 <= self.chunk_mib <= 64, "cache.chunk_mib", "a number in [0.0625, 64]", self.chunk_mib)
         _check(self.batch_size >= 1, "cache.batch_size", "an integer >= 1", self.batch_size)
+        scheme, _, rest = self.location.partition("://")
+        _check(not rest or "@" not in rest.split("/", 1)[0], "cache.location",
+               "a URL without credentials (they come from the AWS_* environment variables)", f"{scheme}://...")
+        _check(not rest or rest.split("/", 1)[0], "cache.location", "scheme://bucket/prefix", self.location)
 
 
 @dataclass(frozen=True)

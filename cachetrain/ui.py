@@ -65,8 +65,9 @@ def plan_table(plan: dict, title: str) -> Table:
     """Per stage: output shape, store size per storage format, FLOPs, and where its input comes from."""
     table = Table(title=title)
     formats = list(plan["stages"][0]["store_bytes"]) if plan["stages"] else []  # every format the planner knows
+    rates = plan["cost_unit"] != "FLOP"  # measured rates: what each stage must read its input cache at
     for col in ("j", "output", "bytes/sample", *(f"{d} store" for d in formats), "GFLOP/sample",
-                "cached", "input of stage j"):
+                "cached", "input of stage j", *(["input read/s needed"] if rates else [])):
         table.add_column(col, justify="left" if col in ("output", "input of stage j") else "right")
     for s in plan["stages"]:
         through = s["recompute_through"]
@@ -74,7 +75,8 @@ def plan_table(plan: dict, title: str) -> Table:
         source = s["input"] + (f" + recompute {span}" if through else "")
         table.add_row(str(s["stage"]), "x".join(map(str, s["out_shape"])), _size(s["sample_bytes"][plan["dtype"]]),
                       *(_size(s["store_bytes"][d]) for d in formats), f"{s['forward_flops'] / 1e9:.2f}",
-                      "yes" if s["cached"] else "-", source)
+                      "yes" if s["cached"] else "-", source,
+                      *([_size(s["input_bytes_per_s"]) if s.get("input_bytes_per_s") else "-"] if rates else []))
     if plan["cost_unit"] == "FLOP":
         cost = (f"recompute + caching {plan['cost_plan'] / 1e15:,.1f} PFLOP vs "
                 f"{plan['cost_recompute_everything'] / 1e15:,.1f} PFLOP recomputing everything "

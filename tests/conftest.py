@@ -194,7 +194,7 @@ def make_store(path: Path, n: int = STORE_N, chunk: int = 32, codec: str = "zstd
     from cachetrain.cache import CacheReader, plan_layout, write_store
 
     x = offset + torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, *STORE_SHAPE).contiguous()
-    info = store_info(n, STORE_SHAPE, chunk, codec=codec, split=Path(path).stem)
+    info = store_info(n, STORE_SHAPE, chunk, codec=codec, split=Path(str(path)).stem)
     layout = plan_layout(info.sample_bytes, chunk * info.sample_bytes / 2**20, n, chunk)
     write_store(path, info, np.arange(n) % 10, torch.nn.Identity(), batches_of(x), layout, torch.device("cpu"))
     return CacheReader(path, "fp")

@@ -78,6 +78,20 @@ def test_timed_cost_counts_each_epochs_test_evaluation():
     assert cost_ratio(costs, w, (0,), "float16", rates) == pytest.approx(525 / 510)
 
 
+def test_plan_names_the_read_rate_each_cached_input_needs():
+    """Three stages, stage 0 cached: stage 1 trains at 12 FLOPs a sample, so at 120 FLOP/s it takes 10 samples/s
+    of 10 B = 100 B/s from the cache; stage 2 recomputes stage 1 (4 FLOPs) on top of its own 20: 5 samples/s,
+    50 B/s. Stage 0 reads the images: nothing to say. Without measured rates nothing is claimed."""
+    costs = [StageCost(0, (1, 1, 1), 2.0, 6.0, {"float16": 10}, 3.0),
+             StageCost(1, (1, 1, 1), 4.0, 12.0, {"float16": 10}, 6.0),
+             StageCost(2, (1, 1, 1), 8.0, 20.0, {"float16": 10}, 9.0)]
+    w = Workload(train=10, test=5, epochs=2)
+    chosen = evaluate(costs, w, (0,), "float16", Rates(120.0, 5.0, 2.0))
+    got = [s["input_bytes_per_s"] for s in describe(costs, w, chosen, "float16", Rates(120.0, 5.0, 2.0))["stages"]]
+    assert got == [None, pytest.approx(100.0), pytest.approx(50.0)]
+    assert all(s["input_bytes_per_s"] is None for s in describe(costs, w, chosen, "float16")["stages"])
+
+
 def _stages(depth: int, forward: float = 1.0, train: float = 3.0) -> list[StageCost]:
     return [StageCost(j, (1, 1, 1), forward, train, {"float16": 1}, forward) for j in range(depth)]
 

@@ -11,7 +11,8 @@ of the storage dtype, (n_c, C, H, W), and is told when the loader is done with o
   loader, in the order the epoch first uses them (what a cold page cache needs; see its docstring).
 - `ReadFeed`: uncompressed chunk files read whole, one large read each, by a few threads, the same
   distance ahead: the alternative to faulting pages through a mapping, measured against it by
-  benchmarks/disk_bench.py.
+  benchmarks/disk_bench.py; and the feed of every remote store (one GET per chunk object, several in
+  flight, checked and decoded in those threads).
 
 Every chunk a feed hands out was checked by the reader (crc32c and checksum manifest, see
 cachetrain/cache/reader.py). A worker process that finds a chunk corrupt returns the CacheError as
@@ -253,10 +254,19 @@ class ReadFeed:
         self._pending.clear()
 
 
+# GETs in flight at once for a remote store's epoch (`ReadFeed`): an object store answers each request
+# after a round trip, so throughput comes from requests in parallel; the same READ_AHEAD_BYTES bound
+# what is held (benchmarks/s3_bench.py measures it against the local disk)
+REMOTE_THREADS = 8
+
+
 def file_feed(readers: list[CacheReader], view_of: np.ndarray, schedule: list[int]
               ) -> AbstractContextManager[ChunkFeed]:
-    """The feed of an uncompressed store's epoch that first uses its chunks in `schedule` order
-    (FILE_READS picks which)."""
+    """The feed of an uncompressed store's epoch, or any remote store's, that first uses its chunks in
+    `schedule` order (FILE_READS picks which for local files; remote objects are always read whole, one
+    GET each, several in flight: `CacheReader.fetch_chunk`)."""
+    if readers[0].remote:
+        return ReadFeed(readers, view_of, schedule, threads=REMOTE_THREADS)
     if FILE_READS == "read":
         return ReadFeed(readers, view_of, schedule)
     return nullcontext(ReadAheadFeed(readers, view_of, schedule))

@@ -162,7 +162,7 @@ class CacheLoader:
         cs = self.reader.info.chunk_samples
         first_use, last_use = chunk_schedule(plan, cs)
         view_of = np.zeros(self.reader.info.num_chunks, dtype=np.int64) if view_of is None else view_of
-        feeding = file_feed(self.readers, view_of, first_use) if self.reader.memmappable else \
+        feeding = file_feed(self.readers, view_of, first_use) if self.reader.memmappable or self.reader.remote else \
             self._decoded([(int(view_of[c]), c) for c in first_use])
         ring = self._ring(batch_size)
         try:

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import zarr
 from cachetrain.cache.formats import FORMATS, StorageFormat
+from cachetrain.cache.location import RemotePath, location, zarr_store
 from cachetrain.errors import CacheError
 
 FORMAT_VERSION = 1
@@ -162,7 +163,7 @@ def _read_attrs(path: Path) -> tuple[dict | None, str | None]:
     if not (path / "zarr.json").exists():
         return None, "store metadata missing (zarr.json not found)"
     try:
-        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+        attrs = dict(zarr.open_group(zarr_store(path, read_only=True), mode="r").attrs)
         StoreInfo.from_attrs(attrs)
     except Exception as e:  # noqa: BLE001 - unreadable metadata, not one of ours, or an older format
         return None, f"store metadata missing (zarr.json unreadable: {_one_line(e)})"
@@ -190,7 +191,7 @@ def damage(path: Path, info: StoreInfo) -> str | None:
     """What a store marked complete lacks, in words, or None: the presence check behind DAMAGED (a
     stat per file, nothing read)."""
     try:
-        features = zarr.open_array(str(path / "features"), mode="r")
+        features = zarr.open_array(zarr_store(path / "features", read_only=True), mode="r")
         labels = labels_file(path)
     except Exception as e:  # noqa: BLE001
         return f"store metadata missing (features or labels metadata unreadable: {_one_line(e)})"
@@ -210,17 +211,23 @@ def missing_chunks(path: Path, info: StoreInfo, features=None) -> list[int]:
     still leave a renamed file whose data never reached the disk: an uncompressed chunk must have its
     exact size (the padded chunk + the 4-byte crc32c), a compressed one more than its checksum."""
     try:
-        array = features if features is not None else zarr.open_array(str(path / "features"), mode="r")
+        array = features if features is not None else zarr.open_array(zarr_store(path / "features", read_only=True), mode="r")
     except Exception:  # noqa: BLE001 - its metadata is gone: no chunk can be read
         return list(range(info.num_chunks))
     want = info.raw_chunk_file_bytes if info.codec == "none" else None
+    if isinstance(path, RemotePath):  # one listing, not a request per chunk
+        sizes = (path / "features").sizes()
+        size_of = lambda c: sizes.get(array.metadata.encode_chunk_key((c,) + (0,) * (array.ndim - 1)))  # noqa: E731
+    else:
+        def size_of(c: int) -> int | None:
+            try:
+                return os.stat(chunk_file(path, array, c)).st_size
+            except FileNotFoundError:
+                return None
 
     def whole(c: int) -> bool:
-        try:
-            size = os.stat(chunk_file(path, array, c)).st_size
-        except FileNotFoundError:
-            return False
-        return size == want if want is not None else size > 4
+        size = size_of(c)
+        return size is not None and (size == want if want is not None else size > 4)
     return [c for c in range(info.num_chunks) if not whole(c)]
 
 
@@ -231,7 +238,7 @@ def chunk_file(store: Path, features, c: int) -> Path:
 
 def labels_file(store: Path) -> Path:
     """The file holding a store's labels (one chunk)."""
-    labels = zarr.open_array(str(store / "labels"), mode="r")
+    labels = zarr.open_array(zarr_store(store / "labels", read_only=True), mode="r")
     return store / "labels" / labels.metadata.encode_chunk_key((0,))
 
 
@@ -239,8 +246,11 @@ def labels_file(store: Path) -> Path:
 CHECKSUMS = "chunk_crc32c"  # the manifest array: features chunks 0..n-1, then the labels
 
 
-def trailing_crc32c(file: Path | str) -> int | None:
+def trailing_crc32c(file: Path | str | RemotePath) -> int | None:
     """The crc32c zarr appended to a chunk file (its last 4 bytes, little-endian); None if it has none."""
+    if isinstance(file, RemotePath):
+        tail = file.read_bytes(-4)
+        return int.from_bytes(tail, "little") if len(tail) == 4 else None  # a suffix range: all of a shorter one
     with open(file, "rb") as f:
         if f.seek(0, os.SEEK_END) < 4:
             return None
@@ -251,14 +261,19 @@ def trailing_crc32c(file: Path | str) -> int | None:
 def file_checksums(path: Path, info: StoreInfo) -> np.ndarray:
     """The trailing crc32c of every features chunk file, then of the labels file, as the manifest holds
     them. Raises CacheError naming a file that is missing or shorter than its checksum."""
-    features = zarr.open_array(str(path / "features"), mode="r")
+    features = zarr.open_array(zarr_store(path / "features", read_only=True), mode="r")
     files = [chunk_file(path, features, c) for c in range(info.num_chunks)] + [labels_file(path)]
     crcs = np.zeros(len(files), dtype=np.uint32)
+    # an object store answers the requests together; a local file is one short read each
+    tails = path.tails(files, 4) if isinstance(path, RemotePath) else None
     for i, file in enumerate(files):
-        try:
-            crc = trailing_crc32c(file)
-        except FileNotFoundError:
-            crc = None
+        if tails is not None:
+            crc = int.from_bytes(tails[i], "little") if tails[i] is not None and len(tails[i]) == 4 else None
+        else:
+            try:
+                crc = trailing_crc32c(file)
+            except FileNotFoundError:
+                crc = None
         if crc is None:
             raise CacheError(f"{path}: {file} is missing or shorter than its checksum; run: cachetrain cache "
                              f"--j {info.stage} --repair")
@@ -277,7 +292,7 @@ def read_manifest(path: Path, info: StoreInfo) -> np.ndarray | None:
     if not (path / CHECKSUMS / "zarr.json").exists():
         return None
     try:
-        crcs = zarr.open_array(str(path / CHECKSUMS), mode="r")[:]  # its own crc32c is checked by zarr
+        crcs = zarr.open_array(zarr_store(path / CHECKSUMS, read_only=True), mode="r")[:]  # its own crc32c is checked by zarr
     except Exception as e:  # noqa: BLE001
         raise ValueError(_one_line(e)) from None
     if crcs.shape != (info.num_chunks + 1,) or crcs.dtype != np.uint32:
@@ -290,7 +305,7 @@ def content_digest(path: Path) -> str | None:
     bytes of any chunk or of the labels do. None when the store has none (missing, not complete, or
     written before digests existed). Reads the group metadata only: it does not check the files (a
     DAMAGED store still reports the digest of what it should hold; `cachetrain verify` checks that)."""
-    attrs, _ = _read_attrs(Path(path))
+    attrs, _ = _read_attrs(location(path))
     if attrs is None or attrs.get("complete") is not True:
         return None
     digest = attrs.get("content_digest")
@@ -302,5 +317,7 @@ def _one_line(e: BaseException) -> str:
     return text[:120]
 
 
-def disk_bytes(path: Path) -> int:
+def disk_bytes(path: Path | RemotePath) -> int:
+    if isinstance(path, RemotePath):
+        return sum(path.sizes().values())
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0

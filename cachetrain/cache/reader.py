@@ -33,14 +33,17 @@ from pathlib import Path
 from typing import NamedTuple
 
 import google_crc32c
+from numcodecs import Zstd
 import numpy as np
 import torch
 import zarr
 
+from cachetrain.cache.location import RemotePath, is_remote, location, zarr_store
 from cachetrain.cache.manifest import (CacheError, CacheState, StoreInfo, chunk_file, damage, labels_file,
                                        metadata_problem, read_manifest, store_state, trailing_crc32c)
 
 
+_ZSTD = Zstd()  # decodes what zarr's ZstdCodec wrote (it wraps the same numcodecs codec); level: encode only
 MAX_MAPS = 8192  # an mmap each: far below the kernel's vm.max_map_count
 VERIFY = True  # check every chunk before use (module docstring); False only in benchmarks/loader_bench.py
 
@@ -85,7 +88,8 @@ class CacheReader:
     """A COMPLETE store whose fingerprint matches `expected_fingerprint` (when given)."""
 
     def __init__(self, path: Path, expected_fingerprint: str | None = None, rebuild_hint: str = ""):
-        self.path = Path(path)
+        self.path = location(path)  # a local folder, or an object store's (cachetrain/cache/location.py)
+        self.remote = is_remote(self.path)
         state, info = store_state(self.path, expected_fingerprint)
         hint = f"; {rebuild_hint}" if rebuild_hint else ""
         if info is None and self.path.exists():
@@ -118,8 +122,10 @@ class CacheReader:
     def _read_labels(self) -> np.ndarray:
         try:
             file = labels_file(self.path)
-            labels = zarr.open_array(str(self.path / "labels"), mode="r")[:]  # zarr checks its crc32c
+            labels = zarr.open_array(zarr_store(self.path / "labels", read_only=True), mode="r")[:]  # crc checked
             crc = trailing_crc32c(file)
+        except CacheError:  # an object store that did not answer: not a corrupt file
+            raise
         except Exception as e:  # noqa: BLE001 - a decode or checksum failure, a file gone
             raise CacheError(f"{self.path}: labels are corrupt ({_reason(e)}); {self.repair}") from None
         if VERIFY and self.manifest is not None and crc != int(self.manifest[-1]):
@@ -131,7 +137,7 @@ class CacheReader:
     def features(self) -> zarr.Array:
         # opened lazily, so a reader can be pickled into worker processes before its first read
         if self._features is None:
-            self._features = zarr.open_array(str(self.path / "features"), mode="r")
+            self._features = zarr.open_array(zarr_store(self.path / "features", read_only=True), mode="r")
         return self._features
 
     def __getstate__(self) -> dict:
@@ -170,7 +176,7 @@ class CacheReader:
     def memmappable(self) -> bool:
         """Uncompressed chunk files are the raw C-order bytes of the (padded) chunk followed by the 4-byte
         crc32c, so they can be mapped instead of decoded (the crc32c is then checked here, not by zarr)."""
-        return self.info.codec == "none"
+        return self.info.codec == "none" and not self.remote
 
     def chunk_path(self, c: int) -> Path:
         return chunk_file(self.path, self.features, c)
@@ -256,7 +262,9 @@ class CacheReader:
         """Ask the kernel to read chunk c's whole file into the page cache (posix_fadvise WILLNEED),
         without waiting and without mapping it: the cold read-ahead of `ReadAheadFeed` (feeds.py), which
         runs further ahead than the mappings are worth holding. A missing file is left to the read that
-        needs it, which names it."""
+        needs it, which names it. (A remote store's read-ahead is `ReadFeed`'s GETs in flight.)"""
+        if self.remote:
+            return
         try:
             fd = os.open(self.chunk_path(c), os.O_RDONLY)
         except OSError:
@@ -298,6 +306,40 @@ class CacheReader:
         block = data[:-4].view(fmt.numpy_dtype)[:(stop - start) * int(np.prod(self.info.sample_shape))]
         return fmt.as_tensor(block.reshape(stop - start, *self.info.sample_shape))
 
+    def fetch_chunk(self, c: int) -> torch.Tensor:
+        """Chunk c of a remote store: its object in one GET, checked here whatever the codec (its crc32c,
+        then the manifest's: every time, as the bytes came over the network just now), then decoded.
+        Thread-safe: `ReadFeed` keeps several GETs in flight."""
+        start, stop = self.chunk_bounds(c)
+        file = self.chunk_path(c)
+        try:
+            # a writable copy (a memcpy against a network read): torch warns on read-only arrays
+            data = np.frombuffer(bytearray(file.read_bytes()), dtype=np.uint8)
+        except FileNotFoundError:
+            raise CacheError(f"{self.path}: chunk {c} (samples {start}-{stop - 1}) is missing ({file}); run: "
+                             f"cachetrain verify, then cachetrain cache --j {self.info.stage} --repair") from None
+        if len(data) <= 4 or (self.info.codec == "none" and len(data) != self.info.raw_chunk_file_bytes):
+            raise self._corrupt(c, f"it is {len(data)} bytes", str(file))
+        stored = int.from_bytes(data[-4:].tobytes(), "little")
+        if VERIFY:
+            if google_crc32c.value(data[:-4]) != stored:
+                raise self._corrupt(c, "its crc32c does not match its bytes", str(file))
+            if self.expected_crc(c) not in (None, stored):
+                raise self._corrupt(c, "it differs from the store's checksum manifest", str(file))
+        payload = data[:-4]
+        if self.info.codec == "zstd":
+            payload = np.empty(self.info.chunk_samples * self.info.sample_bytes, dtype=np.uint8)
+            try:
+                _ZSTD.decode(data[:-4], out=payload)
+            except Exception as e:  # noqa: BLE001 - numcodecs raises RuntimeError or ValueError
+                raise self._corrupt(c, f"zstd cannot decode it ({_reason(e)})", str(file)) from None
+        fmt = self.info.storage_format
+        count = (stop - start) * int(np.prod(self.info.sample_shape))
+        block = payload.view(fmt.numpy_dtype)[:count]
+        if len(block) != count:
+            raise self._corrupt(c, f"it decodes to {len(block)} values, expected {count}", str(file))
+        return fmt.as_tensor(block.reshape(stop - start, *self.info.sample_shape))
+
     def _stat_chunk(self, c: int) -> tuple[str, os.stat_result]:
         """Chunk c's file and its stat. zarr would read a missing chunk as zeros, and a short file maps
         garbage: a store that lost or truncated a chunk file must say so instead."""
@@ -323,7 +365,10 @@ class CacheReader:
 
     def read_chunk(self, c: int) -> torch.Tensor:
         """Chunk c as a (n_c, C, H, W) tensor of the storage dtype, decoded by zarr (which checks its
-        crc32c); its trailing crc is compared with the manifest once per file per process."""
+        crc32c); its trailing crc is compared with the manifest once per file per process. A remote
+        store's chunk: `fetch_chunk`."""
+        if self.remote:
+            return self.fetch_chunk(c)
         start, stop = self.chunk_bounds(c)
         file, st = self._stat_chunk(c)
         try:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import zarr
 
+from cachetrain.cache.location import location, zarr_store
 from cachetrain.cache.manifest import (chunk_file, labels_file, metadata_problem, read_manifest, store_state,
                                        trailing_crc32c)
 
@@ -46,15 +47,17 @@ class ChunkProblem:
 
 def verify_store(path: Path) -> list[ChunkProblem]:
     """Every problem in the store at `path` (which must exist); [] when every chunk decodes (and, in a
-    complete store, agrees with the checksum manifest)."""
+    complete store, agrees with the checksum manifest). A remote store's chunks are read by the same zarr
+    decode, through its FsspecStore."""
+    path = location(path)
     problem = metadata_problem(path)
     if problem is not None:
         return [ChunkProblem(path, None, 0, 0, problem)]
     _, info = store_state(path, None)
-    complete = zarr.open_group(str(path), mode="r").attrs.get("complete") is True
+    complete = zarr.open_group(zarr_store(path, read_only=True), mode="r").attrs.get("complete") is True
     try:
-        features = zarr.open_array(str(path / "features"), mode="r")
-        labels = zarr.open_array(str(path / "labels"), mode="r")
+        features = zarr.open_array(zarr_store(path / "features", read_only=True), mode="r")
+        labels = zarr.open_array(zarr_store(path / "labels", read_only=True), mode="r")
         labels_path = labels_file(path)
     except Exception as e:  # noqa: BLE001
         return [ChunkProblem(path, None, 0, 0, f"store metadata missing (features or labels: {_reason(e)})")]

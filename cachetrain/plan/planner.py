@@ -225,6 +225,15 @@ def _pareto(points: list[tuple[int, float, tuple[int, ...]]]) -> list[tuple[int,
     return front
 
 
+def _input_rate(costs: list[StageCost], a: int, j: int, dtype: str, model) -> float | None:
+    """Bytes/s stage j must read from its input cache (stage a's) to keep its training steps busy at the
+    model's FLOP/s: what the disk, the shared file system or the object store holding that cache must
+    deliver (README, "Scaling out"). None without measured rates, or when stage j reads the images."""
+    if not isinstance(model, Rates) or a < 0:
+        return None
+    return costs[a].sample_bytes[dtype] * model.flops_per_s / (costs[j].train_flops + _recompute(costs, a, j))
+
+
 def describe(costs: list[StageCost], w: Workload, chosen: Plan, dtype: str, model=FLOPS) -> dict:
     """The plan as saved to <run>/plan.json and printed: per stage, where its input comes from."""
     stages, a = [], -1
@@ -233,7 +242,8 @@ def describe(costs: list[StageCost], w: Workload, chosen: Plan, dtype: str, mode
         source = "images" if a < 0 else f"cache {a}"
         through = list(range(a + 1, j))
         stages.append({**asdict(c), "cached": j in chosen.cached, "input": source, "recompute_through": through,
-                       "store_bytes": {d: (w.train * w.views + w.test) * b for d, b in c.sample_bytes.items()}})
+                       "store_bytes": {d: (w.train * w.views + w.test) * b for d, b in c.sample_bytes.items()},
+                       "input_bytes_per_s": _input_rate(costs, a, j, dtype, model)})
         if j in chosen.cached:
             a = j
     none = evaluate(costs, w, (), dtype, model)

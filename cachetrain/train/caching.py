@@ -21,6 +21,7 @@ from torch import nn
 
 from cachetrain.cache import StoreInfo, plan_layout, store_state, write_store
 from cachetrain.cache.formats import FORMATS
+from cachetrain.cache.location import zarr_store
 from cachetrain.cache.quant import Quant, calibrate
 from cachetrain.cache.verify import ChunkProblem, verify_store
 from cachetrain.cache.writer import Batches
@@ -124,7 +125,7 @@ def drop_corrupt_chunks(stores: list[tuple[str, int, Path]]) -> list[ChunkProble
     for problems in verify(stores, expected=False).values():
         if not problems or problems[0].whole_store:  # missing, or no usable metadata: the caching pass rebuilds it
             continue
-        zarr.open_group(str(problems[0].store), mode="r+").attrs["complete"] = False
+        zarr.open_group(zarr_store(problems[0].store), mode="r+").attrs["complete"] = False
         for p in problems:
             if p.file is not None:
                 p.file.unlink(missing_ok=True)

@@ -42,7 +42,7 @@ def train_e2e(cfg: Config, console: Console, data=None, dist: Dist = Dist()) -> 
     device = dist.device(resolve_device(t.device))
     data = data or open_dataset(cfg.data, stage_seed(t.seed, 0), device, cfg.loader.workers, cfg.loader.backend,
                                 dist.shard)
-    run = RunDir(cfg.run_path, writer=dist.writer)
+    run = RunDir(cfg.run_path, writer=dist.writer, cache_location=cfg.cache.location)
     model = e2e_network(cfg, data).to(device)
     if t.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

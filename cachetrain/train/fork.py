@@ -12,7 +12,8 @@ Why hard links are safe: nothing cachetrain writes modifies a file in place exce
 rename (a temp file, then os.replace), which gives B's name a new file and leaves A's untouched; a
 repair deletes B's name only. So B's metrics files and every store's JSON metadata are copied, and
 everything else is linked. Hard links need one file system: across two, the fork is refused rather than
-silently copying terabytes.
+silently copying terabytes. With `cache.location` on an object store (s3://), the cached stages' stores
+are copied there, server-side, object by object (`_copy_objects`).
 
 B is assembled in a hidden folder beside it and renamed into place when whole, so a crash leaves no
 half-made run under B's name. A's run lock is held meanwhile, so no job changes A under the fork.
@@ -29,11 +30,13 @@ from pathlib import Path
 
 from rich.console import Console
 
+from cachetrain.cache.location import RemotePath, is_remote, remote_errors
 from cachetrain.config import Config, ConfigError, load_config, save_config
 from cachetrain.durable import fsync_path, write_json
 from cachetrain.errors import StageError
 from cachetrain.train.greedy import Greedy
 from cachetrain.train.identity import RunIdentity, config_hash, describe
+from cachetrain.train.rundir import RunDir
 
 PROBES = "probes.jsonl"  # cachetrain.train.diagnostics writes it; the parent's greedy rows for stages < J carry over
 
@@ -64,7 +67,9 @@ def fork_run(parent: Path, at: int, child: Path, overrides: list[str], console: 
         tmp = child.parent / f".{child.name}.forking-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            linked = _assemble(greedy, tmp, at, cached)
+            # the child's stores: in the folder being assembled, or under its own cache.location
+            stores = RunDir(child if cfg.cache.location else tmp, cache_location=cfg.cache.location)
+            linked = _assemble(greedy, tmp, stores, at, cached)
             meta = ident.meta()
             history = list(meta["history"])
             if changes:
@@ -91,8 +96,9 @@ def fork_run(parent: Path, at: int, child: Path, overrides: list[str], console: 
     return cfg
 
 
-def _assemble(greedy, tmp: Path, at: int, cached: list[int]) -> int:
-    """Link or copy stages 0..at-1 and the cached stages' stores into `tmp`; returns the files linked."""
+def _assemble(greedy, tmp: Path, stores: RunDir, at: int, cached: list[int]) -> int:
+    """Link or copy stages 0..at-1 into `tmp` and the cached stages' stores to where `stores` keeps them;
+    returns the files linked."""
     run = greedy.run
     linked = 0
     for j in range(at):
@@ -100,8 +106,13 @@ def _assemble(greedy, tmp: Path, at: int, cached: list[int]) -> int:
                           copy=lambda p: p.name.endswith(".jsonl"))
     for j in cached:
         for _, _, store in greedy.stores(j):
-            if store.exists():
-                linked += _mirror(store, tmp / store.relative_to(run.path), copy=lambda p: p.suffix == ".json")
+            if not store.exists():
+                continue
+            target = stores.store_at(run.store_key(store))
+            if is_remote(store) or is_remote(target):
+                _copy_objects(store, target)
+            else:
+                linked += _mirror(store, target, copy=lambda p: p.suffix == ".json")
     probes = run.path / PROBES
     if probes.exists():
         rows = [line for line in probes.read_text().splitlines() if line.strip()]
@@ -114,6 +125,19 @@ def _assemble(greedy, tmp: Path, at: int, cached: list[int]) -> int:
 
 def _greedy_row_before(row: dict, at: int) -> bool:
     return row.get("net") == "greedy" and isinstance(row.get("stage"), int) and row["stage"] < at
+
+
+def _copy_objects(src: RemotePath, dst: RemotePath) -> None:
+    """Copy a store within one object store, object by object (the store copies them server-side: no
+    bytes pass through this machine), the group's zarr.json last: until it is there the copy is no store,
+    and a crash midway leaves nothing that claims to be complete. An object store has no hard links."""
+    if not (is_remote(src) and is_remote(dst) and src.scheme == dst.scheme):
+        raise ConfigError(f"cache.location: {dst} and {src}: a fork copies caches within one object store, or "
+                          f"links them on one file system; keep the parent's cache.location")
+    keys = sorted(src.sizes(), key=lambda k: k == "zarr.json")
+    with remote_errors("copying the store", str(src)):
+        for key in keys:
+            src.fs.copy(f"{src.key}/{key}", f"{dst.key}/{key}")
 
 
 def _mirror(src: Path, dst: Path, copy) -> int:

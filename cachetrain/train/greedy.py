@@ -42,7 +42,7 @@ class Greedy:
     def __init__(self, cfg: Config, console: Console | None = None, dist: Dist = Dist()):
         self.cfg = cfg
         self.dist = dist  # under torchrun: this process's rank; rank 0 writes the run's files
-        self.run = RunDir(cfg.run_path, writer=dist.writer)
+        self.run = RunDir(cfg.run_path, writer=dist.writer, cache_location=cfg.cache.location)
         self.identity = RunIdentity(cfg.run_path)
         self.device = dist.device(resolve_device(cfg.train.device))
         self.console = console or Console()

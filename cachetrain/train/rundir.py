@@ -4,7 +4,8 @@
     <run>/plan.json                          `cachetrain plan`'s choice of cached stages (save_plan)
     <run>/stages/stage_<j>/checkpoint.pt     one dict of tensors and plain data (schema: cachetrain.train.checkpoint)
     <run>/stages/stage_<j>/metrics.jsonl     one JSON object per finished epoch
-    <run>/cache/stage_<j>/{train,test}.zarr  stage j's outputs (see cachetrain.cache.manifest)
+    <run>/cache/stage_<j>/{train,test}.zarr  stage j's outputs (see cachetrain.cache.manifest); with
+                                             cache.location L: L/<run name>/stage_<j>/..., L a folder or s3:// URL
     <run>/e2e/{checkpoint.pt,metrics.jsonl}   the end-to-end baseline (cachetrain.train.e2e)
     <run>/.lock                              held (flock) by the process working on the run
 
@@ -21,10 +22,11 @@ import errno
 import fcntl
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
+from cachetrain.cache.location import RemotePath, location
 from cachetrain.errors import RunLocked
 from cachetrain.train import checkpoint as ckpt
 from cachetrain.train.checkpoint import CheckpointError, UnreadableCheckpoint, UnsafeCheckpoint
@@ -35,8 +37,11 @@ __all__ = ["CheckpointError", "RunDir", "RunLocked"]
 
 
 class RunDir:
-    def __init__(self, path: Path, writer: bool = True):
+    def __init__(self, path: Path, writer: bool = True, cache_location: str = ""):
         self.path = Path(path)
+        # the caches live in <run>/cache, or under cache.location: <location>/<run name>, a local folder
+        # or an object store's prefix (cachetrain/cache/location.py)
+        self.cache_root = location(cache_location) / self.path.name if cache_location else self.path / "cache"
         # under torchrun only rank 0 writes the run's files (cachetrain.dist); the others read them
         self.writer = writer
         self._unreadable: set[int] = set()  # stages whose checkpoint.pt failed to load (prev.pt was used)
@@ -51,11 +56,20 @@ class RunDir:
     def metrics_path(self, j: int) -> Path:
         return self.stage_dir(j) / "metrics.jsonl"
 
-    def cache_dir(self, j: int) -> Path:
-        return self.path / "cache" / f"stage_{j}"
+    def cache_dir(self, j: int) -> Path | RemotePath:
+        return self.cache_root / f"stage_{j}"
 
-    def store_path(self, j: int, split: str, view: int = 0) -> Path:
+    def store_path(self, j: int, split: str, view: int = 0) -> Path | RemotePath:
         return self.cache_dir(j) / (f"{split}.zarr" if view == 0 else f"{split}_v{view}.zarr")
+
+    def store_key(self, store: Path | RemotePath) -> str:
+        """A store's name in the run's records (a checkpoint's input digests): `cache/stage_<j>/<split>.zarr`
+        wherever cache.location puts it, so moving the caches does not change what a checkpoint names."""
+        return str(PurePosixPath("cache") / store.relative_to(self.cache_root))
+
+    def store_at(self, key: str) -> Path | RemotePath:
+        """The store a record names (`store_key`)."""
+        return self.cache_root / str(PurePosixPath(key).relative_to("cache"))
 
     # -- checkpoints ---------------------------------------------------------------------------
     def previous_checkpoint_path(self, j: int) -> Path:

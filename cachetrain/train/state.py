@@ -155,7 +155,7 @@ class RunState:
         if ck["input_fingerprint"] != self.input_fingerprint(j):
             return "its input changed since it was trained (an earlier stage was retrained or re-stored)"
         for store, recorded in (ck.get("input_digests") or {}).items():
-            now = self.content_digest(self.run.path / store)
+            now = self.content_digest(self.run.store_at(store))
             if recorded is not None and now != recorded:
                 return (f"the bytes of its input store {store} changed since it was trained (content digest "
                         f"{recorded} -> {now or 'none'}: rebuilt or repaired to different values)")
@@ -181,7 +181,7 @@ class RunState:
 
     def input_digests(self, j: int) -> dict[str, str | None]:
         """{store relative to the run: its content digest now}, recorded in stage j's checkpoint."""
-        return {str(path.relative_to(self.run.path)): self.content_digest(path) for path in self.input_stores(j)}
+        return {self.run.store_key(path): self.content_digest(path) for path in self.input_stores(j)}
 
     # -- the run as a whole ------------------------------------------------------------------------
     def next_stage(self) -> int | None:
