@@ -198,6 +198,10 @@ class CacheConfig:
     # where the stores go: "" -> <run>/cache; else <location>/<run name>/stage_<j>, with location a folder
     # or an object store URL, s3://bucket/prefix (credentials and endpoint: the AWS_* environment)
     location: str = ""
+    # a remote store's chunk objects, once fetched, kept on this local folder for the next epochs ("" = off),
+    # the least recently used deleted beyond remote_copies_gib (cachetrain/cache/copies.py)
+    remote_copies: str = ""
+    remote_copies_gib: float = 100.0
 
     def __post_init__(self) -> None:
         _check(1 <= self.level <= 22, "cache.level", "an integer in [1, 22]", self.level)
@@ -211,6 +215,7 @@ class CacheConfig:
         _check(self.views == 1 or self.mode == "all", "cache.views", "1 unless cache.mode is 'all'", self.views)
         _check(0.0625 <= self.chunk_mib <= 64, "cache.chunk_mib", "a number in [0.0625, 64]", self.chunk_mib)
         _check(self.batch_size >= 1, "cache.batch_size", "an integer >= 1", self.batch_size)
+        _check(self.remote_copies_gib > 0, "cache.remote_copies_gib", "a size in GiB above 0", self.remote_copies_gib)
         scheme, _, rest = self.location.partition("://")
         _check(not rest or "@" not in rest.split("/", 1)[0], "cache.location",
                "a URL without credentials (they come from the AWS_* environment variables)", f"{scheme}://...")

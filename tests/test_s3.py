@@ -17,11 +17,12 @@ pytest.importorskip("s3fs", reason="the s3 extra (pip install 'cachetrain[s3]') 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is part of [dev]")
 
 from cachetrain.cache import CacheError, CacheReader  # noqa: E402
+from cachetrain.cache.copies import LocalCopies  # noqa: E402
 from cachetrain.cache.loader import CacheLoader  # noqa: E402
 from cachetrain.cache.manifest import content_digest  # noqa: E402
 from cachetrain.cache.location import RemotePath, _filesystem, location  # noqa: E402
 from cachetrain.cache.verify import verify_store  # noqa: E402
-from tests.conftest import (cli_in_process, make_store, sample_ids, synthetic_raw, tiny_greedy, tiny_run,  # noqa: E402
+from tests.conftest import (cli_in_process, flip_bytes, make_store, sample_ids, synthetic_raw, tiny_greedy, tiny_run,  # noqa: E402
                             write_config)
 
 BUCKET = "cachetrain-test"
@@ -99,9 +100,10 @@ def test_a_store_on_s3_holds_the_local_store_s_bytes_and_loads_the_same_batches(
 def test_a_run_with_its_caches_on_s3_trains_as_one_with_local_caches(tmp_path, prefix):
     two = {"arch": "layercnn", "stages": 2, "width": 8, "downsample": [1], "k": 2}
     rows_local = tiny_greedy(tmp_path / "local", model=two).train_all()
-    config = write_config(tmp_path / "remote.yaml", synthetic_raw(tmp_path / "remote", model=two,
-                                                                  cache={"location": str(prefix)}))
+    config = write_config(tmp_path / "remote.yaml", synthetic_raw(
+        tmp_path / "remote", model=two, cache={"location": str(prefix), "remote_copies": str(tmp_path / "copies")}))
     assert cli_in_process(["train", "--config", str(config)]).returncode == 0
+    assert any((tmp_path / "copies").rglob("features_c_*"))  # stage 1 kept the chunks it fetched
     remote = tiny_greedy(tmp_path / "remote", model=two, cache={"location": str(prefix)})
     assert isinstance(remote.run.store_path(0, "train"), RemotePath)
     rows_remote = remote.status()
@@ -199,3 +201,40 @@ def test_location_parses_urls_and_paths(tmp_path):
     p = location("s3://bucket/a/b/")
     assert isinstance(p, RemotePath) and str(p / "c.zarr") == "s3://bucket/a/b/c.zarr"
     assert p.bucket == "bucket" and (p / "c").parent == p and (p / "x/y").relative_to(p).as_posix() == "x/y"
+
+
+def test_local_copies_serve_later_epochs_stay_under_their_limit_and_are_checked(tmp_path, prefix, monkeypatch):
+    make_store(prefix / "train.zarr", codec="none")  # 10 chunks of 576 B samples: 18 KiB + 4 B each
+    gets: list[str] = []
+    read = RemotePath.read_bytes
+
+    def counting(self, start=None, end=None):
+        if "/features/c/" in str(self) and start is None:
+            gets.append(str(self))
+        return read(self, start, end)
+    monkeypatch.setattr(RemotePath, "read_bytes", counting)
+
+    copies = LocalCopies(tmp_path / "copies", limit_bytes=10**9)
+    reader = CacheReader(prefix / "train.zarr", "fp", copies=copies)
+    first = _epoch(reader)
+    assert len(gets) == reader.info.num_chunks
+    second = _epoch(CacheReader(prefix / "train.zarr", "fp", copies=copies), seed=0)
+    assert len(gets) == reader.info.num_chunks  # no chunk fetched again
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
+
+    # a copy damaged on the local disk is not used: the object is fetched again, and the batch is right
+    copy = next(p for p in (tmp_path / "copies").rglob("*") if p.is_file())
+    flip_bytes(copy)
+    third = _epoch(CacheReader(prefix / "train.zarr", "fp", copies=copies), seed=0)
+    assert len(gets) == reader.info.num_chunks + 1
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, third))
+
+    # a limit of 3 chunks: the folder never holds more than that, least recently used out first
+    small = LocalCopies(tmp_path / "small", limit_bytes=3 * reader.info.raw_chunk_file_bytes)
+    small_reader = CacheReader(prefix / "train.zarr", "fp", copies=small)
+    for c in range(reader.info.num_chunks):
+        small_reader.fetch_chunk(c)
+        assert small.size() <= small.limit
+    kept = sorted(p.name for p in (tmp_path / "small").rglob("*") if p.is_file())
+    assert kept == sorted(str(small_reader.chunk_path(c).relative_to(small_reader.path)).replace("/", "_")
+                          for c in range(reader.info.num_chunks - len(kept), reader.info.num_chunks))

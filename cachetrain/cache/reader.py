@@ -38,8 +38,9 @@ import numpy as np
 import torch
 import zarr
 
+from cachetrain.cache.copies import LocalCopies
 from cachetrain.cache.location import RemotePath, is_remote, location, zarr_store
-from cachetrain.cache.manifest import (CacheError, CacheState, StoreInfo, chunk_file, damage, labels_file,
+from cachetrain.cache.manifest import (CacheError, CacheState, StoreInfo, chunk_file, damage, digest_of, labels_file,
                                        metadata_problem, read_manifest, store_state, trailing_crc32c)
 
 
@@ -87,7 +88,10 @@ def _max_maps() -> int:
 class CacheReader:
     """A COMPLETE store whose fingerprint matches `expected_fingerprint` (when given)."""
 
-    def __init__(self, path: Path, expected_fingerprint: str | None = None, rebuild_hint: str = ""):
+    def __init__(self, path: Path, expected_fingerprint: str | None = None, rebuild_hint: str = "",
+                 copies: LocalCopies | None = None):
+        """`copies`: where a remote store's chunk objects are kept on a local disk once fetched
+        (cachetrain/cache/copies.py); ignored for a local store."""
         self.path = location(path)  # a local folder, or an object store's (cachetrain/cache/location.py)
         self.remote = is_remote(self.path)
         state, info = store_state(self.path, expected_fingerprint)
@@ -118,6 +122,11 @@ class CacheReader:
         except ValueError as e:
             raise CacheError(f"{self.path}: its checksum manifest is unreadable ({e}); {self.repair}") from None
         self.labels = self._read_labels()  # (N,) int64, small
+        # keyed by the bytes the store holds (its manifest's digest): a rebuilt store gets new copies. A
+        # store without a manifest (older than manifests) gets none: nothing would tell a stale copy apart
+        self.copies = copies if self.remote and self.manifest is not None else None
+        if self.copies is not None:
+            self._copies_folder = self.copies.store_folder(str(self.path), digest_of(self.manifest))
 
     def _read_labels(self) -> np.ndarray:
         try:
@@ -312,20 +321,27 @@ class CacheReader:
         Thread-safe: `ReadFeed` keeps several GETs in flight."""
         start, stop = self.chunk_bounds(c)
         file = self.chunk_path(c)
-        try:
-            # a writable copy (a memcpy against a network read): torch warns on read-only arrays
-            data = np.frombuffer(bytearray(file.read_bytes()), dtype=np.uint8)
-        except FileNotFoundError:
-            raise CacheError(f"{self.path}: chunk {c} (samples {start}-{stop - 1}) is missing ({file}); run: "
-                             f"cachetrain verify, then cachetrain cache --j {self.info.stage} --repair") from None
-        if len(data) <= 4 or (self.info.codec == "none" and len(data) != self.info.raw_chunk_file_bytes):
-            raise self._corrupt(c, f"it is {len(data)} bytes", str(file))
-        stored = int.from_bytes(data[-4:].tobytes(), "little")
-        if VERIFY:
-            if google_crc32c.value(data[:-4]) != stored:
-                raise self._corrupt(c, "its crc32c does not match its bytes", str(file))
-            if self.expected_crc(c) not in (None, stored):
-                raise self._corrupt(c, "it differs from the store's checksum manifest", str(file))
+        name = str(file.relative_to(self.path))
+        data = None
+        if self.copies is not None:  # a local copy from an earlier epoch, checked as the object would be
+            local = self.copies.get(self._copies_folder, name)
+            if local is not None:
+                data = np.frombuffer(bytearray(local), dtype=np.uint8)
+                if self._fault(c, data) is not None:
+                    self.copies.drop(self._copies_folder, name)  # torn or stale: fetch the object again
+                    data = None
+        if data is None:
+            try:
+                # a writable copy (a memcpy against a network read): torch warns on read-only arrays
+                data = np.frombuffer(bytearray(file.read_bytes()), dtype=np.uint8)
+            except FileNotFoundError:
+                raise CacheError(f"{self.path}: chunk {c} (samples {start}-{stop - 1}) is missing ({file}); run: "
+                                 f"cachetrain verify, then cachetrain cache --j {self.info.stage} --repair") from None
+            fault = self._fault(c, data)
+            if fault is not None:
+                raise self._corrupt(c, fault, str(file))
+            if self.copies is not None:
+                self.copies.put(self._copies_folder, name, data.tobytes())
         payload = data[:-4]
         if self.info.codec == "zstd":
             payload = np.empty(self.info.chunk_samples * self.info.sample_bytes, dtype=np.uint8)
@@ -339,6 +355,18 @@ class CacheReader:
         if len(block) != count:
             raise self._corrupt(c, f"it decodes to {len(block)} values, expected {count}", str(file))
         return fmt.as_tensor(block.reshape(stop - start, *self.info.sample_shape))
+
+    def _fault(self, c: int, data: np.ndarray) -> str | None:
+        """What is wrong with the bytes of chunk c's object (its size, its crc32c, the manifest's), or None."""
+        if len(data) <= 4 or (self.info.codec == "none" and len(data) != self.info.raw_chunk_file_bytes):
+            return f"it is {len(data)} bytes"
+        stored = int.from_bytes(data[-4:].tobytes(), "little")
+        if VERIFY:
+            if google_crc32c.value(data[:-4]) != stored:
+                return "its crc32c does not match its bytes"
+            if self.expected_crc(c) not in (None, stored):
+                return "it differs from the store's checksum manifest"
+        return None
 
     def _stat_chunk(self, c: int) -> tuple[str, os.stat_result]:
         """Chunk c's file and its stat. zarr would read a missing chunk as zeros, and a short file maps

@@ -28,7 +28,8 @@ from cachetrain.durable import write_json
 # keys that cannot change what is computed: where things live, how many processes read, how often a
 # mid-epoch checkpoint is taken (resume is bit-identical either way), whether a stage's activations are
 # recomputed in the backward instead of kept (the same gradients, tested in tests/test_memory.py)
-FREE_KEYS = frozenset({"name", "run_dir", "data.root", "cache.location", "loader.workers", "loader.prefetch_chunks",
+FREE_KEYS = frozenset({"name", "run_dir", "data.root", "cache.location", "cache.remote_copies",
+                       "cache.remote_copies_gib", "loader.workers", "loader.prefetch_chunks",
                        "train.checkpoint_steps", "train.checkpoint_activations", "train.probes"})
 # keys that shape every stage's tensors: a change to them leaves no earlier stage reusable
 WHOLE_RUN_SECTIONS = ("data.", "model.")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from cachetrain.cache import CacheReader
+from cachetrain.cache.copies import LocalCopies
 from cachetrain.cache.loader import CacheLoader
 from cachetrain.cache.source import CacheSource
 from cachetrain.config import Config
@@ -86,10 +87,17 @@ class StageInputs:
         split) as a Source, checked against stage a's current output fingerprint."""
         fp = self.state.output_fingerprint(a)
         hint = f"run: {command('cache', a)}"
-        readers = {(split, v): CacheReader(path, fp, rebuild_hint=hint) for split, v, path in self.state.stores(a)}
+        copies = self._copies()
+        readers = {(split, v): CacheReader(path, fp, rebuild_hint=hint, copies=copies)
+                   for split, v, path in self.state.stores(a)}
         views = [readers["train", v] for v in range(self.cfg.cache.views)]
         return CacheSource(views, readers["test", 0], self.cfg.loader, seed, self.device, crop_padding, flip,
                            num_classes=self.data.num_classes, val=readers.get(("val", 0)), shard=self.shard)
+
+    def _copies(self) -> LocalCopies | None:
+        """Where remote chunk objects are kept once fetched (cache.remote_copies), or None."""
+        c = self.cfg.cache
+        return LocalCopies(c.remote_copies, int(c.remote_copies_gib * 2**30)) if c.remote_copies else None
 
     def view_inputs(self, j: int, view: int):
         """batches(start, size) -> stage j's inputs for training view v > 0, in sample order from `start`:
