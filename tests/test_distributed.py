@@ -200,6 +200,19 @@ def test_commands_that_read_a_run_refuse_torchrun(tmp_path, monkeypatch):
     assert "error: torchrun: the status command runs in one process; expected it without torchrun" in r.stderr
 
 
+@pytest.mark.parametrize("command", ["fork", "report"])
+def test_fork_and_report_refuse_torchrun_before_touching_anything(stage0, tmp_path, monkeypatch, command):
+    """N ranks of `fork` would race to link the same run; N of `report` to write the same files."""
+    args = {"fork": ["--run", str(stage0 / "run"), "--at", "1", "--to", str(tmp_path / "forked")],
+            "report": ["--run", str(stage0 / "run"), "--out", str(tmp_path / "report")]}[command]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = cli_in_process([command, *args])
+    assert r.returncode == 2
+    assert r.stderr == (f"error: torchrun: the {command} command runs in one process; expected it without torchrun, "
+                        f"which runs only train, stage, cache and e2e\n")
+    assert not (tmp_path / "forked").exists() and not (tmp_path / "report").exists()
+
+
 # -- the sharding, in this process ------------------------------------------------------------------
 
 def test_rank_batches_cut_a_share_into_exactly_the_global_steps():
