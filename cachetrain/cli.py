@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     console = console or Console(width=None if sys.stdout.isatty() else 120, soft_wrap=True)
     greedy, named, dist = None, "", Dist()
     try:
+        _refuse_torchrun(args.command)  # before any command's work, report's and fork's included
         if args.command == "report":
             return _report(args, console)
         if args.command == "fork":
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
             console.print(f"next: cachetrain train --run {shlex.quote(args.to)}", markup=False, highlight=False)
             return 0
         cfg, named = _config(args)
-        dist = _dist(args.command, cfg)
+        dist = _dist(cfg)
         if not dist.writer:  # rank 0 reports; the others print only their errors
             console = Console(quiet=True)
         greedy = Greedy(cfg, console, dist)
@@ -390,13 +391,19 @@ def _rates(args: argparse.Namespace, greedy: Greedy, console: Console):
                  source="given on the command line")
 
 
-def _dist(command: str, cfg) -> Dist:
-    """This process's place in a torchrun job (joining its process group), or a single process."""
-    from cachetrain.device import resolve_device
-
+def _refuse_torchrun(command: str) -> None:
+    """A command that runs in one process, started under torchrun (WORLD_SIZE > 1), is refused on every
+    rank before it does anything: N copies of `fork` or `report` would race on the same files."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and command not in DISTRIBUTED:
         raise ConfigError(f"torchrun: the {command} command runs in one process; expected it without torchrun, "
                           f"which runs only {', '.join(DISTRIBUTED[:-1])} and {DISTRIBUTED[-1]}")
+
+
+def _dist(cfg) -> Dist:
+    """This process's place in a torchrun job (joining its process group), or a single process; only for
+    the DISTRIBUTED commands (main refuses the others under torchrun first)."""
+    from cachetrain.device import resolve_device
+
     return Dist.from_env(resolve_device(cfg.train.device).type)
 
 

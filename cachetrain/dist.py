@@ -1,8 +1,9 @@
 """Data-parallel processes under torchrun: who this process is, and the few collectives cachetrain uses.
 
 `torchrun --nproc-per-node N -m cachetrain ...` starts N copies of the same command with RANK,
-WORLD_SIZE and LOCAL_RANK set; `Dist.from_env` reads them and joins the process group (NCCL on CUDA,
-gloo on the CPU). Without torchrun, `Dist()` is one process, world 1, and every method is a no-op, so
+WORLD_SIZE and LOCAL_RANK set; `Dist.from_env` reads them and joins the process group (on CUDA: NCCL
+for CUDA tensors, DDP's gradients, and gloo for the CPU tensors of `sum`/`gather`/`broadcast`; gloo
+alone on the CPU). Without torchrun, `Dist()` is one process, world 1, and every method is a no-op, so
 the single-process path runs exactly the code it ran before this module existed.
 
 The division of labour, the same in every command:
@@ -40,12 +41,29 @@ def rank_batches(mine: np.ndarray, steps: int) -> list[np.ndarray]:
     """This rank's samples of an epoch cut into exactly `steps` batches (sizes differ by at most one), so
     all ranks take the same number of steps however unevenly whole chunks divide among them. Every rank
     computes `steps` from the global sample count (ceil(N / batch_size)): the global batch stays
-    `train.batch_size` and the learning rate keeps its meaning."""
-    if len(mine) < steps:
-        raise ConfigError(f"train.batch_size: this rank holds {len(mine)} training samples, fewer than the {steps} "
-                          f"steps of an epoch; expected fewer ranks, a larger batch or smaller cache chunks "
-                          f"(cache.chunk_mib)")
+    `train.batch_size` and the learning rate keeps its meaning. `check_shares` has made sure, on every
+    rank alike, that no batch is empty."""
     return np.array_split(mine, steps)
+
+
+def check_shares(smallest: int, steps: int, chunked: bool) -> None:
+    """Refuse a job in which some rank's share of some epoch could hold fewer samples than the epoch has
+    steps (it would get an empty batch). `smallest` is the worst case over all ranks and epochs, computed
+    alike on every rank, so every rank raises the same error before its first batch: a check of this
+    rank's own share of this epoch failed on one rank only, in some epochs, and left the others waiting."""
+    if smallest >= steps:
+        return
+    fixes = "fewer ranks, a larger batch or smaller cache chunks (cache.chunk_mib)" if chunked else \
+        "fewer ranks or a larger batch"
+    raise ConfigError(f"train.batch_size: a rank's share of an epoch can hold as few as {smallest} training samples, "
+                      f"fewer than the {steps} steps of an epoch; expected {fixes}")
+
+
+def step_lengths(shares: list[int], steps: int) -> np.ndarray:
+    """The global batch length of each of the `steps` steps of an epoch whose rank r holds `shares[r]`
+    samples, each cut by `rank_batches` (np.array_split: the first n % steps batches one longer)."""
+    first = np.arange(steps)
+    return np.sum([n // steps + (first < n % steps) for n in shares], axis=0)
 
 
 @dataclass(frozen=True)
@@ -62,9 +80,12 @@ class Dist:
             return cls()
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         if not td.is_initialized():
-            backend = "nccl" if device_type == "cuda" else "gloo"
+            backend, device_id = "gloo", None  # the CPU: unchanged, and what the tests run
             if device_type == "cuda":
                 torch.cuda.set_device(local)
+                # DDP's collectives are on CUDA tensors (NCCL); `sum`, `gather`, `broadcast` and the weight
+                # hashes are on CPU tensors, which NCCL alone refuses: they go over gloo. Untested here (no GPU)
+                backend, device_id = "cpu:gloo,cuda:nccl", torch.device("cuda", local)
             # probes and caching passes run on rank 0 while the others wait at a barrier: a long timeout
             timeout = timedelta(hours=2)
             store, rank, world = next(td.rendezvous("env://", timeout=timeout))
@@ -73,7 +94,7 @@ class Dist:
             # 0 of 5 with the prefix)
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             td.init_process_group(backend, store=td.PrefixStore(f"cachetrain/attempt_{attempt}", store), rank=rank,
-                                  world_size=world, timeout=timeout)
+                                  world_size=world, timeout=timeout, device_id=device_id)
         return cls(rank, world, local)
 
     @property
@@ -108,6 +129,12 @@ class Dist:
         if self.world > 1:
             for b in model.buffers():
                 td.broadcast(b, src=0)
+
+    def broadcast_state(self, model: nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank, in place (state_dict tensors share their storage)."""
+        if self.world > 1:
+            for t in model.state_dict().values():
+                td.broadcast(t, src=0)
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks (float64)."""

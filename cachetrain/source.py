@@ -25,7 +25,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from cachetrain.dist import Shard, rank_batches
+from cachetrain.dist import Shard, check_shares, rank_batches
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # x (B, C, H, W) float32 on the device, y (B,) int64
 SPLITS = ("train", "val", "test")  # val: held out of the training split; may be empty
@@ -52,6 +52,10 @@ class Source(Protocol):
     def eval_batches(self, split: str, batch_size: int, start: int = 0) -> Iterator[Batch]:
         """Plain batches in sample order from sample `start`: what evaluation and the caching pass read."""
 
+    def share_sizes(self, epoch: int) -> list[int]:
+        """Under torchrun, every rank's number of training samples in `epoch` (the same list on every rank);
+        [num_samples("train")] in one process. The trainer weighs each rank's loss by it."""
+
 
 def fingerprint(obj: object) -> str:
     """A short stable digest of a JSON-able description."""
@@ -65,10 +69,20 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def train_plan(mine: np.ndarray, batch_size: int, steps: int, shard: Shard) -> list[np.ndarray]:
+def train_plan(mine: np.ndarray, batch_size: int, steps: int, shard: Shard, smallest: int,
+               chunked: bool = False) -> list[np.ndarray]:
     """The samples of each training batch of an epoch, from this rank's share `mine` of the epoch's order:
     one process cuts it batch_size at a time (the last batch short); under torchrun each rank cuts its
-    share into the same `steps` batches (cachetrain.dist.rank_batches), together one global batch."""
+    share into the same `steps` batches (cachetrain.dist.rank_batches), together one global batch, once
+    `smallest` (the smallest share any rank can hold in any epoch; whole cache chunks if `chunked`) is
+    known to fill them all."""
     if shard.world == 1:
         return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    check_shares(smallest, steps, chunked)
     return rank_batches(mine, steps)
+
+
+def image_shares(n: int, shard: Shard) -> list[int]:
+    """Every rank's number of samples when rank r takes every world-th of n, from the r-th (an image source's
+    share of an epoch's shuffle): the same in every epoch, the smallest n // world."""
+    return [len(range(r, n, shard.world)) for r in range(shard.world)]

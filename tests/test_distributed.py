@@ -1,9 +1,10 @@
 """torchrun: data-parallel stages, end to end and caching passes, with gloo on this CPU.
 
 Real `torchrun` jobs (`python -m torch.distributed.run ... -m cachetrain`) on a tiny synthetic run; what
-needs NCCL and GPUs (`cachetrain.dist` picks NCCL on CUDA) is not exercised here. The unit tests at the
-bottom check the sharding itself in this process: every sample once per epoch across ranks, whole chunks
-per rank, the same number of steps on every rank.
+needs NCCL and GPUs (`cachetrain.dist` joins `cpu:gloo,cuda:nccl` on CUDA) is not exercised here. The unit
+tests at the bottom check the sharding itself in this process: every sample once per epoch across ranks,
+whole chunks per rank, the same number of steps on every rank, and a batch some rank cannot fill refused
+on every rank alike.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ import pytest
 import torch
 import zarr
 
+from cachetrain.cache import CacheReader
 from cachetrain.cache.source import CacheSource
 from cachetrain.config import DataConfig, LoaderConfig
+from cachetrain.data.tensors import TensorImages
 from cachetrain.dist import Shard, rank_batches
 from cachetrain.errors import CheckpointError, ConfigError
 from cachetrain.train.checkpoint import check_world
+from cachetrain.train.trainer import train_step
 from tests.conftest import cli, cli_in_process, make_store, sample_ids, synthetic_raw, write_config
 
 pytestmark = pytest.mark.slow
@@ -192,6 +196,90 @@ def test_end_to_end_under_torchrun(tmp_path):
     assert len(rows) == 1  # rank 0 alone writes the baseline's files
 
 
+# One epoch of a linear model on a store under torchrun, the global batch split unevenly: through the trainer's
+# `fit` (global batch lengths from the plan) and through `train_one_epoch` alone (from a sum over the ranks).
+# Rank 0 saves the weights each way.
+WEIGHTING_JOB = """
+import sys
+import torch
+from rich.console import Console
+from torch import nn
+from cachetrain.cache import CacheReader
+from cachetrain.cache.source import CacheSource
+from cachetrain.config import LoaderConfig, TrainConfig
+from cachetrain.dist import Dist
+from cachetrain.train.trainer import Position, fit, make_scheduler, train_one_epoch
+
+store, out, batch, lr = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+dist, cpu = Dist.from_env("cpu"), torch.device("cpu")
+reader = CacheReader(store, "fp")
+source = CacheSource(reader, reader, LoaderConfig(workers=0, window_chunks=2), seed=5, device=cpu, shard=dist.shard)
+cfg = TrainConfig(epochs=1, batch_size=batch, lr=lr, schedule="constant", device="cpu")
+for way in ("fit", "sum"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(18, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    if way == "fit":
+        scheduler = make_scheduler(optimizer, cfg, source.steps_per_epoch(batch), 1)
+        fit(model, source, cfg, cpu, optimizer, scheduler, 1, Position(), lambda *a: None, lambda row: None,
+            Console(quiet=True), "weighting", dist=dist)
+    else:
+        train_one_epoch(dist.wrap(model), source.train_batches(0, batch), optimizer, None, cpu, dist=dist)
+    if dist.writer:
+        torch.save(model.state_dict(), f"{out}/{way}.pt")
+dist.close()
+"""
+
+
+def test_two_ranks_with_unequal_shares_take_the_one_process_steps_of_each_global_batch(tmp_path):
+    """203 samples in chunks of 16 over 2 ranks: 13 chunks, 7 on one rank and 6 on the other, so each rank's
+    share of a global batch of 24 holds 10 to 13 samples. DDP averages the ranks' gradients; each rank's loss
+    is weighted by its share, so every step is one process's step on the mean loss of the whole global batch
+    (here: rank 0's batch and rank 1's together), to float rounding. Unweighted, the ranks' samples count
+    unequally: a few percent off per step."""
+    store = tmp_path / "train.zarr"
+    make_store(store, 203, chunk=16)
+    batch, lr = 24, 2e-5
+    job = tmp_path / "job.py"
+    job.write_text(WEIGHTING_JOB)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    ok(subprocess.run([*launch, str(job), str(store), str(tmp_path), str(batch), str(lr)], env=env(),
+                      capture_output=True, text=True, timeout=300))
+
+    cpu = torch.device("cpu")
+    ranks = [CacheSource(CacheReader(store, "fp"), CacheReader(store, "fp"), LoaderConfig(workers=0, window_chunks=2),
+                         seed=5, device=cpu, shard=Shard(r, 2)) for r in range(2)]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(18, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    gaps = []
+    for (x0, y0), (x1, y1) in zip(*(r.train_batches(0, batch) for r in ranks), strict=True):
+        gaps.append(abs(len(y0) - len(y1)))
+        train_step(model, torch.cat([x0, x1]), torch.cat([y0, y1]), optimizer)
+    assert min(gaps) >= 2  # in every step, the ranks' shares differ by more than one sample
+    for way in ("fit", "sum"):
+        got = torch.load(tmp_path / f"{way}.pt", weights_only=True)
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=lambda m, way=way, k=k: f"{way} {k}: {m}")
+
+
+def test_a_two_rank_stage_with_early_stopping_ends_with_the_best_epoch_on_every_rank(tmp_path):
+    """A learning rate far too high makes validation loss rise after the first epoch; patience 1 stops the
+    stage and keeps the best epoch's weights. Every rank must end with rank 0's selection (the job's weight-
+    hash check fails otherwise), and the checkpoint holds it."""
+    noisy = raw(tmp_path / "run", epochs=4, patience=1, lr=0.3, schedule="constant")
+    noisy["data"]["synthetic_noise"] = 120
+    ok(torchrun(["stage", "--config", str(write_config(tmp_path / "c.yaml", noisy)), "--no-cache"]))
+    rows = results(tmp_path / "run")
+    best = min(rows, key=lambda r: r["val_loss"])
+    assert rows[-1]["selected_epoch"] == best["epoch"] and len(rows) == min(4, best["epoch"] + 1)
+    assert rows[-1]["stopped_early"] and best["epoch"] < len(rows)  # an earlier epoch's weights restored
+    ck = torch.load(tmp_path / "run/stages/stage_0/checkpoint.pt", weights_only=True)
+    assert ck["test_acc"] == best["test_acc"]
+    kept = ck["selection"]["best_state"]
+    assert all(torch.equal(ck["model"][k.removeprefix("stage.")], v) for k, v in kept.items() if k.startswith("stage."))
+
+
 def test_commands_that_read_a_run_refuse_torchrun(tmp_path, monkeypatch):
     cfg = write_config(tmp_path / "c.yaml", raw(tmp_path / "run"))
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; refused before any process group is joined
@@ -200,14 +288,60 @@ def test_commands_that_read_a_run_refuse_torchrun(tmp_path, monkeypatch):
     assert "error: torchrun: the status command runs in one process; expected it without torchrun" in r.stderr
 
 
+@pytest.mark.parametrize("command", ["fork", "report"])
+def test_fork_and_report_refuse_torchrun_before_touching_anything(stage0, tmp_path, monkeypatch, command):
+    """N ranks of `fork` would race to link the same run; N of `report` to write the same files."""
+    args = {"fork": ["--run", str(stage0 / "run"), "--at", "1", "--to", str(tmp_path / "forked")],
+            "report": ["--run", str(stage0 / "run"), "--out", str(tmp_path / "report")]}[command]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = cli_in_process([command, *args])
+    assert r.returncode == 2
+    assert r.stderr == (f"error: torchrun: the {command} command runs in one process; expected it without torchrun, "
+                        f"which runs only train, stage, cache and e2e\n")
+    assert not (tmp_path / "forked").exists() and not (tmp_path / "report").exists()
+
+
 # -- the sharding, in this process ------------------------------------------------------------------
 
 def test_rank_batches_cut_a_share_into_exactly_the_global_steps():
     parts = rank_batches(np.arange(37), 5)
     assert len(parts) == 5 and sorted(np.concatenate(parts).tolist()) == list(range(37))
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
-    with pytest.raises(ConfigError, match="holds 3 training samples, fewer than the 5 steps"):
-        rank_batches(np.arange(3), 5)
+
+
+def first_batch_error(source, epoch: int, batch_size: int) -> str | None:
+    try:
+        next(source.train_batches(epoch, batch_size, augment=False))
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def test_a_batch_some_ranks_share_cannot_fill_is_refused_on_every_rank_in_every_epoch(tmp_path):
+    """203 samples in chunks of 8 over 2 ranks: 104 samples on one rank, 99 (the 3-sample last chunk) on the
+    other, which one depending on the epoch. Batches of 2 make 102 steps: the 99-sample rank cannot fill
+    them. A check of each rank's own share raised on that rank alone and left the other waiting for it;
+    every rank must refuse alike, before any batch, in every epoch."""
+    train = make_store(tmp_path / "train.zarr", 203, chunk=8)
+    sources = [CacheSource(train, train, LoaderConfig(workers=0), seed=5, device=torch.device("cpu"),
+                           shard=Shard(r, 2)) for r in range(2)]
+    expected = ("train.batch_size: a rank's share of an epoch can hold as few as 99 training samples, fewer than "
+                "the 102 steps of an epoch; expected fewer ranks, a larger batch or smaller cache chunks "
+                "(cache.chunk_mib)")
+    assert {first_batch_error(s, epoch, 2) for s in sources for epoch in range(4)} == {expected}
+    assert {first_batch_error(s, epoch, 3) for s in sources for epoch in range(4)} == {None}  # 68 steps fit
+
+
+def test_an_image_batch_some_ranks_share_cannot_fill_is_refused_on_every_rank_without_naming_chunks():
+    """101 images over 2 ranks: 51 and 50. Batches of 2 make 51 steps, one more than rank 1 holds."""
+    n = 101
+    x, y = torch.zeros(n, 1, 4, 4, dtype=torch.uint8), torch.zeros(n, dtype=torch.long)
+    cfg = DataConfig(name="synthetic", val_samples=0)
+    images = [TensorImages("ids", (x, y), (x[:10], y[:10]), mean=0.0, std=1.0, num_classes=1, cfg=cfg, seed=3,
+                           device=torch.device("cpu"), shard=Shard(r, 2)) for r in range(2)]
+    expected = ("train.batch_size: a rank's share of an epoch can hold as few as 50 training samples, fewer than "
+                "the 51 steps of an epoch; expected fewer ranks or a larger batch")
+    assert [first_batch_error(s, 0, 2) for s in images] == [expected, expected]  # images have no chunks to name
 
 
 def test_each_epoch_every_cached_sample_once_across_ranks_in_whole_chunks(tmp_path):

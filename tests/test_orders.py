@@ -52,3 +52,18 @@ def test_ranks_read_disjoint_whole_chunks_that_cover_the_epoch(name):
     assert all(a.isdisjoint(b) for i, a in enumerate(chunk_sets) for b in chunk_sets[i + 1:])
     with pytest.raises(ValueError, match="rank 3 is not in"):
         ORDERS[name](n, cs, 2, seed=5, rank=3, world=3)
+
+
+@pytest.mark.parametrize("name", sorted(ORDERS))
+@pytest.mark.parametrize("n, cs, world", [(203, 8, 2), (203, 8, 3), (200, 8, 3), (20, 8, 3), (10, 8, 3), (203, 16, 4)])
+def test_every_rank_computes_every_ranks_share_and_the_smallest_any_epoch_can_give(name, n, cs, world):
+    """What the loss weights and the batch-size check under torchrun rest on: every rank's share size, as any
+    rank computes it, is what that rank reads; and the smallest share is the worst over epochs, not better."""
+    orders = [ORDERS[name](n, cs, 2, seed=5, rank=r, world=world) for r in range(world)]
+    seen = []
+    for epoch in range(60):
+        sizes = [o.share_sizes(epoch) for o in orders]
+        assert all(s == sizes[0] for s in sizes)  # the same on every rank, with no message
+        assert sizes[0] == [len(o.indices(epoch)) for o in orders]
+        seen.append(min(sizes[0]))
+    assert {o.smallest_share() for o in orders} == {min(seen)}  # 60 epochs put the short chunk everywhere

@@ -158,7 +158,10 @@ class CacheLoader:
         plan = batch_plan(indices, batch_size) if plan is None else [np.sort(b) for b in plan]
         if not plan:
             return
-        batch_size = max(len(b) for b in plan)  # the ring's batch size (a given plan's batches may differ by one)
+        # the ring is keyed by the requested batch_size, the same every epoch, so its (pinned) buffers are
+        # reused: a given plan's batches (one rank's share of each global batch) are never longer
+        if max(len(b) for b in plan) > batch_size:
+            raise ValueError(f"a planned batch of {max(len(b) for b in plan)} samples exceeds batch_size {batch_size}")
         cs = self.reader.info.chunk_samples
         first_use, last_use = chunk_schedule(plan, cs)
         view_of = np.zeros(self.reader.info.num_chunks, dtype=np.int64) if view_of is None else view_of

@@ -67,6 +67,9 @@ class CacheSource:
     def steps_per_epoch(self, batch_size: int) -> int:
         return -(-self.num_samples("train") // batch_size)
 
+    def share_sizes(self, epoch: int) -> list[int]:
+        return self.order.share_sizes(epoch)
+
     def train_indices(self, epoch: int, batch_size: int, start_batch: int = 0) -> np.ndarray:
         return self.order.indices(epoch)[start_batch * batch_size:]
 
@@ -79,7 +82,8 @@ class CacheSource:
             batches = self.loaders["train"].batches(self.train_indices(epoch, batch_size, start_batch), batch_size,
                                                     view_of)
         else:
-            plan = train_plan(self.order.indices(epoch), batch_size, self.steps_per_epoch(batch_size), self.shard)
+            plan = train_plan(self.order.indices(epoch), batch_size, self.steps_per_epoch(batch_size), self.shard,
+                              self.order.smallest_share(), chunked=True)
             batches = self.loaders["train"].batches(None, batch_size, view_of, plan=plan[start_batch:])
         for b, (x, y) in enumerate(batches, start=start_batch):
             rng = batch_rng(self.seed, epoch, b, self.shard.rank)

@@ -39,10 +39,9 @@ from cachetrain.data.images import IMAGE_EXTENSIONS, FIX, bad_image_error, image
 from cachetrain.data.jpeg import folder_files, image_batches
 from cachetrain.data.split import hold_out
 from cachetrain.device import dali_available, require_dali
-from cachetrain.errors import DataError
 from cachetrain.dist import Shard
-from cachetrain.errors import ConfigError
-from cachetrain.source import Batch, epoch_order, fingerprint, train_plan
+from cachetrain.errors import ConfigError, DataError
+from cachetrain.source import Batch, epoch_order, fingerprint, image_shares, train_plan
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def _names(names: list[str], most: int = 8) -> str:
@@ -245,13 +244,18 @@ class FolderImages:
         return image_batches(files, labels, self.size, train, batch_size, self.seed, epoch, start, self.device,
                              self.workers, self.flip_aug, MEAN, STD)
 
+    def share_sizes(self, epoch: int) -> list[int]:
+        return image_shares(self.num_samples("train"), self.shard)
+
     def train_batches(self, epoch: int, batch_size: int, start_batch: int = 0, augment: bool = True) -> Iterator[Batch]:
         name = "train" if augment else "train_eval"
         if self.use_dali and augment:
             yield from self._dali("train", True, batch_size, epoch, start_batch * batch_size)
             return
-        mine = epoch_order(self.seed, epoch, self.num_samples("train"))[self.shard.rank::self.shard.world]
-        plan = [b.tolist() for b in train_plan(mine, batch_size, self.steps_per_epoch(batch_size), self.shard)]
+        n = self.num_samples("train")
+        mine = epoch_order(self.seed, epoch, n)[self.shard.rank::self.shard.world]
+        plan = [b.tolist() for b in train_plan(mine, batch_size, self.steps_per_epoch(batch_size), self.shard,
+                                               n // self.shard.world)]
         # the workers' augmentation seeds come from (seed, epoch, start_batch[, rank]): resuming mid-epoch
         # repeats the order exactly; the random crops after the resume point are fresh draws
         key = (self.seed, epoch, start_batch) + ((self.shard.rank,) if self.shard.world > 1 else ())

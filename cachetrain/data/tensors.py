@@ -29,7 +29,7 @@ from cachetrain.augment import batch_rng, crop_flip
 from cachetrain.config import DataConfig
 from cachetrain.data.split import hold_out
 from cachetrain.dist import Shard
-from cachetrain.source import Batch, epoch_order, fingerprint, train_plan
+from cachetrain.source import Batch, epoch_order, fingerprint, image_shares, train_plan
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"
@@ -76,9 +76,13 @@ class TensorImages:
     def steps_per_epoch(self, batch_size: int) -> int:
         return -(-self.num_samples("train") // batch_size)
 
+    def share_sizes(self, epoch: int) -> list[int]:
+        return image_shares(self.num_samples("train"), self.shard)
+
     def train_batches(self, epoch: int, batch_size: int, start_batch: int = 0, augment: bool = True) -> Iterator[Batch]:
-        order = epoch_order(self.seed, epoch, self.num_samples("train"))[self.shard.rank::self.shard.world]
-        plan = train_plan(order, batch_size, self.steps_per_epoch(batch_size), self.shard)
+        n = self.num_samples("train")
+        order = epoch_order(self.seed, epoch, n)[self.shard.rank::self.shard.world]
+        plan = train_plan(order, batch_size, self.steps_per_epoch(batch_size), self.shard, n // self.shard.world)
         for b in range(start_batch, len(plan)):
             x, y = self._batch("train", torch.from_numpy(plan[b]))
             rng = batch_rng(self.seed, epoch, b, self.shard.rank)

@@ -50,6 +50,9 @@ class RecomputeSource:
     def steps_per_epoch(self, batch_size: int) -> int:
         return self.base.steps_per_epoch(batch_size)
 
+    def share_sizes(self, epoch: int) -> list[int]:
+        return self.base.share_sizes(epoch)
+
     @torch.no_grad()
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         self.forward_calls += 1

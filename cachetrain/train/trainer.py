@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -23,7 +23,7 @@ from torch import nn
 
 from cachetrain.config import TrainConfig
 from cachetrain.device import autocast
-from cachetrain.dist import Dist
+from cachetrain.dist import Dist, step_lengths
 from cachetrain.faults import fault_point
 
 
@@ -90,10 +90,11 @@ WARMUP = 5
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
                scheduler=None, device: torch.device | None = None, amp: bool = False,
-               channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               channels_last: bool = False, loss_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One training step of `model` on the batch (x, y): forward (bf16 autocast on CUDA when `amp`),
-    cross-entropy on fp32 logits, backward, optimizer step and, when given, scheduler step. On CUDA
-    with `channels_last` the batch is made channels-last first. Returns (loss, logits), still on the
+    cross-entropy on fp32 logits, backward (of the loss times `loss_scale`: this rank's weight under
+    DDP, `loss_scale_of`), optimizer step and, when given, scheduler step. On CUDA with `channels_last`
+    the batch is made channels-last first. Returns (loss, logits), the loss unscaled, still on the
     device and not synchronised; the caller sets train mode."""
     device = device or x.device
     if channels_last and device.type == "cuda":
@@ -102,7 +103,7 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: to
         logits = model(x)
         loss = nn.functional.cross_entropy(logits.float(), y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss if loss_scale == 1.0 else loss * loss_scale).backward()
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
@@ -122,12 +123,27 @@ def timed(batches: Iterable, stats: EpochStats) -> Iterator:
         yield item
 
 
+def loss_scale_of(local: int, step: int, dist: Dist, global_lengths: Sequence[int] | None) -> float:
+    """This rank's loss weight in step `step`: DDP averages the ranks' gradients, so each rank's mean loss
+    weighs alike however many samples it had (shares of whole chunks differ by up to a chunk). Times
+    world * local / global, the average is the gradient of the mean loss over the whole global batch,
+    as one process would take it. The global length comes from `global_lengths` (every rank computes it
+    alike from the plan), else from a sum over the ranks (one more collective per step)."""
+    if dist.world == 1:
+        return 1.0
+    total = global_lengths[step] if global_lengths is not None else dist.sum([local])[0]
+    return float(dist.world * local / total)
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, scheduler,
                     device: torch.device, amp: bool = False, channels_last: bool = False,
                     stats: EpochStats | None = None,
-                    on_step: Callable[[EpochStats], None] = lambda s: None, sync_every: int = 1) -> EpochStats:
+                    on_step: Callable[[EpochStats], None] = lambda s: None, sync_every: int = 1,
+                    dist: Dist = Dist(), global_lengths: Sequence[int] | None = None) -> EpochStats:
     """One pass over `batches`. Loss and accuracy sums stay on the device and reach `stats` every
-    `sync_every` steps (a host sync each time: on CUDA, not every step)."""
+    `sync_every` steps (a host sync each time: on CUDA, not every step). Under torchrun (`dist`, `model`
+    DDP-wrapped), each step's loss is weighted by this rank's share of the global batch (`loss_scale_of`;
+    `global_lengths[i]`: the global length of the i-th batch of `batches`)."""
     stats = stats or EpochStats()
     model.train()
     data_before = stats.data_seconds
@@ -140,10 +156,11 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         stats.correct += int(correct_acc)
         loss_acc, correct_acc = torch.zeros_like(loss_acc), torch.zeros_like(correct_acc)
 
-    for x, y in timed(batches, stats):
+    for i, (x, y) in enumerate(timed(batches, stats)):
         t0 = time.perf_counter()
         waited = stats.data_seconds - data_before
-        loss, logits = train_step(model, x, y, optimizer, scheduler, device, amp, channels_last)
+        scale = loss_scale_of(len(y), i, dist, global_lengths)
+        loss, logits = train_step(model, x, y, optimizer, scheduler, device, amp, channels_last, scale)
         loss_acc += loss.detach() * len(y)
         correct_acc += (logits.argmax(1) == y).sum()
         stats.samples += len(y)
@@ -210,6 +227,17 @@ class Selection:
         if not saved:
             return cls(patience)
         return cls(patience, saved["best_epoch"], saved["best_val_loss"], saved["best_test_acc"], saved["best_state"])
+
+
+def keep_best(model: nn.Module, selection: Selection, dist: Dist) -> None:
+    """`model` back to the selected epoch's weights, rank 0's on every rank. Each rank selected from its own
+    evaluation, which on GPUs need not match rank 0's to the last bit; a rank keeping another epoch (or
+    other buffers) would hold other weights than the checkpoint rank 0 writes, and fail the weight-hash
+    check that ends `fit`. So rank 0's parameters and buffers, and its selection, are broadcast."""
+    model.load_state_dict(selection.best_state)
+    dist.broadcast_state(model)
+    selection.best_epoch, selection.best_val_loss, selection.best_test_acc = dist.broadcast(
+        (selection.best_epoch, selection.best_val_loss, selection.best_test_acc))
 
 
 def evaluate_split(model: nn.Module, batches: Iterable, device: torch.device, amp: bool = False,
@@ -292,9 +320,11 @@ def fit(model: nn.Module, source, cfg: TrainConfig, device: torch.device, optimi
                     save(Position(epoch, s.batches, all_ranks(s, dist)), None)
 
             t0 = time.perf_counter()
-            batches = source.train_batches(epoch, cfg.batch_size, start.batch if resumed else 0)
+            first = start.batch if resumed else 0
+            batches = source.train_batches(epoch, cfg.batch_size, first)
+            lengths = step_lengths(source.share_sizes(epoch), steps)[first:] if dist.world > 1 else None
             train_one_epoch(trained, batches, optimizer, scheduler, device, cfg.amp, cfg.channels_last, stats, on_step,
-                            sync_every)
+                            sync_every, dist, lengths)
             train_seconds = time.perf_counter() - t0
             dist.sync_buffers(model)
             stats = all_ranks(stats, dist)
@@ -309,7 +339,7 @@ def fit(model: nn.Module, source, cfg: TrainConfig, device: torch.device, optimi
         stop = select and dist.broadcast(selection.observe(epoch + 1, diag["val_loss"], test_acc, model))
         last = stop or epoch + 1 == epochs
         if select and last:  # keep the best epoch's weights: those are the stage's (or the network's) result
-            model.load_state_dict(selection.best_state)
+            keep_best(model, selection, dist)
             test_acc = selection.best_test_acc
             row.update(selected_epoch=selection.best_epoch, stopped_early=bool(stop and epoch + 1 < epochs))
         log(row)
