@@ -5,7 +5,8 @@ writes one store of stage-like features (ReLU of Gaussian noise, fp16) both to t
 bucket there, then per round and arm (alternating): the caching pass's write (`write_store` of the same
 array, whole-chunk PUTs against local files with the final fsyncs) and one loader epoch in quasi-random
 order (`CacheLoader`, what a stage reads: every chunk checked, remote chunks fetched by
-`feeds.REMOTE_THREADS` GETs in flight). Prints a markdown table with the medians of the per-round ratios
+`feeds.REMOTE_THREADS` GETs in flight), and for S3 two more epochs with `cache.remote_copies` (one
+keeping each fetched object on the local disk, one reading those copies). Prints a markdown table with the medians of the per-round ratios
 and saves OUT/results.json and OUT/results.md.
 
     python benchmarks/s3_bench.py [--samples 8000] [--shape 64 14 14] [--codec none zstd] [--rounds 3]
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from cachetrain.cache import CacheReader, StoreInfo, plan_layout, write_store
+from cachetrain.cache.copies import LocalCopies
 from cachetrain.cache.feeds import REMOTE_THREADS
 from cachetrain.cache.loader import CacheLoader
 from cachetrain.cache.location import RemotePath, _filesystem, remove_tree
@@ -89,8 +91,8 @@ def write(path, x: torch.Tensor, codec: str, chunk_mib: float) -> float:
     return time.perf_counter() - t0
 
 
-def epoch(path, seed: int) -> float:
-    reader = CacheReader(path, "bench")
+def epoch(path, seed: int, copies: LocalCopies | None = None) -> float:
+    reader = CacheReader(path, "bench", copies=copies)
     loader = CacheLoader(reader, torch.device("cpu"), workers=0)
     order = ORDERS["quasi_random"](reader.info.num_samples, reader.info.chunk_samples, 4, seed=seed).indices(0)
     t0 = time.perf_counter()
@@ -147,6 +149,12 @@ def main(argv: list[str] | None = None) -> dict:
                                 "epoch_samples_per_s": args.samples / e}
                     if arm == "s3":
                         row["server"] = raw_rates(path)
+                        # cache.remote_copies: an epoch that keeps each fetched object on the local disk,
+                        # then one that reads those copies
+                        copies = LocalCopies(local_root / "copies", 2**40)
+                        row["s3_copies"] = {"filling_samples_per_s": args.samples / epoch(path, r, copies),
+                                            "epoch_samples_per_s": args.samples / epoch(path, r, copies)}
+                        shutil.rmtree(local_root / "copies")
                     print(f"{codec}, round {r + 1}, {arm}: {row[arm]}", flush=True)
                 print(f"{codec}, round {r + 1}, the server alone: {row['server']}", flush=True)
                 rounds.append(row)
@@ -163,6 +171,10 @@ def main(argv: list[str] | None = None) -> dict:
                     rr["server"]["MB"] / rr["s3"]["epoch_s"] / rr["server"]["get_MB_per_s"] for rr in rounds),
                 "median_write_vs_server_put": statistics.median(
                     rr["server"]["MB"] / rr["s3"]["write_s"] / rr["server"]["put_MB_per_s"] for rr in rounds),
+                "median_copies_filling_samples_per_s": statistics.median(
+                    rr["s3_copies"]["filling_samples_per_s"] for rr in rounds),
+                "median_copies_epoch_samples_per_s": statistics.median(
+                    rr["s3_copies"]["epoch_samples_per_s"] for rr in rounds),
                 "median_server_get_MB_per_s": statistics.median(rr["server"]["get_MB_per_s"] for rr in rounds),
                 "median_server_put_MB_per_s": statistics.median(rr["server"]["put_MB_per_s"] for rr in rounds)}
     finally:
@@ -179,12 +191,14 @@ def main(argv: list[str] | None = None) -> dict:
              f"{tuple(args.shape)} fp16 ({mb:.0f} MB), {args.chunk_mib:g} MiB chunks; local: warm page cache after "
              f"round 1; S3: moto on 127.0.0.1, {REMOTE_THREADS} GETs in flight", "",
              "| codec | epoch samples/s local | epoch samples/s S3 | S3 / local | S3 epoch / server GETs alone "
-             "| write MB/s local | write MB/s S3 | S3 write / server PUTs alone |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| S3 keeping local copies | from the copies | write MB/s local | write MB/s S3 "
+             "| S3 write / server PUTs alone |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for codec, res in results.items():
         lines.append(f"| {codec} | {res['median_local_epoch_samples_per_s']:,.0f} | "
                      f"{res['median_s3_epoch_samples_per_s']:,.0f} | {res['median_epoch_ratio']:.2f} | "
                      f"{res['median_epoch_vs_server_get']:.2f} ({res['median_server_get_MB_per_s']:,.0f} MB/s) | "
+                     f"{res['median_copies_filling_samples_per_s']:,.0f} | {res['median_copies_epoch_samples_per_s']:,.0f} | "
                      f"{res['median_local_write_MB_per_s']:,.0f} | {res['median_s3_write_MB_per_s']:,.0f} | "
                      f"{res['median_write_vs_server_put']:.2f} ({res['median_server_put_MB_per_s']:,.0f} MB/s) |")
     (out / "results.json").write_text(json.dumps(summary, indent=2))

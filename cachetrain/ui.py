@@ -76,7 +76,7 @@ def plan_table(plan: dict, title: str) -> Table:
         table.add_row(str(s["stage"]), "x".join(map(str, s["out_shape"])), _size(s["sample_bytes"][plan["dtype"]]),
                       *(_size(s["store_bytes"][d]) for d in formats), f"{s['forward_flops'] / 1e9:.2f}",
                       "yes" if s["cached"] else "-", source,
-                      *([_size(s["input_bytes_per_s"]) if s.get("input_bytes_per_s") else "-"] if rates else []))
+                      *([_size(s["input_bytes_per_s"]) + "/s" if s.get("input_bytes_per_s") else "-"] if rates else []))
     if plan["cost_unit"] == "FLOP":
         cost = (f"recompute + caching {plan['cost_plan'] / 1e15:,.1f} PFLOP vs "
                 f"{plan['cost_recompute_everything'] / 1e15:,.1f} PFLOP recomputing everything "
