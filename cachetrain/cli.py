@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cachetrain.cache.formats import FORMATS
-from cachetrain.cache.location import RemotePath
+from cachetrain.cache.location import RemotePath, is_transport_error, transport_failure
 from cachetrain.config import Config, K_RANGE, load_config
 from cachetrain.dist import Dist
 from cachetrain.errors import USER_ERRORS, ConfigError, StageError
@@ -196,8 +196,11 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
             console = Console(quiet=True)
         greedy = Greedy(cfg, console, dist)
         check_ranges(args, greedy)
-        if isinstance(greedy.run.cache_root, RemotePath) and args.command not in ("plan", "bench"):
-            greedy.run.cache_root.check_bucket()  # a missing bucket, or one not ours: one line, before any work
+        if args.command not in ("plan", "bench"):  # before any work: the caches' place is usable, and ours
+            writes = args.command in LOCKED and dist.writer
+            if isinstance(greedy.run.cache_root, RemotePath):
+                greedy.run.cache_root.check_bucket(write=writes)
+            greedy.run.claim_caches(write=writes)
         if args.command not in ("bench",) and args.command not in LOCKED and greedy.identity.started():
             greedy.identity.check(cfg, None)  # reading a run with another config would misreport it
         if args.command == "status":
@@ -259,7 +262,14 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
         rank = f"rank {dist.rank}: " if dist.world > 1 else ""
         print(f"error: {rank}{with_run_options(str(e), named)}", file=sys.stderr)
         return 2
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - an object store's errors, after their retries, are one line
+        root = greedy.run.cache_root if greedy is not None else None
+        # a local file's error names its file; the object store's do not
+        if isinstance(root, RemotePath) and is_transport_error(e) and not getattr(e, "filename", None):
+            print(f"error: {transport_failure(e, str(root), 'a request to the object store')}", file=sys.stderr)
+            return 2
+        if not isinstance(e, OSError):
+            raise
         from cachetrain.durable import UNWRITABLE, unwritable_message
 
         if e.errno in UNWRITABLE:  # a read-only or not-ours run directory or data root

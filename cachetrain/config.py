@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -220,6 +221,9 @@ class CacheConfig:
         _check(not rest or "@" not in rest.split("/", 1)[0], "cache.location",
                "a URL without credentials (they come from the AWS_* environment variables)", f"{scheme}://...")
         _check(not rest or rest.split("/", 1)[0], "cache.location", "scheme://bucket/prefix", self.location)
+        # "s3:/bucket" would otherwise be a local folder named "s3:"
+        _check("://" in self.location or not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", self.location),
+               "cache.location", "a folder or scheme://bucket/prefix (with two slashes)", self.location)
 
 
 @dataclass(frozen=True)
@@ -250,6 +254,8 @@ class Config:
     stages: dict[int, StageOverrides] = field(default_factory=dict)  # per-stage training overrides
 
     def __post_init__(self) -> None:
+        _check(not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", self.run_dir), "run_dir",
+               "a local folder (only cache.location may be an object store URL)", self.run_dir)
         bad = [j for j in self.stages if not 0 <= j < self.model.stages]
         _check(not bad, "stages", f"stage indices in [0, {self.model.stages - 1}] (model.stages is "
                                   f"{self.model.stages})", bad)

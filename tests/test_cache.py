@@ -177,3 +177,31 @@ def test_a_chunk_file_cut_short_counts_as_missing(tmp_path, codec):
     write(path, info)
     cut_short(_chunk_files(path, info)[3], keep=0 if codec == "zstd" else -1)
     assert missing_chunks(path, info) == [3]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "uint16", "float32", "uint8"])  # uint16: bfloat16's bits
+def test_uncompressed_chunk_files_written_directly_are_the_ones_zarr_writes(tmp_path, dtype):
+    """The writer skips zarr for uncompressed local stores (cachetrain/cache/writer.py `_RawChunks`); its
+    files must be zarr's own, byte for byte, the short last chunk's padding included, and read back."""
+    from zarr.codecs import Crc32cCodec
+
+    from cachetrain.cache.writer import BackgroundWriter
+
+    rng = np.random.default_rng(0)
+    data = (rng.random((45, 3, 2, 2)) * 200).astype(dtype)  # 45 = 4 chunks of 12, the last one 9 short
+    files = {}
+    for how in ("direct", "zarr"):
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            array = zarr.create_array(str(tmp_path / how), shape=data.shape, chunks=(12, 3, 2, 2), dtype=dtype,
+                                      fill_value=0, compressors=[Crc32cCodec()])
+        writer = BackgroundWriter(array, lambda c, a=array, h=how: tmp_path / h / a.metadata.encode_chunk_key((c, 0, 0, 0)))
+        assert writer._raw is not None  # the direct path applies to this layout
+        if how == "zarr":
+            writer._raw = None  # zarr's own encode and write, to compare against
+        writer.put(0, data[:24])
+        writer.put(24, data[24:])
+        writer.close()
+        files[how] = {p.relative_to(tmp_path / how): p.read_bytes() for p in (tmp_path / how).rglob("*")
+                      if p.is_file() and p.name != "zarr.json"}
+        assert np.array_equal(zarr.open_array(str(tmp_path / how), mode="r")[:], data)
+    assert len(files["direct"]) == 4 and files["direct"] == files["zarr"]

@@ -31,6 +31,9 @@ def test_set_overrides_parse_yaml_values(tiny_config_file):
     ("cache", "chunk_mib", 0, "cache.chunk_mib: expected a number in [0.0625, 64], got 0"),
     ("cache", "batch_size", 0, "cache.batch_size: expected an integer >= 1, got 0"),
     ("model", "downsample", [7], "model.downsample: expected stage indices in [0, 2], got [7]"),
+    ("cache", "location", "s3:/bucket/x", "cache.location: expected a folder or scheme://bucket/prefix"),
+    ("cache", "location", "s3:///x", "cache.location: expected scheme://bucket/prefix"),
+    ("cache", "remote_copies_gib", 0, "cache.remote_copies_gib: expected a size in GiB above 0"),
 ])
 def test_bad_values_name_file_key_and_expectation(tmp_path, section, key, value, expected):
     path = write_config(tmp_path / "bad.yaml", synthetic_raw(tmp_path / "run", **{section: {key: value}}))

@@ -4,8 +4,10 @@ s3fs test themselves). No network beyond 127.0.0.1, no credentials but dummy one
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 import threading
 import time
 
@@ -193,7 +195,41 @@ def test_a_read_retries_while_the_server_is_down_then_fails_in_one_line(prefix, 
     finally:
         s3.start()
     line = str(err.value)
-    assert "\n" not in line and str(reader.chunk_path(4)) in line and "after 3 attempts" in line
+    assert "\n" not in line and str(reader.chunk_path(4)) in line and "3 attempts in all" in line
+
+
+def _connections_for_a_failed_read(monkeypatch, attempts: int) -> int:
+    """Connections one read makes to a server that takes each connection and closes it at once."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", str(attempts))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    _filesystem.cache_clear()
+    try:
+        with pytest.raises(CacheError, match=f"reading it failed .*{attempts} attempts in all"):
+            RemotePath("s3://bucket/some/object").read_bytes()
+    finally:
+        listener.close()
+        _filesystem.cache_clear()  # the next test's file system talks to its own server
+    return len(accepted)
+
+
+def test_a_request_is_tried_aws_max_attempts_times_no_more(monkeypatch):
+    # bounded, and by AWS_MAX_ATTEMPTS alone (s3fs's own retries would multiply it)
+    once, thrice = (_connections_for_a_failed_read(monkeypatch, n) for n in (1, 3))
+    assert thrice == 3 * once and once <= 2
 
 
 def test_location_parses_urls_and_paths(tmp_path):
@@ -223,18 +259,62 @@ def test_local_copies_serve_later_epochs_stay_under_their_limit_and_are_checked(
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
 
     # a copy damaged on the local disk is not used: the object is fetched again, and the batch is right
-    copy = next(p for p in (tmp_path / "copies").rglob("*") if p.is_file())
+    copy = next(p for p in (tmp_path / "copies" / "cachetrain-copies").rglob("*") if p.is_file())
     flip_bytes(copy)
     third = _epoch(CacheReader(prefix / "train.zarr", "fp", copies=copies), seed=0)
     assert len(gets) == reader.info.num_chunks + 1
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, third))
 
-    # a limit of 3 chunks: the folder never holds more than that, least recently used out first
+    # a limit of 3 chunks: the folder never holds more than that, least recently used out first, and
+    # nothing of the given folder outside cachetrain's own subfolder is touched
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "thesis.pdf").write_bytes(b"x" * 10**6)
     small = LocalCopies(tmp_path / "small", limit_bytes=3 * reader.info.raw_chunk_file_bytes)
     small_reader = CacheReader(prefix / "train.zarr", "fp", copies=small)
     for c in range(reader.info.num_chunks):
         small_reader.fetch_chunk(c)
         assert small.size() <= small.limit
-    kept = sorted(p.name for p in (tmp_path / "small").rglob("*") if p.is_file())
+    assert (tmp_path / "small" / "thesis.pdf").stat().st_size == 10**6
+    kept = sorted(p.name for p in (tmp_path / "small" / "cachetrain-copies").rglob("*") if p.is_file())
     assert kept == sorted(str(small_reader.chunk_path(c).relative_to(small_reader.path)).replace("/", "_")
                           for c in range(reader.info.num_chunks - len(kept), reader.info.num_chunks))
+
+
+def test_a_network_error_never_makes_a_store_look_stale_and_never_deletes_it(prefix, monkeypatch):
+    """One failed GET of the store's metadata during a caching pass is one line; the complete store stays."""
+    reader = make_store(prefix / "train.zarr")
+    before = sorted((prefix / "train.zarr").sizes().items())
+    fs = _filesystem("s3")
+    cat = fs.cat_file
+
+    def flaky(path, *args, **kwargs):
+        if path.endswith("train.zarr/zarr.json"):
+            raise OSError(errno.EIO, "Internal Server Error")  # what s3fs makes of a 500 after the retries
+        return cat(path, *args, **kwargs)
+    monkeypatch.setattr(fs, "cat_file", flaky)
+    with pytest.raises(CacheError, match=r"train.zarr/zarr.json: reading it failed \(OSError: .*Internal Server"):
+        make_store(prefix / "train.zarr")  # resume: finds the store complete, unless it cannot read it
+    with pytest.raises(CacheError, match=r"zarr.json: reading it failed"):
+        verify_store(prefix / "train.zarr")
+    monkeypatch.setattr(fs, "cat_file", cat)
+    assert sorted((prefix / "train.zarr").sizes().items()) == before
+    assert CacheReader(prefix / "train.zarr", "fp").info == reader.info
+
+
+def test_a_refused_put_is_one_line_naming_the_store(prefix, monkeypatch):
+    fs = _filesystem("s3", asynchronous=True)
+
+    async def refused(path, data, **kwargs):
+        raise PermissionError("Access Denied")
+    monkeypatch.setattr(fs, "_pipe_file", refused)
+    with pytest.raises(CacheError, match=rf"{prefix}/train.zarr: writing the store: access denied"):
+        make_store(prefix / "train.zarr")
+
+
+def test_two_runs_of_one_name_cannot_share_a_cache_location(tmp_path, prefix):
+    config_a = write_config(tmp_path / "a.yaml", synthetic_raw(tmp_path / "a" / "exp", cache={"location": str(prefix)}))
+    config_b = write_config(tmp_path / "b.yaml", synthetic_raw(tmp_path / "b" / "exp", cache={"location": str(prefix)}))
+    assert cli_in_process(["stage", "--config", str(config_a), "--no-cache"]).returncode == 0
+    out = cli_in_process(["stage", "--config", str(config_b)])
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert f"holds the caches of run {(tmp_path / 'a' / 'exp').resolve()}" in out.stderr

@@ -27,12 +27,11 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 from typing import Iterator
-from urllib.parse import urlsplit
 
 from cachetrain.errors import CacheError
 
 ATTEMPTS = 5  # per request, the first included, unless AWS_MAX_ATTEMPTS says otherwise
-CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 10, 60
+CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 10, 30
 
 
 def location(text: str | os.PathLike) -> Path | RemotePath:
@@ -82,8 +81,12 @@ def _filesystem(scheme: str, asynchronous: bool = False):
         attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", ATTEMPTS))
         fs = s3fs.S3FileSystem(
             asynchronous=asynchronous, use_listings_cache=False, skip_instance_cache=True,
-            config_kwargs={"retries": {"max_attempts": attempts, "mode": "standard"},
+            # total_max_attempts counts the first try; botocore's max_attempts would count only the retries
+            config_kwargs={"retries": {"total_max_attempts": attempts, "mode": "standard"},
                            "connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S})
+        # botocore's attempts are the only ones: s3fs's own loop (5 by default) around each of them
+        # multiplied them (15 connections and 27 s where 2 attempts of 1 s were asked, by hand)
+        fs.retries = 1
         if asynchronous:
             atexit.register(_close_async, fs)
         return fs
@@ -113,6 +116,34 @@ def _one_line(e: BaseException) -> str:
     return text[:200]
 
 
+def is_transport_error(e: BaseException) -> bool:
+    """Whether `e`, raised while talking to an object store, is about the conversation (a connection, a
+    timeout, a 5xx, access denied), not about what the store holds: such an error must never make a store
+    look absent, stale or corrupt, which would have it deleted or rebuilt. A missing object is not one."""
+    if isinstance(e, FileNotFoundError):
+        return False
+    if isinstance(e, (OSError, TimeoutError)):  # s3fs maps botocore's errors to OSError (PermissionError, EIO, ...)
+        return True
+    return type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec")
+
+
+def transport_failure(e: BaseException, url: str, what: str) -> CacheError:
+    """The one line for a transport error (after botocore's retries), naming the object and what was done."""
+    if isinstance(e, PermissionError):
+        return CacheError(f"{url}: {what}: access denied ({_one_line(e)}); credentials come from the AWS_* "
+                          f"environment variables")
+    attempts = os.environ.get("AWS_MAX_ATTEMPTS", ATTEMPTS)
+    return CacheError(f"{url}: {what} failed ({type(e).__name__}: {_one_line(e)}); connection errors, timeouts "
+                      f"and 5xx are retried, {attempts} attempts in all (AWS_MAX_ATTEMPTS); nothing was changed "
+                      f"because of it")
+
+
+def raise_if_transport(e: BaseException, path, what: str) -> None:
+    """Re-raise `e` as one line when `path` is remote and `e` a transport error; otherwise return."""
+    if isinstance(path, RemotePath) and is_transport_error(e):
+        raise transport_failure(e, str(path), what) from None
+
+
 @contextmanager
 def remote_errors(what: str, url: str) -> Iterator[None]:
     """Turn what an object store raised after its retries into one line naming the object. A missing
@@ -121,17 +152,12 @@ def remote_errors(what: str, url: str) -> Iterator[None]:
         yield
     except FileNotFoundError:
         raise
-    except PermissionError as e:
-        raise CacheError(f"{url}: {what}: access denied ({_one_line(e)}); credentials come from the "
-                         f"AWS_* environment variables") from None
     except CacheError:
         raise
     except Exception as e:  # noqa: BLE001 - botocore's and aiohttp's errors have no common base
-        if isinstance(e, (MemoryError, KeyboardInterrupt)):
+        if isinstance(e, MemoryError):
             raise
-        attempts = os.environ.get("AWS_MAX_ATTEMPTS", ATTEMPTS)
-        raise CacheError(f"{url}: {what} failed after {attempts} attempts ({type(e).__name__}: "
-                         f"{_one_line(e)})") from None
+        raise transport_failure(e, url, what) from None
 
 
 class RemotePath:
@@ -139,14 +165,15 @@ class RemotePath:
     Pickles as its URL (a worker process makes its own connection)."""
 
     def __init__(self, url: str):
-        parts = urlsplit(url)
-        if "@" in parts.netloc:
-            raise CacheError(f"{parts.scheme}://...@{parts.netloc.split('@')[-1]}: credentials do not belong in "
-                             f"a cache location; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead")
-        if not parts.netloc:
-            raise CacheError(f"{url}: expected scheme://bucket/prefix")
-        self.scheme = parts.scheme
-        self.key = str(PurePosixPath(parts.netloc + "/" + parts.path.strip("/"))).rstrip("/")  # bucket/prefix
+        scheme, sep, rest = url.partition("://")
+        netloc = rest.split("/", 1)[0]
+        if "@" in netloc:
+            raise CacheError(f"{scheme}://...@{netloc.split('@')[-1]}: credentials do not belong in a cache "
+                             f"location; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead")
+        if not sep or not netloc or "?" in rest or "#" in rest or ".." in rest.split("/"):
+            raise CacheError(f"{url}: expected scheme://bucket/prefix (no '?', '#' or '..')")
+        self.scheme = scheme
+        self.key = "/".join(part for part in rest.split("/") if part)  # bucket/prefix, no empty parts
 
     # -- naming ------------------------------------------------------------------------------------------
     def __str__(self) -> str:
@@ -165,7 +192,11 @@ class RemotePath:
         return RemotePath, (str(self),)
 
     def __truediv__(self, part: str | os.PathLike) -> RemotePath:
-        return RemotePath(f"{self}/{str(part).strip('/')}")
+        """A key below this one (a relative path; '/'-separated parts are fine, '..' is refused)."""
+        part = str(part)
+        if part.startswith("/") or ".." in part.split("/") or "?" in part or "#" in part:
+            raise CacheError(f"{self}: {part!r} is not a key below it")
+        return RemotePath(f"{self}/{part}")
 
     @property
     def name(self) -> str:
@@ -173,7 +204,9 @@ class RemotePath:
 
     @property
     def parent(self) -> RemotePath:
-        return RemotePath(f"{self.scheme}://{PurePosixPath(self.key).parent}")
+        if "/" not in self.key:
+            raise CacheError(f"{self}: a bucket has no parent")
+        return RemotePath(f"{self.scheme}://{self.key.rsplit('/', 1)[0]}")
 
     @property
     def bucket(self) -> str:
@@ -223,6 +256,9 @@ class RemotePath:
         with remote_errors("reading checksums", str(self)):
             got = self.fs.cat_ranges([f.key for f in files], [-n] * len(files), [None] * len(files),
                                      on_error="return")
+        for f, g in zip(files, got):  # a missing object is None; any other failure is not "missing"
+            if isinstance(g, BaseException) and not isinstance(g, FileNotFoundError):
+                raise transport_failure(g, str(f), "reading its checksum")
         return [None if isinstance(g, BaseException) else g for g in got]
 
     # -- writing ------------------------------------------------------------------------------------------
@@ -243,10 +279,18 @@ class RemotePath:
             if self.fs.exists(self.key):
                 self.fs.rm(self.key, recursive=True)
 
-    def check_bucket(self) -> None:
-        """One request, before any work: a missing bucket or one these credentials may not use is one line."""
+    def check_bucket(self, write: bool) -> None:
+        """Before any work: a missing bucket, or one these credentials may not use, is one line. A command
+        that writes puts and deletes a small object under this prefix (a credential may be scoped to the
+        prefix, and may be read-only); one that only reads lists the prefix."""
         try:
-            with remote_errors("opening its bucket", str(self)):
-                self.fs.ls(self.bucket, detail=False)
+            if write:
+                probe = self / f".cachetrain-probe-{os.getpid()}"
+                with remote_errors("writing a test object", str(self)):
+                    self.fs.pipe_file(probe.key, b"")
+                    self.fs.rm_file(probe.key)
+            else:
+                with remote_errors("listing it", str(self)):
+                    self.fs.find(self.key, maxdepth=1)
         except FileNotFoundError:
             raise CacheError(f"{self}: bucket {self.bucket!r} not found (cache.location)") from None

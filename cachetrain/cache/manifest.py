@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import zarr
 from cachetrain.cache.formats import FORMATS, StorageFormat
-from cachetrain.cache.location import RemotePath, location, zarr_store
+from cachetrain.cache.location import RemotePath, location, raise_if_transport, zarr_store
 from cachetrain.errors import CacheError
 
 FORMAT_VERSION = 1
@@ -160,6 +160,19 @@ def plan_layout(sample_bytes: int, chunk_mib: float, num_samples: int, batch_siz
 
 def _read_attrs(path: Path) -> tuple[dict | None, str | None]:
     """(the group's attributes, None), or (None, what is wrong with its metadata)."""
+    if isinstance(path, RemotePath):
+        # read as bytes, under remote_errors: a network failure is one line (CacheError), never "unreadable
+        # metadata", which would have the store rebuilt from nothing
+        try:
+            raw = (path / "zarr.json").read_bytes()
+        except FileNotFoundError:
+            return None, "store metadata missing (zarr.json not found)"
+        try:
+            attrs = dict(json.loads(raw)["attributes"])  # zarr v3 group metadata
+            StoreInfo.from_attrs(attrs)
+        except Exception as e:  # noqa: BLE001 - not JSON, not a group, not one of ours
+            return None, f"store metadata missing (zarr.json unreadable: {_one_line(e)})"
+        return attrs, None
     if not (path / "zarr.json").exists():
         return None, "store metadata missing (zarr.json not found)"
     try:
@@ -178,7 +191,7 @@ def metadata_problem(path: Path) -> str | None:
 def store_state(path: Path, expected_fingerprint: str | None) -> tuple[CacheState, StoreInfo | None]:
     attrs, problem = _read_attrs(path)
     if attrs is None:  # no metadata: nothing to resume; unreadable metadata, or an older format: rebuild it
-        return (CacheState.ABSENT if not (path / "zarr.json").exists() else CacheState.STALE), None
+        return (CacheState.ABSENT if problem.endswith("(zarr.json not found)") else CacheState.STALE), None
     info = StoreInfo.from_attrs(attrs)
     if expected_fingerprint is not None and info.fingerprint != expected_fingerprint:
         return CacheState.STALE, info
@@ -194,6 +207,7 @@ def damage(path: Path, info: StoreInfo) -> str | None:
         features = zarr.open_array(zarr_store(path / "features", read_only=True), mode="r")
         labels = labels_file(path)
     except Exception as e:  # noqa: BLE001
+        raise_if_transport(e, path, "reading its metadata")
         return f"store metadata missing (features or labels metadata unreadable: {_one_line(e)})"
     missing = missing_chunks(path, info, features)
     if missing:
@@ -212,7 +226,8 @@ def missing_chunks(path: Path, info: StoreInfo, features=None) -> list[int]:
     exact size (the padded chunk + the 4-byte crc32c), a compressed one more than its checksum."""
     try:
         array = features if features is not None else zarr.open_array(zarr_store(path / "features", read_only=True), mode="r")
-    except Exception:  # noqa: BLE001 - its metadata is gone: no chunk can be read
+    except Exception as e:  # noqa: BLE001 - its metadata is gone: no chunk can be read
+        raise_if_transport(e, path, "reading its metadata")
         return list(range(info.num_chunks))
     want = info.raw_chunk_file_bytes if info.codec == "none" else None
     if isinstance(path, RemotePath):  # one listing, not a request per chunk
@@ -294,6 +309,7 @@ def read_manifest(path: Path, info: StoreInfo) -> np.ndarray | None:
     try:
         crcs = zarr.open_array(zarr_store(path / CHECKSUMS, read_only=True), mode="r")[:]  # its own crc32c is checked by zarr
     except Exception as e:  # noqa: BLE001
+        raise_if_transport(e, path, "reading its checksum manifest")
         raise ValueError(_one_line(e)) from None
     if crcs.shape != (info.num_chunks + 1,) or crcs.dtype != np.uint32:
         raise ValueError(f"expected {info.num_chunks + 1} uint32 crcs, found {crcs.dtype} {crcs.shape}")

@@ -39,7 +39,7 @@ import torch
 import zarr
 
 from cachetrain.cache.copies import LocalCopies
-from cachetrain.cache.location import RemotePath, is_remote, location, zarr_store
+from cachetrain.cache.location import RemotePath, is_remote, location, raise_if_transport, zarr_store
 from cachetrain.cache.manifest import (CacheError, CacheState, StoreInfo, chunk_file, damage, digest_of, labels_file,
                                        metadata_problem, read_manifest, store_state, trailing_crc32c)
 
@@ -136,6 +136,7 @@ class CacheReader:
         except CacheError:  # an object store that did not answer: not a corrupt file
             raise
         except Exception as e:  # noqa: BLE001 - a decode or checksum failure, a file gone
+            raise_if_transport(e, self.path, "reading its labels")
             raise CacheError(f"{self.path}: labels are corrupt ({_reason(e)}); {self.repair}") from None
         if VERIFY and self.manifest is not None and crc != int(self.manifest[-1]):
             raise CacheError(f"{self.path}: labels are corrupt: they differ from the store's checksum manifest "

@@ -12,15 +12,20 @@ chunk by chunk: the caching pass rebuilds such a store.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import google_crc32c
+import numpy as np
 import zarr
+from numcodecs import Zstd
 
-from cachetrain.cache.location import location, zarr_store
+from cachetrain.cache.location import RemotePath, location, raise_if_transport, zarr_store
 from cachetrain.cache.manifest import (chunk_file, labels_file, metadata_problem, read_manifest, store_state,
                                        trailing_crc32c)
 
+REMOTE_READS = 8  # chunk GETs in flight when verifying a remote store
 MANIFEST_DIFFERS = "corrupt: differs from the store's checksum manifest"
 
 
@@ -60,6 +65,7 @@ def verify_store(path: Path) -> list[ChunkProblem]:
         labels = zarr.open_array(zarr_store(path / "labels", read_only=True), mode="r")
         labels_path = labels_file(path)
     except Exception as e:  # noqa: BLE001
+        raise_if_transport(e, path, "reading its metadata")
         return [ChunkProblem(path, None, 0, 0, f"store metadata missing (features or labels: {_reason(e)})")]
     problems = []
     manifest = None
@@ -68,7 +74,9 @@ def verify_store(path: Path) -> list[ChunkProblem]:
             manifest = read_manifest(path, info)
         except ValueError as e:
             problems.append(ChunkProblem(path, None, 0, 0, f"corrupt: {e}", part="checksum manifest"))
-    for c in range(info.num_chunks):
+    if isinstance(path, RemotePath):
+        problems += _remote_chunk_problems(path, info, features, manifest)
+    for c in range(info.num_chunks if not isinstance(path, RemotePath) else 0):
         start, stop = c * info.chunk_samples, min((c + 1) * info.chunk_samples, info.num_samples)
         file = chunk_file(path, features, c)
         if not file.exists():
@@ -87,11 +95,48 @@ def verify_store(path: Path) -> list[ChunkProblem]:
     try:
         labels[:]
     except Exception as e:  # noqa: BLE001
+        raise_if_transport(e, path, "reading its labels")
         problems.append(ChunkProblem(path, None, 0, info.num_samples, f"corrupt: {_reason(e)}"))
         return problems
     if manifest is not None and trailing_crc32c(labels_path) != int(manifest[-1]):
         problems.append(ChunkProblem(path, None, 0, info.num_samples, MANIFEST_DIFFERS))
     return problems
+
+
+def _remote_chunk_problems(path: RemotePath, info, features, manifest) -> list[ChunkProblem]:
+    """The chunk objects of a remote store, checked from one GET each (REMOTE_READS in flight): present at
+    the right size (one listing), crc32c, decodable, and as the manifest records. A transport error ends
+    the check as one line (CacheError): it says nothing about the store, and must not be called corrupt,
+    which `--repair` would act on."""
+    sizes = (path / "features").sizes()
+    expected = info.raw_chunk_file_bytes if info.codec == "none" else None
+
+    def check(c: int) -> ChunkProblem | None:
+        start, stop = c * info.chunk_samples, min((c + 1) * info.chunk_samples, info.num_samples)
+        file = chunk_file(path, features, c)
+        key = str(file.relative_to(path / "features"))
+        if key not in sizes:
+            return ChunkProblem(path, c, start, stop, "missing", file)
+        try:
+            data = np.frombuffer(file.read_bytes(), dtype=np.uint8)
+        except FileNotFoundError:
+            return ChunkProblem(path, c, start, stop, "missing", file)
+        if len(data) <= 4 or (expected is not None and len(data) != expected):
+            return ChunkProblem(path, c, start, stop, f"corrupt: it is {len(data)} bytes", file)
+        stored = int.from_bytes(data[-4:].tobytes(), "little")
+        if google_crc32c.value(data[:-4]) != stored:
+            return ChunkProblem(path, c, start, stop, "corrupt: its crc32c does not match its bytes", file)
+        if info.codec == "zstd":
+            try:
+                Zstd().decode(data[:-4])
+            except Exception as e:  # noqa: BLE001 - numcodecs raises RuntimeError or ValueError
+                return ChunkProblem(path, c, start, stop, f"corrupt: zstd cannot decode it ({_reason(e)})", file)
+        if manifest is not None and stored != int(manifest[c]):
+            return ChunkProblem(path, c, start, stop, MANIFEST_DIFFERS, file)
+        return None
+
+    with ThreadPoolExecutor(REMOTE_READS, thread_name_prefix="verify-get") as pool:
+        return [p for p in pool.map(check, range(info.num_chunks)) if p is not None]
 
 
 def _reason(e: Exception) -> str:

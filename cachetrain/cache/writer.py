@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import torch
 import zarr
@@ -33,7 +36,7 @@ from zarr.codecs import BitRound, Crc32cCodec, ZstdCodec
 
 from cachetrain.dist import Dist
 from cachetrain.durable import fsync_path
-from cachetrain.cache.location import RemotePath, location, remove_tree, zarr_store
+from cachetrain.cache.location import RemotePath, location, raise_if_transport, remove_tree, zarr_store
 from cachetrain.cache.manifest import (CHECKSUMS, CacheState, Layout, StoreInfo, chunk_file, digest_of,
                                        file_checksums, labels_file, missing_chunks, store_state)
 from cachetrain.device import autocast
@@ -86,6 +89,50 @@ class _Writeback:
             os.close(fd)
 
 
+class _RawChunks:
+    """Uncompressed chunks written straight to their files, byte for byte what zarr writes for them (the
+    chunk's C-order little-endian bytes, the last chunk padded with the fill value 0, then the crc32c of
+    those bytes, little-endian: the format reader.py maps), through a temp file renamed into place as
+    zarr's local store does. zarr's encode and its event loop cost about 1 ms of CPU per 4 MiB chunk,
+    which on two cores held the caching pass at 0.67x of `dd` (benchmarks/disk_bench.py, 2026-12-04);
+    tests/test_cache.py checks the files equal zarr's own for every storage format."""
+
+    def __init__(self, array: zarr.Array, chunk_path: Callable[[int], Path]):
+        self._chunk_path = chunk_path
+        self._chunk_samples = array.chunks[0]
+
+    @staticmethod
+    def fits(array: zarr.Array) -> bool:
+        """Only the plain layout: bytes then crc32c, no filter, no compressor, default chunk keys."""
+        meta = array.metadata
+        codecs = [type(codec).__name__ for codec in getattr(meta, "codecs", ())]
+        return (sys.byteorder == "little" and codecs == ["BytesCodec", "Crc32cCodec"]
+                and str(getattr(meta.codecs[0].endian, "value", "little")) == "little"
+                and all(c == array.shape[i] for i, c in enumerate(array.chunks) if i > 0)
+                and meta.fill_value == 0)
+
+    def write(self, start: int, block: np.ndarray) -> None:
+        cs = self._chunk_samples
+        for at in range(0, len(block), cs):
+            part = block[at:at + cs]
+            if len(part) < cs:  # the last chunk: zarr stores it whole, padded with the fill value
+                padded = np.zeros((cs, *block.shape[1:]), dtype=block.dtype)
+                padded[:len(part)] = part
+                part = padded
+            payload = np.ascontiguousarray(part).reshape(-1).view(np.uint8)
+            file = self._chunk_path((start + at) // cs)
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_name(f"{file.name}.{uuid.uuid4().hex}.partial")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(payload)
+                    f.write(google_crc32c.value(payload).to_bytes(4, "little"))
+                os.replace(tmp, file)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+
 class BackgroundWriter:
     """A thread that writes (start, array) blocks of whole chunks into a zarr array (cachetrain/threads.py:
     `put` blocks when `depth` blocks are pending, bounding memory, and re-raises the thread's error in the
@@ -106,6 +153,7 @@ class BackgroundWriter:
         self._writeback = _Writeback(WRITEBACK_AHEAD_BYTES) if chunk_path is not None else None
         self._puts = ThreadPoolExecutor(REMOTE_PUTS, thread_name_prefix="cache-put") if chunk_path is None else None
         self._pending: deque[Future] = deque()  # chunk PUTs in flight, oldest first
+        self._raw = _RawChunks(array, chunk_path) if chunk_path is not None and _RawChunks.fits(array) else None
         self._thread: InBackground[tuple[int, np.ndarray]] = InBackground(self._write, depth, name="cache-writer")
 
     def _write(self, item: tuple[int, np.ndarray]) -> None:
@@ -120,7 +168,10 @@ class BackgroundWriter:
         self._write_chunks(start, block)
 
     def _write_chunks(self, start: int, block: np.ndarray) -> None:
-        self._array[start:start + len(block)] = block
+        if self._raw is not None:
+            self._raw.write(start, block)
+        else:
+            self._array[start:start + len(block)] = block
         cs = self._array.chunks[0]
         for c in range(start // cs, -(-(start + len(block)) // cs)):
             if self._writeback is not None:
@@ -171,13 +222,27 @@ def _resumable(path: Path) -> bool:
         zarr.open_array(zarr_store(path / "features", read_only=True), mode="r")
         zarr.open_array(zarr_store(path / "labels", read_only=True), mode="r")
         return True
-    except Exception:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001
+        raise_if_transport(e, path, "reading its metadata")  # not a reason to rebuild it
         return False
 
 
 def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn.Module, batches: Batches,
                 layout: Layout, device: torch.device, amp: bool = False,
                 on_progress: Callable[[int], None] = lambda n: None, dist: Dist = Dist()) -> int:
+    """`_write_store`; on an object store, a request that failed after its retries (a PUT, a metadata read
+    or write) is one line naming the store: the chunks written so far stay, and the same command resumes."""
+    path = location(path)
+    try:
+        return _write_store(path, info, labels, stage, batches, layout, device, amp, on_progress, dist)
+    except Exception as e:  # noqa: BLE001 - only an object store's transport errors are translated
+        raise_if_transport(e, path, "writing the store")
+        raise
+
+
+def _write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn.Module, batches: Batches,
+                 layout: Layout, device: torch.device, amp: bool, on_progress: Callable[[int], None],
+                 dist: Dist) -> int:
     """Bring the store at `path` to COMPLETE for `info`, computing only the missing chunk groups.
     `batches(start, size)` must yield the stage's inputs in sample order from `start`. Returns the
     number of samples computed, by every rank (0 when the store was already complete).
@@ -190,7 +255,6 @@ def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn
 
     An object store (`path` a RemotePath) takes the same steps, with a PUT for each chunk object, which
     stores it whole or not at all; nothing is fsynced there, and `complete` is still written last."""
-    path = location(path)
     remote = isinstance(path, RemotePath)
     missing_list = _prepare(path, info, labels) if dist.writer else None
     missing_list = dist.broadcast(missing_list)  # every rank waits for the store to exist
@@ -339,7 +403,8 @@ def _put_missing(writer: BackgroundWriter, block: np.ndarray, start: int, chunk_
 def _labels_match(path: Path, group: zarr.Group, labels: np.ndarray) -> bool:
     try:  # a missing labels file would read as zeros
         return labels_file(path).is_file() and bool(np.array_equal(group["labels"][:], labels))
-    except Exception:  # noqa: BLE001 - unreadable (corrupt) labels get rewritten
+    except Exception as e:  # noqa: BLE001 - unreadable (corrupt) labels get rewritten
+        raise_if_transport(e, path, "reading its labels")
         return False
 
 

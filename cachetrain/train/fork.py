@@ -69,6 +69,7 @@ def fork_run(parent: Path, at: int, child: Path, overrides: list[str], console: 
         try:
             # the child's stores: in the folder being assembled, or under its own cache.location
             stores = RunDir(child if cfg.cache.location else tmp, cache_location=cfg.cache.location)
+            stores.claim_caches(write=True)  # B's caches under cache.location must not be another run's
             linked = _assemble(greedy, tmp, stores, at, cached)
             meta = ident.meta()
             history = list(meta["history"])

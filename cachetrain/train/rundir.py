@@ -27,13 +27,16 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from cachetrain.cache.location import RemotePath, location
-from cachetrain.errors import RunLocked
+from cachetrain.errors import CacheError, RunLocked
 from cachetrain.train import checkpoint as ckpt
 from cachetrain.train.checkpoint import CheckpointError, UnreadableCheckpoint, UnsafeCheckpoint
 from cachetrain.durable import append_line, atomic_write, write_json
 from cachetrain.faults import fault_point
 
 __all__ = ["CheckpointError", "RunDir", "RunLocked"]
+
+
+CACHE_OWNER = "owner.json"  # under cache.location/<run name>: the run whose caches those are (`claim_caches`)
 
 
 class RunDir:
@@ -70,6 +73,33 @@ class RunDir:
     def store_at(self, key: str) -> Path | RemotePath:
         """The store a record names (`store_key`)."""
         return self.cache_root / str(PurePosixPath(key).relative_to("cache"))
+
+    def claim_caches(self, write: bool) -> None:
+        """With cache.location, the caches live at <location>/<run name>, which another run of the same name
+        (another folder, another machine) would also pick: each would take the other's stores for stale
+        ones and rebuild them. The first run to use the folder records itself in its `owner.json`
+        (`write`: a command that writes), and any other run is refused, in one line."""
+        if self.cache_root == self.path / "cache":
+            return
+        marker, me = self.cache_root / CACHE_OWNER, str(self.path.resolve())
+        try:
+            found = json.loads(marker.read_bytes())["run"]
+        except FileNotFoundError:
+            found = None
+        except (ValueError, KeyError, TypeError):
+            found = f"unknown ({marker} is unreadable)"
+        if found is None:
+            if write:
+                data = json.dumps({"run": me}).encode()
+                if isinstance(marker, RemotePath):
+                    marker.write_bytes(data)
+                else:
+                    marker.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write(marker, data)
+            return
+        if found != me:
+            raise CacheError(f"cache.location: {self.cache_root} holds the caches of run {found}, not of {me}; give "
+                             f"this run another name or cache.location (if that run moved here, delete {marker})")
 
     # -- checkpoints ---------------------------------------------------------------------------
     def previous_checkpoint_path(self, j: int) -> Path:
