@@ -26,6 +26,7 @@ import torch
 from rich.console import Console
 
 from cachetrain.bench.tools import stopwatch
+from cachetrain.cache.location import location, remove_tree
 from cachetrain.config import Config
 from cachetrain.source import SPLITS
 from cachetrain.device import autocast
@@ -172,6 +173,8 @@ def run_bench(cfg: Config, out: Path, console: Console, quick: bool = False) -> 
         cfg = quick_config(cfg)
     for regime in REGIMES:
         shutil.rmtree(out / regime, ignore_errors=True)  # fresh runs: timings of resumed work mean nothing
+        if cfg.cache.location:  # and their caches, wherever cache.location keeps them
+            remove_tree(location(cfg.cache.location) / regime)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"name": cfg.name, "quick": quick, "date": time.strftime("%Y-%m-%d %H:%M"),
                      "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
