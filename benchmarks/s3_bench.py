@@ -30,12 +30,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cachetrain.cache import CacheReader, StoreInfo, plan_layout, write_store
+from cachetrain.bench.tools import store_layout, write_features
+from cachetrain.cache import CacheReader
 from cachetrain.cache.copies import LocalCopies
 from cachetrain.cache.feeds import REMOTE_THREADS
 from cachetrain.cache.loader import CacheLoader
@@ -77,17 +79,10 @@ def features(n: int, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
 
 
 def write(path, x: torch.Tensor, codec: str, chunk_mib: float) -> float:
-    n = len(x)
-    info = StoreInfo(stage=0, k=1, split="train", fingerprint="bench", weights_hash="w", input_fingerprint="i",
-                     dtype="float16", codec=codec, level=1, num_samples=n, sample_shape=tuple(x.shape[1:]),
-                     chunk_samples=plan_layout(x[0].numel() * 2, chunk_mib, n, 256).chunk_samples)
-    layout = plan_layout(info.sample_bytes, chunk_mib, n, 256)
-
-    def batches(start, size):
-        for i in range(start, n, size):
-            yield x[i:i + size], None
+    """Seconds of the caching pass (`write_store`, identity stage) writing x as a store at `path`."""
+    info, layout = store_layout(x.shape[1:], len(x), codec, chunk_mib=chunk_mib)
     t0 = time.perf_counter()
-    write_store(path, info, np.zeros(n, dtype=np.int64), torch.nn.Identity(), batches, layout, torch.device("cpu"))
+    write_features(path, replace(info, fingerprint="bench"), layout, x)
     return time.perf_counter() - t0
 
 

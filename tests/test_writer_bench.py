@@ -30,9 +30,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def run_script(script: str, *args: str) -> None:
-    """`python benchmarks/SCRIPT ARGS`, in this process."""
-    runpy.run_path(str(ROOT / "benchmarks" / script), run_name="benchmark")["main"](list(args))
+def run_script(script: str, *args: str):
+    """`python benchmarks/SCRIPT ARGS`, in this process; what its main returns."""
+    return runpy.run_path(str(ROOT / "benchmarks" / script), run_name="benchmark")["main"](list(args))
 
 
 def test_timers_run_warm_up_calls_untimed_and_time_the_rest():
@@ -75,3 +75,27 @@ def test_step_bench_times_every_arm(tmp_path, capsys, one_thread, what, stage, s
     assert all(len(v) == 2 and all(math.isfinite(ms) and ms > 0 for ms in v) for v in r["median_step_ms"].values())
     assert all(math.isfinite(r[name]) and r[name] > 0 for name in ratios)
     assert all(f"{name}: " in printed for name in ratios)
+
+
+@pytest.mark.slow
+def test_s3_bench_tiny_runs_every_arm_against_its_own_s3_server(tmp_path, monkeypatch, one_thread):
+    """benchmarks/s3_bench.py at a toy size: its own moto server in a process of its own, every arm run
+    (each S3 epoch asserts it met every sample), one table row per codec. The AWS_* variables it sets are
+    this test's only (monkeypatch restores them), and so is its file system."""
+    pytest.importorskip("moto.server", reason="moto[server] is part of [dev]")
+    from cachetrain.cache.location import _filesystem
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.setenv(name, "unset")
+    try:
+        summary = run_script("s3_bench.py", "--samples", "200", "--shape", "4", "8", "8", "--rounds", "1",
+                             "--out", str(tmp_path))
+    finally:
+        _filesystem.cache_clear()
+    assert set(summary["results"]) == {"none", "zstd"}
+    for res in summary["results"].values():
+        row = res["rounds"][0]
+        assert row["s3"]["epoch_samples_per_s"] > 0 and row["s3_copies"]["epoch_samples_per_s"] > 0
+        assert row["server"]["objects"] >= 1
+    table = (tmp_path / "results.md").read_text()
+    assert "| none |" in table and "| zstd |" in table
