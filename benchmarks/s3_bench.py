@@ -20,7 +20,6 @@ local reads see benchmarks/disk_bench.py.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cachetrain.bench.tools import store_layout, write_features
+from cachetrain.bench.tools import save_results, store_layout, write_features
 from cachetrain.cache import CacheReader
 from cachetrain.cache.copies import LocalCopies
 from cachetrain.cache.feeds import REMOTE_THREADS
@@ -196,10 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{res['median_copies_filling_samples_per_s']:,.0f} | {res['median_copies_epoch_samples_per_s']:,.0f} | "
                      f"{res['median_local_write_MB_per_s']:,.0f} | {res['median_s3_write_MB_per_s']:,.0f} | "
                      f"{res['median_write_vs_server_put']:.2f} ({res['median_server_put_MB_per_s']:,.0f} MB/s) |")
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return summary
+    return save_results(out, summary, lines)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from cachetrain.bench.tools import save_results
 from cachetrain.config import load_config
 
 CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "fmnist.yaml")
@@ -112,10 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary["medians"][procs] = med
         lines.append(f"| {procs} | {med['cache_seconds']:.1f} | {med['cache_speedup']:.2f} | "
                      f"{med['stage_samples_per_s']:,.0f} | {med['stage_speedup']:.2f} |")
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return summary
+    return save_results(out, summary, lines)
 
 
 if __name__ == "__main__":

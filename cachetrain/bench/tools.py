@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import json
+
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -121,6 +123,15 @@ def write_features(path: Path, info, layout, x: torch.Tensor, labels: np.ndarray
 
     labels = np.zeros(n, dtype=np.int64) if labels is None else labels
     write_store(path, info, labels, stage or nn.Identity(), batches, layout, x.device, amp=amp)
+
+
+def save_results(out: Path, summary: dict, lines: list[str]) -> dict:
+    """A benchmark's ending: `summary` as OUT/results.json, its markdown `lines` as OUT/results.md and on
+    stdout; returns `summary` (what `main` returns to the tests' smoke runs)."""
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return summary
 
 
 # -- the ImageNet layout --------------------------------------------------------------------------------
