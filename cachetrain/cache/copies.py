@@ -27,6 +27,8 @@ import uuid
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 EVICT_TO = 0.9  # once over the limit, delete down to this fraction of it (not one file per put)
 RESCAN_PUTS = 16  # how often a process looks at what the others added
 SUBFOLDER = "cachetrain-copies"
@@ -47,13 +49,14 @@ class LocalCopies:
     def store_folder(self, store_url: str, digest: str | None) -> Path:
         return self.folder / hashlib.sha256(f"{store_url}#{digest}".encode()).hexdigest()[:20]
 
-    def get(self, folder: Path, name: str) -> bytes | None:
-        """The copy of chunk object `name`, or None. Reading it marks it recently used."""
+    def get(self, folder: Path, name: str) -> np.ndarray | None:
+        """The copy of chunk object `name` (uint8, writable: one read, no copy), or None. Reading it marks it
+        recently used."""
         if self._off:
             return None
         file = folder / name.replace("/", "_")
         try:
-            data = file.read_bytes()
+            data = np.fromfile(file, dtype=np.uint8)
             os.utime(file)
         except FileNotFoundError:
             return None
@@ -68,7 +71,7 @@ class LocalCopies:
         except OSError as e:
             self._fail(e)
 
-    def put(self, folder: Path, name: str, data: bytes) -> None:
+    def put(self, folder: Path, name: str, data: np.ndarray) -> None:
         """Keep a copy (written to a temp name of its own, renamed into place), then keep the folder under
         the limit."""
         if self._off or len(data) > self.limit:

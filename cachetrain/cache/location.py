@@ -2,8 +2,8 @@
 
 `cache.location` may be an fsspec URL, `s3://bucket/prefix` (the `cachetrain[s3]` extra: s3fs), so a
 run's caches can live on S3-compatible storage while its checkpoints stay local. A `RemotePath` offers
-the few pathlib methods the cache code uses on a store (`/`, `name`, `exists`, `is_file`, `stat`,
-`unlink`), so that code reads the same for both; what differs is said where it differs:
+the few pathlib methods the cache code uses on a store (`/`, `name`, `exists`, `is_file`, `read_bytes`,
+`write_bytes`, `unlink`), so that code reads the same for both; what differs is said where it differs:
 - local chunk files are memory-mapped, fadvised and fsynced; objects are read whole with one GET each
   (several in flight: cachetrain/cache/feeds.py `ReadFeed`) and written whole with one PUT each, which
   an object store applies atomically: an object is there in full or not at all, so nothing is fsynced;
@@ -25,7 +25,6 @@ import functools
 import os
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from types import SimpleNamespace
 from typing import Iterator
 
 from cachetrain.errors import CacheError
@@ -231,14 +230,6 @@ class RemotePath:
     def is_file(self) -> bool:
         with remote_errors("looking it up", str(self)):
             return self.fs.isfile(self.key)
-
-    def is_dir(self) -> bool:
-        return self.exists() and not self.is_file()
-
-    def stat(self) -> SimpleNamespace:
-        """st_size only: what the cache code asks of a chunk's file. FileNotFoundError when absent."""
-        with remote_errors("looking it up", str(self)):
-            return SimpleNamespace(st_size=int(self.fs.size(self.key)))
 
     def read_bytes(self, start: int | None = None, end: int | None = None) -> bytes:
         """The object, or bytes [start, end) of it (start < 0: the last -start bytes): one GET."""

@@ -232,14 +232,10 @@ class CacheReader:
 
     def _check_mapped(self, c: int, mapped: _Mapping) -> None:
         """Hash a mapped chunk file (payload + trailing crc32c) and compare with the manifest."""
-        data = np.frombuffer(mapped.mm, dtype=np.uint8)
-        stored = int.from_bytes(mapped.mm[-4:], "little")
-        if google_crc32c.value(data[:-4]) != stored:
+        fault = chunk_fault(np.frombuffer(mapped.mm, dtype=np.uint8), self.info, self.expected_crc(c))
+        if fault is not None:
             self._drop(c)
-            raise self._corrupt(c, "its crc32c does not match its bytes", mapped.file)
-        if self.expected_crc(c) not in (None, stored):
-            self._drop(c)
-            raise self._corrupt(c, "it differs from the store's checksum manifest", mapped.file)
+            raise self._corrupt(c, fault, mapped.file)
         self._unchecked.discard(c)
         self.checked[c] = mapped.identity
 
@@ -306,11 +302,9 @@ class CacheReader:
                              f"cache --j {self.info.stage} --repair")
         identity = _identity(st, self.expected_crc(c))
         if VERIFY and self.checked[c] != identity:
-            stored = int.from_bytes(data[-4:].tobytes(), "little")
-            if google_crc32c.value(data[:-4]) != stored:
-                raise self._corrupt(c, "its crc32c does not match its bytes", file)
-            if self.expected_crc(c) not in (None, stored):
-                raise self._corrupt(c, "it differs from the store's checksum manifest", file)
+            fault = chunk_fault(data, self.info, self.expected_crc(c))
+            if fault is not None:
+                raise self._corrupt(c, fault, file)
             self.checked[c] = identity
         fmt = self.info.storage_format
         block = data[:-4].view(fmt.numpy_dtype)[:(stop - start) * int(np.prod(self.info.sample_shape))]
@@ -324,13 +318,12 @@ class CacheReader:
         file = self.chunk_path(c)
         name = str(file.relative_to(self.path))
         data = None
+        expected = self.expected_crc(c) if VERIFY else None
         if self.copies is not None:  # a local copy from an earlier epoch, checked as the object would be
-            local = self.copies.get(self._copies_folder, name)
-            if local is not None:
-                data = np.frombuffer(bytearray(local), dtype=np.uint8)
-                if self._fault(c, data) is not None:
-                    self.copies.drop(self._copies_folder, name)  # torn or stale: fetch the object again
-                    data = None
+            data = self.copies.get(self._copies_folder, name)
+            if data is not None and VERIFY and chunk_fault(data, self.info, expected) is not None:
+                self.copies.drop(self._copies_folder, name)  # torn or stale: fetch the object again
+                data = None
         if data is None:
             try:
                 # a writable copy (a memcpy against a network read): torch warns on read-only arrays
@@ -338,11 +331,11 @@ class CacheReader:
             except FileNotFoundError:
                 raise CacheError(f"{self.path}: chunk {c} (samples {start}-{stop - 1}) is missing ({file}); run: "
                                  f"cachetrain verify, then cachetrain cache --j {self.info.stage} --repair") from None
-            fault = self._fault(c, data)
+            fault = chunk_fault(data, self.info, expected) if VERIFY else None
             if fault is not None:
                 raise self._corrupt(c, fault, str(file))
             if self.copies is not None:
-                self.copies.put(self._copies_folder, name, data.tobytes())
+                self.copies.put(self._copies_folder, name, data)
         payload = data[:-4]
         if self.info.codec == "zstd":
             payload = np.empty(self.info.chunk_samples * self.info.sample_bytes, dtype=np.uint8)
@@ -356,18 +349,6 @@ class CacheReader:
         if len(block) != count:
             raise self._corrupt(c, f"it decodes to {len(block)} values, expected {count}", str(file))
         return fmt.as_tensor(block.reshape(stop - start, *self.info.sample_shape))
-
-    def _fault(self, c: int, data: np.ndarray) -> str | None:
-        """What is wrong with the bytes of chunk c's object (its size, its crc32c, the manifest's), or None."""
-        if len(data) <= 4 or (self.info.codec == "none" and len(data) != self.info.raw_chunk_file_bytes):
-            return f"it is {len(data)} bytes"
-        stored = int.from_bytes(data[-4:].tobytes(), "little")
-        if VERIFY:
-            if google_crc32c.value(data[:-4]) != stored:
-                return "its crc32c does not match its bytes"
-            if self.expected_crc(c) not in (None, stored):
-                return "it differs from the store's checksum manifest"
-        return None
 
     def _stat_chunk(self, c: int) -> tuple[str, os.stat_result]:
         """Chunk c's file and its stat. zarr would read a missing chunk as zeros, and a short file maps
@@ -410,9 +391,27 @@ class CacheReader:
         identity = _identity(st, expected)
         if VERIFY and self.checked[c] != identity:
             if expected is not None and trailing_crc32c(file) != expected:
-                raise self._corrupt(c, "it differs from the store's checksum manifest", file)
+                raise self._corrupt(c, DIFFERS_FROM_MANIFEST, file)
             self.checked[c] = identity
         return self.info.storage_format.as_tensor(np.ascontiguousarray(block))
+
+
+DIFFERS_FROM_MANIFEST = "it differs from the store's checksum manifest"  # a chunk_fault verify reports apart
+
+
+def chunk_fault(data: np.ndarray, info: StoreInfo, expected: int | None) -> str | None:
+    """What is wrong with the whole bytes of one chunk file or object (uint8), in words, or None: its size
+    (an uncompressed chunk has exactly `raw_chunk_file_bytes`), its trailing crc32c against its bytes, and
+    that crc against `expected`, the manifest's (None: no manifest). Every checked read uses this, and so
+    does `verify` for remote stores."""
+    if len(data) <= 4 or (info.codec == "none" and len(data) != info.raw_chunk_file_bytes):
+        return f"it is {len(data)} bytes"
+    stored = int.from_bytes(data[-4:].tobytes(), "little")
+    if google_crc32c.value(data[:-4]) != stored:
+        return "its crc32c does not match its bytes"
+    if expected not in (None, stored):
+        return DIFFERS_FROM_MANIFEST
+    return None
 
 
 def _reason(e: BaseException) -> str:

@@ -16,12 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import google_crc32c
 import numpy as np
 import zarr
 from numcodecs import Zstd
 
 from cachetrain.cache.location import RemotePath, location, raise_if_transport, zarr_store
+from cachetrain.cache.reader import DIFFERS_FROM_MANIFEST, chunk_fault
 from cachetrain.cache.manifest import (chunk_file, labels_file, metadata_problem, read_manifest, store_state,
                                        trailing_crc32c)
 
@@ -52,8 +52,8 @@ class ChunkProblem:
 
 def verify_store(path: Path) -> list[ChunkProblem]:
     """Every problem in the store at `path` (which must exist); [] when every chunk decodes (and, in a
-    complete store, agrees with the checksum manifest). A remote store's chunks are read by the same zarr
-    decode, through its FsspecStore."""
+    complete store, agrees with the checksum manifest). A remote store's chunks are checked from one GET
+    each (`_remote_chunk_problems`)."""
     path = location(path)
     problem = metadata_problem(path)
     if problem is not None:
@@ -74,21 +74,8 @@ def verify_store(path: Path) -> list[ChunkProblem]:
             manifest = read_manifest(path, info)
         except ValueError as e:
             problems.append(ChunkProblem(path, None, 0, 0, f"corrupt: {e}", part="checksum manifest"))
-    if isinstance(path, RemotePath):
-        problems += _remote_chunk_problems(path, info, features, manifest)
-    for c in range(info.num_chunks if not isinstance(path, RemotePath) else 0):
-        start, stop = c * info.chunk_samples, min((c + 1) * info.chunk_samples, info.num_samples)
-        file = chunk_file(path, features, c)
-        if not file.exists():
-            problems.append(ChunkProblem(path, c, start, stop, "missing", file))
-            continue
-        try:
-            features[start:stop]
-        except Exception as e:  # noqa: BLE001 - a checksum mismatch or a codec failure: both mean corrupt
-            problems.append(ChunkProblem(path, c, start, stop, f"corrupt: {_reason(e)}", file))
-            continue
-        if manifest is not None and trailing_crc32c(file) != int(manifest[c]):
-            problems.append(ChunkProblem(path, c, start, stop, MANIFEST_DIFFERS, file))
+    check = _remote_chunk_problems if isinstance(path, RemotePath) else _local_chunk_problems
+    problems += check(path, info, features, manifest)
     if not labels_path.is_file():  # it would read as zeros
         problems.append(ChunkProblem(path, None, 0, info.num_samples, "missing"))
         return problems
@@ -103,13 +90,32 @@ def verify_store(path: Path) -> list[ChunkProblem]:
     return problems
 
 
+def _local_chunk_problems(path: Path, info, features, manifest) -> list[ChunkProblem]:
+    """The chunk files of a local store: present, decoded by zarr (which checks the crc32c), and as the
+    manifest records."""
+    problems = []
+    for c in range(info.num_chunks):
+        start, stop = c * info.chunk_samples, min((c + 1) * info.chunk_samples, info.num_samples)
+        file = chunk_file(path, features, c)
+        if not file.exists():
+            problems.append(ChunkProblem(path, c, start, stop, "missing", file))
+            continue
+        try:
+            features[start:stop]
+        except Exception as e:  # noqa: BLE001 - a checksum mismatch or a codec failure: both mean corrupt
+            problems.append(ChunkProblem(path, c, start, stop, f"corrupt: {_reason(e)}", file))
+            continue
+        if manifest is not None and trailing_crc32c(file) != int(manifest[c]):
+            problems.append(ChunkProblem(path, c, start, stop, MANIFEST_DIFFERS, file))
+    return problems
+
+
 def _remote_chunk_problems(path: RemotePath, info, features, manifest) -> list[ChunkProblem]:
     """The chunk objects of a remote store, checked from one GET each (REMOTE_READS in flight): present at
     the right size (one listing), crc32c, decodable, and as the manifest records. A transport error ends
     the check as one line (CacheError): it says nothing about the store, and must not be called corrupt,
     which `--repair` would act on."""
     sizes = (path / "features").sizes()
-    expected = info.raw_chunk_file_bytes if info.codec == "none" else None
 
     def check(c: int) -> ChunkProblem | None:
         start, stop = c * info.chunk_samples, min((c + 1) * info.chunk_samples, info.num_samples)
@@ -121,18 +127,15 @@ def _remote_chunk_problems(path: RemotePath, info, features, manifest) -> list[C
             data = np.frombuffer(file.read_bytes(), dtype=np.uint8)
         except FileNotFoundError:
             return ChunkProblem(path, c, start, stop, "missing", file)
-        if len(data) <= 4 or (expected is not None and len(data) != expected):
-            return ChunkProblem(path, c, start, stop, f"corrupt: it is {len(data)} bytes", file)
-        stored = int.from_bytes(data[-4:].tobytes(), "little")
-        if google_crc32c.value(data[:-4]) != stored:
-            return ChunkProblem(path, c, start, stop, "corrupt: its crc32c does not match its bytes", file)
+        fault = chunk_fault(data, info, None if manifest is None else int(manifest[c]))
+        if fault is not None:
+            return ChunkProblem(path, c, start, stop,
+                                MANIFEST_DIFFERS if fault == DIFFERS_FROM_MANIFEST else f"corrupt: {fault}", file)
         if info.codec == "zstd":
             try:
                 Zstd().decode(data[:-4])
             except Exception as e:  # noqa: BLE001 - numcodecs raises RuntimeError or ValueError
                 return ChunkProblem(path, c, start, stop, f"corrupt: zstd cannot decode it ({_reason(e)})", file)
-        if manifest is not None and stored != int(manifest[c]):
-            return ChunkProblem(path, c, start, stop, MANIFEST_DIFFERS, file)
         return None
 
     with ThreadPoolExecutor(REMOTE_READS, thread_name_prefix="verify-get") as pool:
