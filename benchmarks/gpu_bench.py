@@ -18,7 +18,7 @@ stand in for trained ones: throughput and memory do not depend on the weights. M
 - per stage, the time to cache its outputs (both codecs) against a bare forward over the same samples.
 The summary (`cachetrain.bench.tools.gpu_summary`) turns these into the issue's ratios, next to what
 the planner's FLOP model predicts (`cachetrain.plan.planner.cost_ratio`). Every step is the trainer's own
-(`cachetrain.train.trainer.train_step`), timed by `cachetrain.bench.tools.time_total` after 2 warm-up steps.
+(`cachetrain.step.train_step`), timed by `cachetrain.bench.tools.time_total` after 2 warm-up steps.
 
     python benchmarks/gpu_bench.py OUT [--batch 256] [--steps 20] [--stages 8] [--tiny]
 
@@ -43,15 +43,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from cachetrain.bench.tools import (DataShape, gpu_summary, imagenet_config, stepper, stopwatch, store_layout,
+from cachetrain.bench.tools import (gpu_summary, imagenet_config, stepper, stopwatch, store_layout,
                                    time_total, write_features)
 from cachetrain.config import Config
 from cachetrain.device import autocast
-from cachetrain.train.e2e import e2e_network
+from cachetrain.models.factory import e2e_network
 from cachetrain.models import build_network, make_head
 from cachetrain.plan.planner import Workload, cost_ratio, stage_costs
 from cachetrain.plan.profile import step_memory
-from cachetrain.train.trainer import StageModel, make_optimizer
+from cachetrain.models.factory import StageModel
+from cachetrain.step import make_optimizer
 
 HAVE_ZARR = importlib.util.find_spec("zarr") is not None and importlib.util.find_spec("numcodecs") is not None
 HAVE_DALI = HAVE_ZARR and importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
@@ -221,7 +222,7 @@ def main() -> None:
 
     results["e2e"] = {}
     for aux, c in (("sr", cfg), ("conv", cfg_conv)):
-        e2e = memory_layout(e2e_network(c, DataShape(shape, classes)).to(device))
+        e2e = memory_layout(e2e_network(c, shape, classes).to(device))
         row = timed_steps(e2e, forever(images, labels, args.batch), args.steps, device, amp)
         if device.type != "cuda":
             row["counted_bytes"] = step_memory(e2e, images[:args.batch], labels[:args.batch],

@@ -3,7 +3,7 @@ layout (`layout`) and who assembles its batches (`feed`).
 
 The question: the cached regime's steps ran 10-14% longer than the recompute regime's on the 2-core
 CPU. Is the input to blame, and how? Both ways time the training step of stage `--stage` of a
-config's network (its block + auxiliary head; `cachetrain.train.trainer.train_step`, forward + backward +
+config's network (its block + auxiliary head; `cachetrain.step.train_step`, forward + backward +
 optimizer step) on ReLU-like features of that stage's input shape, with
 `cachetrain.bench.tools.time_each`: only the step is timed, never the wait for a batch. Each round
 trains a fresh copy of the stage for `--steps` steps per arm, after `--warmup` (5) untimed steps; the arm
@@ -46,7 +46,8 @@ from cachetrain.bench.tools import stepper, store_layout, time_each, write_featu
 from cachetrain.config import Config, load_config
 from cachetrain.models import build_network, make_head
 from cachetrain.plan.planner import input_shape
-from cachetrain.train.trainer import StageModel, make_optimizer
+from cachetrain.models.factory import StageModel
+from cachetrain.step import make_optimizer
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 DEFAULTS = {"layout": {"stage": 3, "steps": 60, "rounds": 3, "out": "bench/layout"},

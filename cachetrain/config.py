@@ -22,6 +22,26 @@ import yaml
 from cachetrain.errors import ConfigError
 
 
+# Field metadata of a key that cannot change what is computed: where things live, how many processes
+# read, how often a mid-epoch checkpoint is taken (resume is bit-identical either way), whether
+# activations are recomputed in the backward instead of kept (the same gradients: tests/test_memory.py).
+# A run accepts a new value for such a key without retraining anything (cachetrain.run.identity).
+FREE = {"free": True}
+
+
+def free_keys(cls: type | None = None, prefix: str = "") -> frozenset[str]:
+    """The dotted names of every FREE key of the config schema (its sections walked through their types)."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    out: set[str] = set()
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("free"):
+            out.add(prefix + f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            out |= free_keys(hints[f.name], f"{prefix}{f.name}.")
+    return frozenset(out)
+
+
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}: expected {expected}, got {got!r}")
@@ -32,7 +52,7 @@ class DataConfig:
     # fmnist: torchvision FashionMNIST from the Debian package; imagefolder: <root>/{train,val}/<class>/*;
     # synthetic: seeded random images with a class-dependent pattern (learnable, for tests and benchmarks).
     name: Literal["fmnist", "imagefolder", "synthetic"] = "fmnist"
-    root: str | None = None  # None: $CACHETRAIN_DATA, else the dataset's default location
+    root: str | None = field(default=None, metadata=FREE)  # None: $CACHETRAIN_DATA, else the default location
     train_subset: int = 0  # first N training samples (0 = all); a stratified-enough prefix for tests
     test_subset: int = 0
     # validation split, held out of the training split (after train_subset) by a permutation seeded with
@@ -125,13 +145,14 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast, CUDA only
     channels_last: bool = True  # CUDA only
     e2e_epochs: int = 0  # `cachetrain e2e`: epochs of end-to-end training (0: the same as one greedy stage)
-    checkpoint_steps: int = 0  # also checkpoint every N optimizer steps within an epoch (0: per epoch only)
+    # also checkpoint every N optimizer steps within an epoch (0: per epoch only)
+    checkpoint_steps: int = field(default=0, metadata=FREE)
     # feature-space augmentation for stages j > 0, applied per batch on the device (off by default)
     feature_crop_padding: int = 0
     feature_flip: bool = False
     # recompute each BN -> ReLU pair in the backward instead of keeping its output (cachetrain.models.chain):
     # the same values and gradients, less memory, two extra elementwise passes per pair
-    checkpoint_activations: bool = False
+    checkpoint_activations: bool = field(default=False, metadata=FREE)
     # early stopping on validation loss: stop a stage (and the end-to-end baseline) when its validation loss
     # has not improved for this many epochs, and keep the weights of its best epoch (0: off, keep the last)
     patience: int = 0
@@ -142,7 +163,7 @@ class TrainConfig:
     slowdown_of: Literal["epochs", "lr"] = "epochs"
     # after each stage (and after `cachetrain e2e`), fit linear probes on its cached outputs
     # (cachetrain.train.diagnostics); they do not change training
-    probes: bool = True
+    probes: bool = field(default=True, metadata=FREE)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "an integer >= 1", self.epochs)
@@ -198,11 +219,11 @@ class CacheConfig:
     batch_size: int = 256  # forward batch of the caching pass, rounded to whole chunks
     # where the stores go: "" -> <run>/cache; else <location>/<run name>/stage_<j>, with location a folder
     # or an object store URL, s3://bucket/prefix (credentials and endpoint: the AWS_* environment)
-    location: str = ""
+    location: str = field(default="", metadata=FREE)
     # a remote store's chunk objects, once fetched, kept on this local folder for the next epochs ("" = off),
     # the least recently used deleted beyond remote_copies_gib (cachetrain/cache/copies.py)
-    remote_copies: str = ""
-    remote_copies_gib: float = 100.0
+    remote_copies: str = field(default="", metadata=FREE)
+    remote_copies_gib: float = field(default=100.0, metadata=FREE)
 
     def __post_init__(self) -> None:
         _check(1 <= self.level <= 22, "cache.level", "an integer in [1, 22]", self.level)
@@ -233,8 +254,9 @@ class LoaderConfig:
     backend: Literal["auto", "numpy", "dali"] = "auto"
     order: Literal["quasi_random", "random", "sequential"] = "quasi_random"
     window_chunks: int = 4  # quasi_random: samples are shuffled within this many consecutive chunks
-    workers: int = 1  # processes decoding chunks in the background (0: read in the training process)
-    prefetch_chunks: int = 4  # chunks each worker reads ahead
+    # processes decoding chunks in the background (0: read in the training process)
+    workers: int = field(default=1, metadata=FREE)
+    prefetch_chunks: int = field(default=4, metadata=FREE)  # chunks each worker reads ahead
 
     def __post_init__(self) -> None:
         _check(self.window_chunks >= 1, "loader.window_chunks", "an integer >= 1", self.window_chunks)
@@ -244,8 +266,8 @@ class LoaderConfig:
 
 @dataclass(frozen=True)
 class Config:
-    name: str = "run"
-    run_dir: str = ""  # "" -> runs/<name>
+    name: str = field(default="run", metadata=FREE)
+    run_dir: str = field(default="", metadata=FREE)  # "" -> runs/<name>
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

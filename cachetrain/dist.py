@@ -120,7 +120,11 @@ class Dist:
             return model
         from torch.nn.parallel import DistributedDataParallel
         device = next(model.parameters()).device
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradients as views into DDP's buckets: no copy between them, and no "grad strides do not match
+        # bucket view strides" warning on every 2-rank run (a parameter whose strides differ from its
+        # bucket view's, as space-to-depth and channels-last layouts make)
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       gradient_as_bucket_view=True)
 
     def sync_buffers(self, model: nn.Module) -> None:
         """Rank 0's BN running statistics on every rank. DDP broadcasts them at the start of each training
@@ -163,3 +167,13 @@ class Dist:
     def close(self) -> None:
         if self.world > 1 and td.is_initialized():
             td.destroy_process_group()
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Whether `e` is a collective that failed because another rank of the job is gone (killed, crashed):
+    torchrun restarts the group, and this rank's traceback says nothing the user can act on."""
+    if isinstance(e, getattr(td, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in ("gloo", "Connection closed by peer",
+                                                                    "Connection reset by peer", "NCCL"))

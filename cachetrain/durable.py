@@ -13,7 +13,7 @@
 
 One writer per file at a time: the temp name is fixed (a crash's leftover is overwritten by the next
 write, not piled up), so two processes writing the same file would share it. The run lock
-(cachetrain.train.rundir) guarantees that for everything inside a run directory.
+(cachetrain.run.lock) guarantees that for everything inside a run directory.
 
 `UNWRITABLE` and `unwritable_message` turn a read-only or permission-denied write (EROFS, EACCES,
 EPERM) into the one line the command line prints.

@@ -55,7 +55,7 @@ def status_table(rows, title: str = "stages") -> Table:
         cache = r.cache.value if r.cache else "not cached"
         if r.chunks_missing:
             cache += f" ({r.chunks_missing} chunks {'lost' if r.cache.value == 'damaged' else 'left'})"
-        table.add_row(str(r.j), str(r.k or "-"), r.state, epochs, _pct(r.train_acc),
+        table.add_row(str(r.j), str(r.k or "-"), r.state.value, epochs, _pct(r.train_acc),
                       _pct(r.test_acc), cache,
                       _size(r.cache_bytes) if r.cache_bytes else "-", ratio)
     return table

@@ -2,7 +2,8 @@
 never from another test module.
 
 - run configs: `synthetic_raw` (a tiny synthetic run), `fmnist_raw` (a Fashion-MNIST subset), `write_config`,
-  `tiny_run` (a config file and its Config), `tiny_greedy` (a Greedy on a tiny run);
+  `tiny_run` (a config file and its Config), `greedy_of` (the greedy loop over a config's run), `tiny_greedy`
+  (a Greedy on a tiny run);
 - the command line in a real process: `cli`, `cli_popen`; the same command in this process: `cli_in_process`;
 - stores for the cache and loader tests: `store_info`, `batches_of`, `Doubler`, `make_store` (a store whose
   features name their samples), `sample_ids`;
@@ -76,11 +77,18 @@ def tiny_run(tmp_path: Path, name: str = "tiny.yaml", **sections) -> tuple[Path,
     return write_config(tmp_path / name, raw), Config.from_dict(raw)
 
 
-def tiny_greedy(run_dir: Path, **sections):
-    """A Greedy driver on a tiny synthetic run in `run_dir` (nothing trained yet)."""
+def greedy_of(cfg: Config):
+    """The greedy loop (cachetrain.train.greedy) over the run of `cfg`, opened without a lock, as tests and
+    benchmarks drive it (commands open runs through Run.open)."""
+    from cachetrain.run import Run
     from cachetrain.train.greedy import Greedy
 
-    return Greedy(Config.from_dict(synthetic_raw(run_dir, **sections)))
+    return Greedy(Run(cfg))
+
+
+def tiny_greedy(run_dir: Path, **sections):
+    """A Greedy driver on a tiny synthetic run in `run_dir` (nothing trained yet)."""
+    return greedy_of(Config.from_dict(synthetic_raw(run_dir, **sections)))
 
 
 @pytest.fixture

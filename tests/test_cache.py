@@ -12,6 +12,7 @@ import zarr
 from cachetrain.cache import CacheError, CacheReader, CacheState, plan_layout, store_state, write_store
 from cachetrain.cache.manifest import chunk_file
 from cachetrain.cache.writer import missing_chunks
+from cachetrain.errors import Fix
 from tests.conftest import Doubler, batches_of, cut_short, store_info
 
 SHAPE = (4, 6, 6)  # 144 values: 288 bytes a sample in fp16; chunks of 16 samples, 7 chunks for 100 samples
@@ -97,7 +98,7 @@ def test_incomplete_store_is_never_read_and_resumes_missing_chunks_only(tmp_path
 def test_stale_store_is_refused_with_both_fingerprints(tmp_path):
     write(tmp_path / "s.zarr", make_info())
     with pytest.raises(CacheError, match=r"stale cache: fingerprint abc does not match the current checkpoint \(xyz\)"):
-        CacheReader(tmp_path / "s.zarr", "xyz", rebuild_hint="run: cachetrain cache --j 0")
+        CacheReader(tmp_path / "s.zarr", "xyz", rebuild=Fix.of("cache", j=0))
 
 
 def test_rewriting_with_new_fingerprint_replaces_the_store(tmp_path):
@@ -194,10 +195,10 @@ def test_uncompressed_chunk_files_written_directly_are_the_ones_zarr_writes(tmp_
         with zarr.config.set({"array.write_empty_chunks": True}):
             array = zarr.create_array(str(tmp_path / how), shape=data.shape, chunks=(12, 3, 2, 2), dtype=dtype,
                                       fill_value=0, compressors=[Crc32cCodec()])
-        writer = BackgroundWriter(array, lambda c, a=array, h=how: tmp_path / h / a.metadata.encode_chunk_key((c, 0, 0, 0)))
-        assert writer._raw is not None  # the direct path applies to this layout
-        if how == "zarr":
-            writer._raw = None  # zarr's own encode and write, to compare against
+        path = lambda c, a=array, h=how: tmp_path / h / a.metadata.encode_chunk_key((c, 0, 0, 0))  # noqa: E731
+        # no chunk_path: zarr's own encode and write (as for an object store), to compare against
+        writer = BackgroundWriter(array, path if how == "direct" else None)
+        assert writer.direct == (how == "direct")  # the direct path applies to this layout
         writer.put(0, data[:24])
         writer.put(24, data[24:])
         writer.close()

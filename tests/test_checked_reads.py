@@ -19,6 +19,7 @@ from cachetrain.cache import CacheError, CacheReader, CacheState, StoreInfo, pla
 from cachetrain.cache.manifest import chunk_file, content_digest, digest_of, file_checksums
 from cachetrain.cache.verify import MANIFEST_DIFFERS, verify_store
 from cachetrain.cli import main
+from cachetrain.errors import Fix
 from cachetrain.config import Config
 from cachetrain.cache.loader import CacheLoader
 from cachetrain.models import stage_seed
@@ -290,8 +291,8 @@ def test_a_store_without_its_group_metadata_says_so(tmp_path):
     problems = verify_store(path)
     assert [str(p) for p in problems] == [f"{path}: store: store metadata missing (zarr.json not found)"]
     assert problems[0].whole_store  # rebuilt by the caching pass, not repaired chunk by chunk
-    with pytest.raises(CacheError, match=r"s.zarr: store metadata missing \(zarr.json not found\); run: x"):
-        CacheReader(path, "fp", rebuild_hint="run: x")
+    with pytest.raises(CacheError, match=r"s.zarr: store metadata missing \(zarr.json not found\); run: cachetrain cache --j 0$"):
+        CacheReader(path, "fp", rebuild=Fix.of("cache", j=0))
     (path / "zarr.json").write_text("{not json")
     assert "store metadata missing (zarr.json unreadable" in str(verify_store(path)[0])
     with pytest.raises(CacheError, match="store metadata missing"):

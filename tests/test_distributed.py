@@ -28,8 +28,8 @@ from cachetrain.config import DataConfig, LoaderConfig
 from cachetrain.data.tensors import TensorImages
 from cachetrain.dist import Shard, rank_batches
 from cachetrain.errors import CheckpointError, ConfigError
-from cachetrain.train.checkpoint import check_world
-from cachetrain.train.trainer import train_step
+from cachetrain.run.checkpoint import Checkpoint
+from cachetrain.step import train_step
 from tests.conftest import cli, cli_in_process, make_store, sample_ids, synthetic_raw, write_config
 
 pytestmark = pytest.mark.slow
@@ -167,8 +167,29 @@ def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_the_stage_ends_bit
     r = ok(torchrun(["stage", "--config", str(cfg), "--no-cache"], max_restarts=1, fault="train_step:5", fault_rank=1))
     assert "resuming at epoch 1, batch 3/10" in r.stdout
     assert same_bits(weights(tmp_path / "run"), weights(two_rank_stage))
+    # the surviving rank says what happened in one line, not gloo's traceback; DDP warns of nothing
+    assert "rank 0: another rank of the job is gone" in r.stderr
+    assert "cachetrain/" not in r.stderr and "Grad strides" not in r.stderr + r.stdout
     # the resumed epoch's running sums (every rank's, saved by rank 0 in the checkpoint) give the same row
     assert results(tmp_path / "run") == results(two_rank_stage)
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_the_rerun_ends_bit_identical(two_rank_stage,
+                                                                                                 tmp_path):
+    """Preemption under torchrun: only rank 1 gets SIGTERM (after step 5 of epoch 1; the last periodic
+    checkpoint is at step 3); the ranks agree, both checkpoint at step 5 and exit 143 with one line from rank 0;
+    the same torchrun command resumes from step 5 and ends with the uninterrupted job's bits."""
+    cfg = write_config(tmp_path / "c.yaml", raw(tmp_path / "run"))
+    r = torchrun(["stage", "--config", str(cfg), "--no-cache"], fault="train_step:5:sigterm", fault_rank=1)
+    assert r.returncode != 0
+    assert r.stderr.count("stopped by SIGTERM: stage 0 (k=2): checkpoint at epoch 1, batch 5/10 (step 5)") == 1, \
+        r.stderr
+    assert "exitcode: 143" in r.stderr or "exit code 143" in r.stderr or "143" in r.stderr
+    ck = torch.load(tmp_path / "run/stages/stage_0/checkpoint.pt", weights_only=True)
+    assert (ck["epoch"], ck["batch"], ck["step"], ck["world"]) == (0, 5, 5, 2)
+    r = ok(torchrun(["stage", "--config", str(cfg), "--no-cache"]))
+    assert "resuming at epoch 1, batch 5/10" in r.stdout
+    assert same_bits(weights(tmp_path / "run"), weights(two_rank_stage))
 
 
 def results(run_dir: Path) -> list[dict]:
@@ -208,7 +229,8 @@ from cachetrain.cache import CacheReader
 from cachetrain.cache.source import CacheSource
 from cachetrain.config import LoaderConfig, TrainConfig
 from cachetrain.dist import Dist
-from cachetrain.train.trainer import Position, fit, make_scheduler, train_one_epoch
+from cachetrain.step import make_scheduler
+from cachetrain.train.trainer import Position, fit, train_one_epoch
 
 store, out, batch, lr = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 dist, cpu = Dist.from_env("cpu"), torch.device("cpu")
@@ -383,21 +405,27 @@ def test_each_epoch_every_image_once_across_ranks():
 
 
 def test_a_mid_epoch_checkpoint_resumes_only_with_its_number_of_processes():
-    check_world({"batch": 0, "world": 2}, 1, "stage 0")  # an epoch boundary: any number
-    check_world({"batch": 3}, 1, "stage 0")
+    def at(batch: int, world: int = 1) -> Checkpoint:
+        return Checkpoint(unit=0, k=1, model={}, optimizer={}, scheduler={}, epoch=0, epochs=2, batch=batch,
+                          world=world)
+
+    at(0, world=2).check_world(1)  # an epoch boundary: any number
+    at(3).check_world(1)
     with pytest.raises(CheckpointError, match="taken mid-epoch by 2 process"):
-        check_world({"batch": 3, "world": 2}, 1, "stage 0")
+        at(3, world=2).check_world(1)
 
 
 def test_a_torchrun_job_on_a_run_in_use_is_refused_naming_the_holder(tmp_path):
-    from cachetrain.train.rundir import RunDir
+    from cachetrain.run import RunLayout
+    from cachetrain.run.lock import RunLock
 
     cfg = write_config(tmp_path / "c.yaml", raw(tmp_path / "run"))
-    held = RunDir(tmp_path / "run").lock()  # this process holds the run, as another job would
+    held = RunLock(RunLayout.of(tmp_path / "run"))
+    held.acquire()  # this process holds the run, as another job would
     try:
         r = torchrun(["stage", "--config", str(cfg)])
     finally:
-        held.unlock()
+        held.release()
     assert r.returncode != 0
     assert f"run directory is in use by process {os.getpid()}" in r.stderr
     assert not (tmp_path / "run/stages").exists()  # nothing trained, nothing written

@@ -26,12 +26,13 @@ import zarr
 from cachetrain import durable
 from cachetrain.cache import CacheState, store_state
 from cachetrain.cache import writer
-from cachetrain.train.checkpoint import CheckpointError, load_state
+from cachetrain.errors import CheckpointError
+from cachetrain.run.checkpoint import Checkpoint, Checkpoints
 from cachetrain.cli import main
 from cachetrain.config import Config
-from cachetrain.train.greedy import Greedy
-from cachetrain.train.rundir import RunDir
-from tests.conftest import cli, fmnist_raw, make_store, synthetic_raw, write_config
+from cachetrain.run import RunLayout
+from cachetrain.run.records import Records
+from tests.conftest import greedy_of, cli, fmnist_raw, make_store, synthetic_raw, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -115,15 +116,15 @@ def test_checkpoints_config_and_metrics_are_written_durably(tmp_path, monkeypatc
 
 
 def test_a_metrics_line_torn_by_a_crash_costs_only_itself(tmp_path):
-    run = RunDir(tmp_path)
+    run = Records(RunLayout.of(tmp_path))
     run.append_metrics(0, {"epoch": 1, "test_acc": 0.5})
-    with open(run.metrics_path(0), "a") as f:
+    with open(run.layout.metrics(0), "a") as f:
         f.write('{"epoch": 2, "test_a')  # a crash mid-append
     assert [r["epoch"] for r in run.read_metrics(0)] == [1]
     run.append_metrics(0, {"epoch": 2, "test_acc": 0.6})  # the epoch, trained again after the resume
     assert [r["epoch"] for r in run.read_metrics(0)] == [1, 2]
     run.truncate_metrics(0, 1)
-    assert run.metrics_path(0).read_text() == '{"epoch": 1, "test_acc": 0.5}\n'
+    assert run.layout.metrics(0).read_text() == '{"epoch": 1, "test_acc": 0.5}\n'
 
 
 # -- the caching pass: every chunk durable before `complete`, though fsynced all together at the end ----------
@@ -284,17 +285,17 @@ def test_a_planted_checkpoint_is_refused_without_running_its_code(stage0, tmp_pa
 
 
 def test_a_planted_previous_checkpoint_is_refused_too_and_a_foreign_file_is_named(tmp_path):
-    run = RunDir(tmp_path / "run")
-    stage = run.stage_dir(0)
+    run = Checkpoints(RunLayout.of(tmp_path / "run"))
+    stage = run.layout.unit_dir(0)
     stage.mkdir(parents=True)
     (stage / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated by a crash")
     torch.save({"model": {}, "epoch": Planted(tmp_path / "code-ran")}, stage / "checkpoint.prev.pt")
     with pytest.raises(CheckpointError, match=f"^{stage / 'checkpoint.prev.pt'}: refused: .*none of its code was run"):
-        run.load_checkpoint(0)
+        run.load(0)
     assert not (tmp_path / "code-ran").exists()
     torch.save({"weight": torch.zeros(2)}, stage / "checkpoint.pt")  # loads, but is nobody's checkpoint
     with pytest.raises(CheckpointError, match="not a cachetrain checkpoint \\(no model, optimizer"):
-        run.load_checkpoint(0)
+        run.load(0)
 
 
 # -- checkpoints that do not fit the model -------------------------------------------------------------
@@ -316,8 +317,8 @@ def test_a_checkpoint_for_another_width_is_one_line_naming_file_parameter_and_sh
     wide_raw = synthetic_raw(tmp_path / "wide", model={"width": 12}, train={"checkpoint_steps": 3})
     narrow, wide = (write_config(tmp_path / f"{n}.yaml", r) for n, r in (("narrow", narrow_raw), ("wide", wide_raw)))
     wide_cfg = Config.from_dict(wide_raw)
-    g_narrow, g_wide = Greedy(Config.from_dict(narrow_raw)), Greedy(wide_cfg)
-    name, theirs, ours = _first_mismatch(g_narrow.net.stages[0], g_wide.net.stages[0])
+    g_narrow, g_wide = greedy_of(Config.from_dict(narrow_raw)), greedy_of(wide_cfg)
+    name, theirs, ours = _first_mismatch(g_narrow.inputs.net.stages[0], g_wide.inputs.net.stages[0])
 
     # stage 0 resumed mid-epoch from the copied checkpoint
     assert cli(["stage", "--config", str(narrow), "--j", "0"], fault="train_step:5").returncode == -signal.SIGKILL
@@ -349,11 +350,15 @@ def test_a_checkpoint_for_another_width_is_one_line_naming_file_parameter_and_sh
 
 def test_load_state_names_missing_and_extra_parameters():
     model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+
+    def checkpoint(state: dict) -> Checkpoint:
+        return Checkpoint(unit=0, k=1, model=state, optimizer={}, scheduler={}, epoch=1, epochs=1)
+
     with pytest.raises(CheckpointError, match="model has no 0.bias, which the configured model has"):
-        load_state(model, {"model": {"0.weight": torch.zeros(3, 2)}})
+        checkpoint({"0.weight": torch.zeros(3, 2)}).load_state(model)
     state = {**model.state_dict(), "1.weight": torch.zeros(1)}
     with pytest.raises(CheckpointError, match="model has 1.weight, which the configured model has not"):
-        load_state(model, {"model": state})
+        checkpoint(state).load_state(model)
 
 
 # -- read-only run directory or data root --------------------------------------------------------------

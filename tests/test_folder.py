@@ -12,7 +12,7 @@ from cachetrain.config import Config
 from cachetrain.data.tensors import load_fmnist
 from cachetrain.config import DataConfig
 from cachetrain.data.folder import FolderImages
-from cachetrain.train.greedy import Greedy
+from tests.conftest import greedy_of
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def jpeg_folder(tmp_path_factory):
     data = load_fmnist(DataConfig(train_subset=300, test_subset=100, val_samples=0), seed=0,
                        device=torch.device("cpu"))
     for split, name in (("train", "train"), ("test", "val")):
-        x, y = data._x[split], data._y[split]
+        x, y = data.images(split)
         for i in range(len(y)):
             d = root / name / f"class{int(y[i]):02d}"
             d.mkdir(parents=True, exist_ok=True)
@@ -45,14 +45,14 @@ def folder_raw(root, run_dir, backend: str) -> dict:
 @pytest.mark.parametrize("backend", ["numpy", "dali"])
 def test_stage0_trains_and_caches_from_jpegs(jpeg_folder, tmp_path, backend):
     cfg = Config.from_dict(folder_raw(jpeg_folder, tmp_path / "run", backend))
-    g = Greedy(cfg)
-    assert g.data.use_dali == (backend == "dali")
+    g = greedy_of(cfg)
+    assert g.run.data.use_dali == (backend == "dali")
     rows = g.train_all()
     assert [r.state for r in rows] == ["trained", "trained"]
     assert rows[0].cache is CacheState.COMPLETE
     assert rows[1].test_acc > 0.25, rows[1].test_acc  # chance is 0.10
-    assert g.input_source(1).num_samples("train") == 275  # 25 of train/'s 300 files held out for validation
-    assert g.input_source(1).num_samples("val") == 25
+    assert g.inputs.input_source(1).num_samples("train") == 275  # 25 of train/'s 300 files held out for validation
+    assert g.inputs.input_source(1).num_samples("val") == 25
 
 
 def test_dali_and_torchvision_eval_batches_agree_on_samples(jpeg_folder):

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from cachetrain.cache.manifest import content_digest
-from cachetrain.train.rundir import RunDir
+from cachetrain.run import RunLayout
+from cachetrain.run.checkpoint import Checkpoints
+from cachetrain.run.records import Records
 from tests.conftest import cli_in_process, tiny_run
 
 
@@ -46,15 +48,15 @@ def test_fork_reuses_stages_by_hard_link_and_never_writes_into_the_parent(parent
     # the fork sees stages 0 and 1 trained and their caches complete; stage 2 runs with the change
     r = cli_in_process(["train", "--run", str(child), "--set", "train.probes=false"])
     assert r.returncode == 0, r.stderr
-    child_rd, parent_rd = RunDir(child), RunDir(parent)
-    assert child_rd.read_metrics(0) == parent_rd.read_metrics(0)  # not retrained
-    ck = child_rd.load_checkpoint(2)
+    child_rd, parent_rd = RunLayout.of(child), RunLayout.of(parent)
+    assert Records(child_rd).read_metrics(0) == Records(parent_rd).read_metrics(0)  # not retrained
+    ck = Checkpoints(child_rd).load(2)
     store = "cache/stage_1/train.zarr"
     # stage 2 of the fork trained on the bytes its parent cached, and recorded them
-    assert ck["input_digests"][store] == content_digest(parent / store)
-    assert ck["config"]["stages"] == {2: {"lr": 0.01}}
-    assert ck["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(0.01)
-    assert parent_rd.load_checkpoint(2)["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(0.05)
+    assert ck.input_digests[store] == content_digest(parent / store)
+    assert ck.config["stages"] == {2: {"lr": 0.01}}
+    assert ck.optimizer["param_groups"][0]["initial_lr"] == pytest.approx(0.01)
+    assert Checkpoints(parent_rd).load(2).optimizer["param_groups"][0]["initial_lr"] == pytest.approx(0.05)
     assert snapshot(parent) == before  # not one byte of the parent changed
 
 

@@ -10,9 +10,8 @@ import torch
 from cachetrain.cache import CacheReader, CacheState
 from cachetrain.cli import main
 from cachetrain.config import Config
-from cachetrain.train.greedy import Greedy
 from cachetrain.models import build_network
-from tests.conftest import fmnist_raw, load, tiny_greedy, tiny_run, write_config
+from tests.conftest import greedy_of, fmnist_raw, load, tiny_greedy, tiny_run, write_config
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +25,9 @@ def fmnist_run(tmp_path_factory):
 
 def test_train_reaches_well_above_chance_and_caches_each_stage(fmnist_run):
     _, cfg = fmnist_run
-    g = Greedy(cfg)
-    rows = g.status()
-    assert [r.state for r in rows] == ["trained"] * 3
+    g = greedy_of(cfg)
+    rows = g.state.status()
+    assert [r.state for r in rows] == [StageState.TRAINED] * 3
     assert [r.cache for r in rows] == [CacheState.COMPLETE, CacheState.COMPLETE, None]
     assert rows[-1].test_acc >= 0.70, rows[-1].test_acc
     assert all(r.cache_bytes > 0 and r.raw_bytes / r.cache_bytes > 1.0 for r in rows[:2])  # zstd did compress
@@ -39,20 +38,20 @@ def test_train_reaches_well_above_chance_and_caches_each_stage(fmnist_run):
 
 def test_eval_from_raw_images_agrees_with_cached_path(fmnist_run):
     _, cfg = fmnist_run
-    result = Greedy(cfg).evaluate_network()
+    result = greedy_of(cfg).evaluate_network()
     assert result["stages"] == 3 and result["test_acc"] >= 0.70
     assert result["agreement"] >= 0.995, result
 
 
 def test_cached_features_equal_a_fresh_forward_within_fp16_rounding(fmnist_run):
     _, cfg = fmnist_run
-    g = Greedy(cfg)
+    g = greedy_of(cfg)
     for j in (0, 1):
-        reader = CacheReader(g.run.store_path(j, "test"), g.output_fingerprint(j))
+        reader = CacheReader(g.run.layout.store(j, "test"), g.state.output_fingerprint(j))
         cached = torch.cat([reader.read_chunk(c) for c in range(reader.info.num_chunks)]).float()
-        inputs = g.input_source(j).eval_batches("test", 100)
+        inputs = g.inputs.input_source(j).eval_batches("test", 100)
         with torch.no_grad():
-            fresh = torch.cat([g.trained_stage(j)(x) for x, _ in inputs])
+            fresh = torch.cat([g.inputs.trained_stage(j)(x) for x, _ in inputs])
         assert cached.shape == fresh.shape
         # fp16 keeps 11 significant bits: relative error at most 2**-11, plus subnormal slack near zero
         torch.testing.assert_close(cached, fresh, rtol=2**-10, atol=1e-4)
@@ -78,9 +77,9 @@ def test_stage_k3_trains_next_stage_from_cache_without_running_stage_0(tmp_path)
     finally:
         hook.remove()
     assert seen["images"] == 0 and seen["stage0_output"] > 0
-    g = Greedy(cfg)
-    assert g.checkpoint(1)["k"] == 3 and g.stage_state(1) == "trained"
-    assert g.status()[1].cache is CacheState.COMPLETE
+    g = greedy_of(cfg)
+    assert g.state.checkpoint(1).k == 3 and g.state.stage_state(1) is StageState.TRAINED
+    assert g.state.status()[1].cache is CacheState.COMPLETE
 
 
 def test_stage_j_without_its_input_cache_names_the_command(tmp_path, capsys):
@@ -97,16 +96,16 @@ def test_stage_j_without_its_input_cache_names_the_command(tmp_path, capsys):
 def test_retraining_a_stage_marks_later_stages_and_caches_stale(tmp_path):
     path, cfg = tiny_run(tmp_path)
     assert main(["train", "--config", str(path)]) == 0
-    assert [r.state for r in Greedy(cfg).status()] == ["trained"] * 3
+    assert [r.state for r in greedy_of(cfg).state.status()] == [StageState.TRAINED] * 3
     # another learning rate (the same one would retrain bit-identical weights), accepted from stage 0
     lr = ["--set", "train.lr=0.01"]
     assert main(["stage", "--config", str(path), "--j", "0", "--no-cache", *lr, "--from-stage", "0"]) == 0
     cfg = load(path, *lr[1:])
-    rows = Greedy(cfg).status()
-    assert [r.state for r in rows] == ["trained", "stale", "stale"]
+    rows = greedy_of(cfg).state.status()
+    assert [r.state for r in rows] == [StageState.TRAINED, StageState.STALE, StageState.STALE]
     assert rows[0].cache is CacheState.STALE and rows[1].cache is CacheState.STALE
     assert main(["train", "--config", str(path), *lr]) == 0  # rebuilds cache 0, retrains 1 and 2
-    assert [r.state for r in Greedy(cfg).status()] == ["trained"] * 3
+    assert [r.state for r in greedy_of(cfg).state.status()] == [StageState.TRAINED] * 3
 
 
 def test_cpu_training_is_deterministic_for_a_seed(tmp_path):
@@ -116,7 +115,7 @@ def test_cpu_training_is_deterministic_for_a_seed(tmp_path):
     for name in ("a", "b"):
         g = tiny_greedy(tmp_path / name)
         g.train_all()
-        weights.append([g.checkpoint(j)["model"] for j in range(3)])
+        weights.append([g.state.checkpoint(j).model for j in range(3)])
     init = build_network(g.cfg.model, (3, 16, 16), g.cfg.train.seed)
     for j, (a, b) in enumerate(zip(*weights)):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

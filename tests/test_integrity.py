@@ -13,11 +13,12 @@ import torch
 import zarr
 
 from cachetrain.cache import CacheState
+from cachetrain.run import StageState
 from cachetrain.cli import main
 from cachetrain.config import Config
-from cachetrain.train.greedy import Greedy
-from cachetrain.train.rundir import RunDir
-from tests.conftest import synthetic_raw, write_config
+from cachetrain.run import RunLayout
+from cachetrain.run.lock import RunLock
+from tests.conftest import greedy_of, synthetic_raw, write_config
 from tests.conftest import cli
 
 
@@ -107,11 +108,12 @@ def test_stale_input_cache_is_refused_with_the_rebuild_command(trained, capsys):
 
 
 def test_second_process_on_the_same_run_is_refused_naming_the_holder(tiny_config_file, tiny_config):
-    lock = RunDir(tiny_config.run_path).lock()
+    lock = RunLock(RunLayout.of(tiny_config.run_path))
+    lock.acquire()
     try:
         proc = cli(["train", "--config", str(tiny_config_file)])
     finally:
-        lock.unlock()
+        lock.release()
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"error: {tiny_config.run_path}: run directory is in use by process {os.getpid()}; "
                                    f"wait for it to finish or stop it")
@@ -171,13 +173,13 @@ def test_disk_full_while_caching_never_marks_a_store_complete(tmp_path):
         proc = cli(["train", "--config", str(path)], fault=None if real_disk else "cache_chunk:4:enospc")
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: disk full while writing") and proc.stderr.count("\n") == 1
-        g = Greedy(Config.from_dict(raw))
-        assert g.stage_state(0) == "trained"  # the checkpoint made it; the cache did not
-        assert g.cache_state(0)[0] is CacheState.WRITING
+        g = greedy_of(Config.from_dict(raw))
+        assert g.state.stage_state(0) is StageState.TRAINED  # the checkpoint made it; the cache did not
+        assert g.state.cache_state(0)[0] is CacheState.WRITING
         if real_disk:
             subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
         assert main(["train", "--config", str(path)]) == 0  # the rerun, in this process (no fault set here)
-        assert Greedy(Config.from_dict(raw)).cache_state(0)[0] is CacheState.COMPLETE
+        assert greedy_of(Config.from_dict(raw)).state.cache_state(0)[0] is CacheState.COMPLETE
     finally:
         if real_disk:
             subprocess.run(["umount", str(disk)], check=False)

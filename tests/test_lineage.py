@@ -10,8 +10,7 @@ import torch
 
 from cachetrain.cache.manifest import content_digest
 from cachetrain.cli import main
-from cachetrain.train.greedy import Greedy
-from tests.conftest import flip_bytes, load, synthetic_raw, write_config
+from tests.conftest import greedy_of, flip_bytes, load, synthetic_raw, write_config
 
 UNCOMPRESSED = {"codec": "none", "chunk_mib": 0.0625, "batch_size": 64}
 
@@ -75,7 +74,7 @@ def test_a_repair_that_restores_the_bytes_changes_nothing(tmp_path, clean, capsy
     assert main(["cache", "--config", str(cfg), "--j", "0", "--repair"]) == 0
     assert content_digest(store) == before
     ckpts = {j: (run / "stages" / f"stage_{j}" / "checkpoint.pt").read_bytes() for j in range(3)}
-    assert [r.state for r in Greedy(load(cfg)).status()] == ["trained"] * 3
+    assert [r.state for r in greedy_of(load(cfg)).state.status()] == [StageState.TRAINED] * 3
     assert main(["train", "--config", str(cfg)]) == 0
     assert {j: (run / "stages" / f"stage_{j}" / "checkpoint.pt").read_bytes() for j in range(3)} == ckpts
 
@@ -106,12 +105,12 @@ def test_a_repair_that_changes_bytes_makes_every_later_stage_stale(tmp_path, cle
     capsys.readouterr()
     assert main(["status", "--config", str(cfg)]) == 0
     out = capsys.readouterr().out
-    assert [r.state for r in Greedy(load(cfg)).status()] == ["trained", "stale", "stale"]
+    assert [r.state for r in greedy_of(load(cfg)).state.status()] == [StageState.TRAINED, StageState.STALE, StageState.STALE]
     assert "stage 1 is stale: the bytes of its input store cache/stage_0/train.zarr changed" in out
     assert f"{before} -> {after}" in out
 
     assert main(["train", "--config", str(cfg)]) == 0
-    assert [r.state for r in Greedy(load(cfg)).status()] == ["trained"] * 3
+    assert [r.state for r in greedy_of(load(cfg)).state.status()] == [StageState.TRAINED] * 3
     ck = torch.load(run / "stages" / "stage_1" / "checkpoint.pt", weights_only=True)
     assert ck["input_digests"]["cache/stage_0/train.zarr"] == after
 

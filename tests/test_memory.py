@@ -22,7 +22,8 @@ from cachetrain.models import build_network, make_head
 from cachetrain.models.chain import AvgPool, Chain
 from cachetrain.plan.memory import FAKE, VARIANTS, Line, largest_width, measure, memory_table, units
 from cachetrain.plan.profile import LiveBytes, step_memory, train_step_flops
-from cachetrain.train.trainer import StageModel, train_step
+from cachetrain.models.factory import StageModel
+from cachetrain.step import train_step
 from tests.conftest import synthetic_raw, tiny_greedy, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,15 +69,15 @@ def test_checkpointed_activations_give_the_same_values_and_gradients_and_keep_le
 def test_training_with_checkpointing_gives_the_same_stage_and_builds_recomputing_networks(tmp_path):
     """train.checkpoint_activations reaches the networks greedy and end-to-end training build, and stage 0
     trained with it ends with the same weights as without (CPU, fp32)."""
-    from cachetrain.train.e2e import e2e_network
+    from cachetrain.models.factory import e2e_network
 
     weights = {}
     for on in (False, True):
         g = tiny_greedy(tmp_path / str(on), train={"checkpoint_activations": on})
-        assert all(m.recompute == on for m in g.net.stages.modules() if isinstance(m, Chain))
-        assert all(m.recompute == on for m in e2e_network(g.cfg, g.data).modules() if isinstance(m, Chain))
+        assert all(m.recompute == on for m in g.inputs.net.stages.modules() if isinstance(m, Chain))
+        assert all(m.recompute == on for m in e2e_network(g.cfg, g.run.data.sample_shape, g.run.data.num_classes).modules() if isinstance(m, Chain))
         g.train_stage(0)
-        weights[on] = g.checkpoint(0)["model"]
+        weights[on] = g.state.checkpoint(0).model
     assert list(weights[True]) == list(weights[False])
     for key, value in weights[False].items():
         torch.testing.assert_close(weights[True][key], value, rtol=1e-5, atol=1e-6)

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from cachetrain.cache import CacheState
+from cachetrain.run import StageState
 from cachetrain.cli import main
 from cachetrain.config import Config
-from cachetrain.train.greedy import Greedy
 from cachetrain.plan.planner import (FLOPS, Rates, StageCost, Workload, brute_force, cost_ratio, describe, evaluate,
                                 parse_size, plan)
 from cachetrain.train.recompute import RecomputeSource
-from tests.conftest import synthetic_raw, write_config
+from tests.conftest import greedy_of, synthetic_raw, write_config
 
 
 def random_costs(rng, depth):
@@ -149,13 +149,13 @@ def test_training_follows_a_plan_that_skips_a_cache(tmp_path, capsys):
     run.mkdir()
     (run / "plan.json").write_text(json.dumps({"cached": [1]}))  # stage 0's outputs are never stored
     assert main(["train", "--config", str(path)]) == 0
-    g = Greedy(Config.from_dict(raw))
-    assert [r.state for r in g.status()] == ["trained"] * 3
+    g = greedy_of(Config.from_dict(raw))
+    assert [r.state for r in g.state.status()] == [StageState.TRAINED] * 3
     assert not (run / "cache" / "stage_0").exists()
-    assert g.cache_state(1)[0] is CacheState.COMPLETE
-    src = g.input_source(1)
+    assert g.state.cache_state(1)[0] is CacheState.COMPLETE
+    src = g.inputs.input_source(1)
     assert isinstance(src, RecomputeSource) and len(src.frozen) == 1  # images -> frozen stage 0
-    assert not isinstance(g.input_source(2), RecomputeSource)  # reads cache 1
+    assert not isinstance(g.inputs.input_source(2), RecomputeSource)  # reads cache 1
     assert g.evaluate_network()["agreement"] >= 0.99
 
 

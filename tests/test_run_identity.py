@@ -1,4 +1,4 @@
-"""A run's config is its identity (cachetrain.train.identity): drift is refused by name, --from-stage retrains
+"""A run's config is its identity (cachetrain.run.identity): drift is refused by name, --from-stage retrains
 from a stage and records why, and stage indices and k are range-checked in every subcommand."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cachetrain.cli import main
-from cachetrain.train.identity import config_hash, differences, stage_config_ok
+from cachetrain.run.identity import config_hash, differences, stage_config_ok
 from cachetrain.config import Config
 from tests.conftest import synthetic_raw, write_config
 

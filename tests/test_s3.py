@@ -19,6 +19,7 @@ pytest.importorskip("s3fs", reason="the s3 extra (pip install 'cachetrain[s3]') 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is part of [dev]")
 
 from cachetrain.cache import CacheError, CacheReader  # noqa: E402
+from cachetrain.run import StageState
 from cachetrain.cache.copies import LocalCopies  # noqa: E402
 from cachetrain.cache.loader import CacheLoader  # noqa: E402
 from cachetrain.cache.manifest import content_digest  # noqa: E402
@@ -107,21 +108,21 @@ def test_a_run_with_its_caches_on_s3_trains_as_one_with_local_caches(tmp_path, p
     assert cli_in_process(["train", "--config", str(config)]).returncode == 0
     assert any((tmp_path / "copies").rglob("features_c_*"))  # stage 1 kept the chunks it fetched
     remote = tiny_greedy(tmp_path / "remote", model=two, cache={"location": str(prefix)})
-    assert isinstance(remote.run.store_path(0, "train"), RemotePath)
-    rows_remote = remote.status()
+    assert isinstance(remote.run.layout.store(0, "train"), RemotePath)
+    rows_remote = remote.state.status()
     assert [r.test_acc for r in rows_remote] == [r.test_acc for r in rows_local]  # the same bytes, the same run
     assert not (tmp_path / "remote" / "cache").exists()  # nothing of the cache went to the local run folder
     assert (prefix / "remote" / "stage_0" / "train.zarr" / "zarr.json").exists()
-    assert remote.run.store_key(remote.run.store_path(0, "test")) == "cache/stage_0/test.zarr"
+    assert remote.run.layout.store_key(remote.run.layout.store(0, "test")) == "cache/stage_0/test.zarr"
     # the lineage check reads the remote stores' digests: the last stage is trained, not stale
-    assert remote.stage_state(1) == "trained"
+    assert remote.state.stage_state(1) is StageState.TRAINED
 
     # a fork copies the stores within the bucket (no hard links there) and its stage 1 reads them as they are
     out = cli_in_process(["fork", "--run", str(tmp_path / "remote"), "--at", "1", "--to", str(tmp_path / "child"),
                           "--set", "train.lr=0.01"])
     assert out.returncode == 0, out.stderr
     child = tiny_greedy(tmp_path / "child", model=two, cache={"location": str(prefix)}, train={"lr": 0.01})
-    assert child.stage_state(0) == "trained" and child.next_stage() == 1
+    assert child.state.stage_state(0) is StageState.TRAINED and child.state.first_unfinished() == 1
     for name in ("train.zarr", "test.zarr"):
         assert content_digest(prefix / "child" / "stage_0" / name) == content_digest(prefix / "remote" / "stage_0" / name)
 
@@ -131,7 +132,7 @@ def test_verify_names_a_corrupt_object_and_repair_rewrites_it(tmp_path, prefix):
     config, _ = tiny_run(tmp_path, model=two, cache={"location": str(prefix)})
     assert cli_in_process(["stage", "--config", str(config)]).returncode == 0
     greedy = tiny_greedy(tmp_path / "run", model=two, cache={"location": str(prefix)})
-    store = greedy.run.store_path(0, "train")
+    store = greedy.run.layout.store(0, "train")
     reader = CacheReader(store)
     obj = reader.chunk_path(1)
     good = obj.read_bytes()

@@ -8,6 +8,7 @@ import torch
 import zarr
 
 from cachetrain.cache import CacheReader
+from cachetrain.run import StageState
 from cachetrain.cache.quant import calibrate, dequantize, quantize
 from tests.conftest import tiny_greedy
 
@@ -40,24 +41,24 @@ def train_tiny(tmp_path, **cache):
 def test_uint8_cache_trains_and_dequantises_on_the_fly(tmp_path):
     g, rows = train_tiny(tmp_path, dtype="uint8")
     assert rows[-1].test_acc > 0.5
-    reader = CacheReader(g.run.store_path(0, "test"), g.output_fingerprint(0))
+    reader = CacheReader(g.run.layout.store(0, "test"), g.state.output_fingerprint(0))
     assert reader.info.dtype == "uint8" and reader.info.quant is not None
     # stage 0 maps 3x16x16 images to 8x16x16 features: 2048 bytes a sample in uint8, 384 + 128 samples
     assert rows[0].raw_bytes == (384 + 128) * 8 * 16 * 16
-    x, _ = next(g.input_source(1).eval_batches("test", 128))
+    x, _ = next(g.inputs.input_source(1).eval_batches("test", 128))
     with torch.no_grad():
-        fresh = g.trained_stage(0)(next(g.data.eval_batches("test", 128))[0])
+        fresh = g.inputs.trained_stage(0)(next(g.run.data.eval_batches("test", 128))[0])
     scale = torch.tensor(reader.info.quant[0]).view(1, -1, 1, 1)
     in_range = fresh <= 255 * scale  # calibrated on a sample of training batches: the test split may exceed it
     assert torch.all((x - fresh).abs()[in_range] <= (scale / 2 + 1e-5).expand_as(x)[in_range])
     assert (~in_range).float().mean() < 0.01
-    stored = zarr.open_array(str(g.run.store_path(0, "test") / "features"), mode="r")
+    stored = zarr.open_array(str(g.run.layout.store(0, "test") / "features"), mode="r")
     assert stored.dtype == np.uint8
 
 
 def test_bitround_float16_keeps_the_asked_mantissa_bits(tmp_path):
     g, rows = train_tiny(tmp_path, bitround=4)
-    x = CacheReader(g.run.store_path(0, "train"), g.output_fingerprint(0)).read_chunk(0)
+    x = CacheReader(g.run.layout.store(0, "train"), g.state.output_fingerprint(0)).read_chunk(0)
     mantissa = x.view(torch.int16) & 0x3FF
     assert torch.all(mantissa & 0x3F == 0)  # the 6 lowest of the 10 mantissa bits are zero...
     assert (mantissa != 0).float().mean() > 0.1  # ...while the 4 kept ones still carry values
@@ -66,15 +67,15 @@ def test_bitround_float16_keeps_the_asked_mantissa_bits(tmp_path):
 
 def test_augmented_views_are_cached_and_drawn_per_chunk(tmp_path):
     g, rows = train_tiny(tmp_path, views=3)
-    assert [r.state for r in rows] == ["trained"] * 3
+    assert [r.state for r in rows] == [StageState.TRAINED] * 3
     for j in (0, 1):
-        assert [p.name for _, _, p in g.stores(j)] == ["train.zarr", "train_v1.zarr", "train_v2.zarr", "val.zarr",
+        assert [p.name for _, _, p in g.state.stores(j)] == ["train.zarr", "train_v1.zarr", "train_v2.zarr", "val.zarr",
                                                       "test.zarr"]  # val: one plain view, as test
-        assert all(p.exists() for _, _, p in g.stores(j))
-    fp = g.output_fingerprint(0)
-    views = [CacheReader(g.run.store_path(0, "train", v), fp).read_chunk(0) for v in range(3)]
+        assert all(p.exists() for _, _, p in g.state.stores(j))
+    fp = g.state.output_fingerprint(0)
+    views = [CacheReader(g.run.layout.store(0, "train", v), fp).read_chunk(0) for v in range(3)]
     assert not torch.equal(views[0], views[1]) and not torch.equal(views[1], views[2])
-    src = g.input_source(1)
+    src = g.inputs.input_source(1)
     assert src.views == 3
     drawn = np.stack([src.view_of(e) for e in range(4)])
     assert set(np.unique(drawn)) == {0, 1, 2}
@@ -83,6 +84,6 @@ def test_augmented_views_are_cached_and_drawn_per_chunk(tmp_path):
     view_of = src.view_of(0)
     x, _ = next(src.train_batches(0, 32))
     idx = np.sort(src.train_indices(0, 32)[:32])
-    expected = torch.stack([CacheReader(g.run.store_path(0, "train", int(view_of[i // cs])), fp)
+    expected = torch.stack([CacheReader(g.run.layout.store(0, "train", int(view_of[i // cs])), fp)
                             .read_chunk(int(i // cs))[i % cs].float() for i in idx])
     assert torch.equal(x, expected)

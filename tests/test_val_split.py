@@ -15,11 +15,11 @@ import yaml
 import zarr
 
 from cachetrain.cli import main
+from cachetrain.run import StageState
 from cachetrain.config import Config, DataConfig
 from cachetrain.data import open_dataset
 from cachetrain.data.split import val_count
-from cachetrain.train.greedy import Greedy
-from tests.conftest import cli, cli_in_process, fmnist_raw, flip_bytes, synthetic_raw, write_config
+from tests.conftest import greedy_of, cli, cli_in_process, fmnist_raw, flip_bytes, synthetic_raw, write_config
 
 CPU = torch.device("cpu")
 # The dataset fingerprint cachetrain wrote for `synthetic_raw`'s data before the validation split existed
@@ -151,20 +151,20 @@ def test_split_and_val_store_are_the_same_after_a_mid_stage_kill_and_resume(tmp_
     resumed, reference = val_store(tmp_path / "run", 0), val_store(tmp_path / "ref", 0)
     for key in ("features", "labels"):
         assert resumed[key].tobytes() == reference[key].tobytes(), key
-    g = Greedy(Config.from_dict(resume_raw(tmp_path / "run")))
-    assert np.array_equal(resumed["labels"], g.data.labels("val"))
+    g = greedy_of(Config.from_dict(resume_raw(tmp_path / "run")))
+    assert np.array_equal(resumed["labels"], g.run.data.labels("val"))
     # stage 1 reads the val split from stage 0's cache: the same samples
-    source = g.input_source(1)
-    assert source.num_samples("val") == 32 and np.array_equal(source.labels("val"), g.data.labels("val"))
+    source = g.inputs.input_source(1)
+    assert source.num_samples("val") == 32 and np.array_equal(source.labels("val"), g.run.data.labels("val"))
 
 
 def test_recomputed_inputs_serve_the_same_val_split(tmp_path):
-    g = Greedy(Config.from_dict(synthetic_raw(tmp_path / "run", model={"stages": 2}, cache={"mode": "none"})))
+    g = greedy_of(Config.from_dict(synthetic_raw(tmp_path / "run", model={"stages": 2}, cache={"mode": "none"})))
     g.train_stage(0)
-    source = g.input_source(1)  # stage 0's outputs, computed on the fly from the images
-    assert source.num_samples("val") == g.data.num_samples("val") == 32
+    source = g.inputs.input_source(1)  # stage 0's outputs, computed on the fly from the images
+    assert source.num_samples("val") == g.run.data.num_samples("val") == 32
     ys = torch.cat([y for _, y in source.eval_batches("val", 10)]).numpy()
-    assert np.array_equal(ys, g.data.labels("val"))
+    assert np.array_equal(ys, g.run.data.labels("val"))
 
 
 def test_corrupt_val_store_is_named_by_verify_and_repaired(tmp_path, capsys):
@@ -223,11 +223,11 @@ def test_no_val_split_trains_without_a_val_store(tmp_path, capsys):
     assert main(["verify", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "stage 0 train: every chunk verified" in out and "stage 0 val" not in out
-    g = Greedy(Config.from_dict(synthetic_raw(run, data={"val_samples": 0})))
-    assert [g.stage_state(j) for j in range(3)] == ["trained"] * 3
-    assert g.data.num_samples("train") == 384  # the whole training split is trained on
+    g = greedy_of(Config.from_dict(synthetic_raw(run, data={"val_samples": 0})))
+    assert [g.state.stage_state(j) for j in range(3)] == [StageState.TRAINED] * 3
+    assert g.run.data.num_samples("train") == 384  # the whole training split is trained on
     for j in (0, 1, 2):  # images, then caches
-        source = g.input_source(j)
+        source = g.inputs.input_source(j)
         assert source.num_samples("val") == 0 and len(source.labels("val")) == 0
         assert list(source.eval_batches("val", 32)) == []
 

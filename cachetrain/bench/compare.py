@@ -30,12 +30,14 @@ from cachetrain.cache.location import location, remove_tree
 from cachetrain.config import Config
 from cachetrain.source import SPLITS
 from cachetrain.device import autocast
-from cachetrain.train.e2e import E2E, e2e_network, train_e2e
-from cachetrain.train.greedy import Greedy
-from cachetrain.models import build_network, make_head
+from cachetrain.models.factory import e2e_network, network, stage_model
 from cachetrain.plan.planner import StageCost, Workload, cost_ratio, sample_bytes
 from cachetrain.plan.profile import forward_flops, peak_rss_bytes, step_memory, train_step_flops
-from cachetrain.train.trainer import StageModel, make_optimizer, make_scheduler, train_one_epoch
+from cachetrain.run import E2E, Run
+from cachetrain.step import make_optimizer, make_scheduler
+from cachetrain.train.greedy import Greedy
+from cachetrain.train.trainer import train_one_epoch
+from cachetrain.train.unit import EndToEnd, train_unit
 
 REGIMES = ("cached", "recompute", "e2e")
 
@@ -68,8 +70,8 @@ def _epoch_figures(rows: list[dict]) -> dict:
 
 def _bare_forward_seconds(g: Greedy, j: int) -> float:
     """A forward pass of trained stage j over both splits of its input, writing nothing."""
-    source, stage = g.input_source(j), g.trained_stage(j)
-    with stopwatch(g.device) as watch, torch.no_grad(), autocast(g.device, g.cfg.train.amp):  # as caching runs it
+    source, stage = g.inputs.input_source(j), g.inputs.trained_stage(j)
+    with stopwatch(g.run.device) as watch, torch.no_grad(), autocast(g.run.device, g.cfg.train.amp):  # as caching runs it
         for split in SPLITS:
             for x, _ in source.eval_batches(split, g.cfg.cache.batch_size):
                 stage(x)
@@ -78,19 +80,19 @@ def _bare_forward_seconds(g: Greedy, j: int) -> float:
 
 def greedy_stage(g: Greedy, j: int, cached: bool) -> dict:
     """Train stage j of `g` (and cache it, if `cached` and the plan caches it); its figures."""
-    with stopwatch(g.device) as watch:
+    with stopwatch(g.run.device) as watch:
         g.train_stage(j)
-    figures = {"stage": j, "wall_seconds": watch.seconds, **_epoch_figures(g.run.read_metrics(j))}
-    if cached and j in g.cached_stages():
+    figures = {"stage": j, "wall_seconds": watch.seconds, **_epoch_figures(g.run.records.read_metrics(j))}
+    if cached and j in g.state.cached_stages():
         # the bare forward runs on a quiet disk (what earlier stages left in the page cache is written out
         # first), and the caching pass is timed until its bytes are on disk: the writer fsyncs every chunk
         # before it marks the store complete, so nothing it wrote lands on whatever runs next
         os.sync()
         figures["bare_forward_seconds"] = _bare_forward_seconds(g, j)
-        with stopwatch(g.device) as watch:
+        with stopwatch(g.run.device) as watch:
             g.cache_stage(j)
         figures["cache_seconds"] = watch.seconds
-        row = g.status()[j]
+        row = g.state.status()[j]
         figures["cache_bytes"], figures["raw_bytes"] = row.cache_bytes, row.raw_bytes
     return figures
 
@@ -99,23 +101,21 @@ def _warm_up(g: Greedy, steps: int = 5) -> None:
     """A few untimed training steps of stage 0, so the process's one-time costs (kernel selection,
     allocator growth, lazy imports) are not charged to whichever regime trains first: in one J=8
     run, the first stage 0 took 11.8 s and the same work in the second regime 8.5 s."""
-    t = g.cfg.train
-    model = StageModel(build_network(g.cfg.model, g.data.sample_shape, t.seed).stages[0],
-                       make_head(g.cfg.model, g.net, 0, g.cfg.model.k, g.data.num_classes, t.seed)).to(g.device)
+    t, data, device = g.cfg.train, g.run.data, g.run.device
+    model = stage_model(g.cfg, network(g.cfg, data.sample_shape), 0, g.cfg.model.k, data.num_classes).to(device)
     optimizer = make_optimizer(model.parameters(), t)
-    train_one_epoch(model, itertools.islice(g.data.train_batches(0, t.batch_size), steps), optimizer,
-                    make_scheduler(optimizer, t, steps, 1), g.device, t.amp, t.channels_last)
+    train_one_epoch(model, itertools.islice(data.train_batches(0, t.batch_size), steps), optimizer,
+                    make_scheduler(optimizer, t, steps, 1), device, t.amp, t.channels_last)
 
 
 def run_greedy_pair(cfg: Config, out: Path, console: Console) -> dict[str, dict]:
     """Greedy-cached and greedy-recompute, stage by stage in turn (cached stage j, then recompute stage
     j): on a shared machine, load that comes and goes then lands on both regimes alike instead of
     on whichever happened to run at the time."""
-    runs = {"cached": Greedy(regime_config(cfg, out, "cached"), console),
-            "recompute": Greedy(regime_config(cfg, out, "recompute"), console)}
+    runs = {regime: Greedy(Run(regime_config(cfg, out, regime), console=console)) for regime in ("cached", "recompute")}
     _warm_up(runs["cached"])
     stages: dict[str, list[dict]] = {r: [] for r in runs}
-    for j in range(runs["cached"].depth):
+    for j in range(cfg.model.stages):
         for regime in (("cached", "recompute") if j % 2 == 0 else ("recompute", "cached")):  # neither always first
             g = runs[regime]
             console.print(f"[bold]greedy, {'cached' if regime == 'cached' else 'recomputing frozen stages'}: "
@@ -127,29 +127,30 @@ def run_greedy_pair(cfg: Config, out: Path, console: Console) -> dict[str, dict]
 
 
 def architecture(g: Greedy) -> list[dict]:
-    return [{"stage": j, "in_shape": list(g.net.in_shapes[j]), "out_shape": list(g.net.out_shapes[j]),
-             "params": sum(p.numel() for p in g.net.stages[j].parameters())} for j in range(g.depth)]
+    net = g.inputs.net
+    return [{"stage": j, "in_shape": list(net.in_shapes[j]), "out_shape": list(net.out_shapes[j]),
+             "params": sum(p.numel() for p in net.stages[j].parameters())} for j in range(net.depth)]
 
 
 def memory_and_flops(g: Greedy, batch: int) -> dict:
     """Per stage (block + its head on its input) and end to end (all stages + last head on images):
     the memory of one training step at `batch`, training-step FLOPs and forward FLOPs per sample."""
-    cfg, dev = g.cfg, g.device
-    num_classes = g.data.num_classes
+    cfg, dev, net = g.cfg, g.run.device, g.inputs.net
+    num_classes = g.run.data.num_classes
     y = torch.randint(0, num_classes, (batch,), device=dev)
     out = {"stages": []}
-    for j in range(g.depth):
-        ck = g.checkpoint(j)
-        k = ck["k"] if ck else cfg.model.k
-        model = StageModel(g.net.stages[j], make_head(cfg.model, g.net, j, k, num_classes, 0)).to(dev)
-        x = torch.randn(batch, *g.net.in_shapes[j], device=dev)
+    for j in range(net.depth):
+        ck = g.state.checkpoint(j)
+        k = ck.k if ck else cfg.model.k
+        model = stage_model(cfg, net, j, k, num_classes, seed=0).to(dev)
+        x = torch.randn(batch, *net.in_shapes[j], device=dev)
         mem = step_memory(model, x, y, make_optimizer(model.parameters(), cfg.train), cfg.train.amp)
         out["stages"].append({"stage": j, "k": k, "memory": mem.to_dict(),
                               "train_flops_per_sample": train_step_flops(model, x, y) / batch,
                               "eval_flops_per_sample": forward_flops(model, x) / batch,
-                              "block_flops_per_sample": forward_flops(g.net.stages[j], x) / batch})
-    e2e = e2e_network(cfg, g.data).to(dev)
-    x = torch.randn(batch, *g.data.sample_shape, device=dev)
+                              "block_flops_per_sample": forward_flops(net.stages[j], x) / batch})
+    e2e = e2e_network(cfg, g.run.data.sample_shape, num_classes).to(dev)
+    x = torch.randn(batch, *g.run.data.sample_shape, device=dev)
     mem = step_memory(e2e, x, y, make_optimizer(e2e.parameters(), cfg.train), cfg.train.amp)
     out["e2e"] = {"memory": mem.to_dict(), "train_flops_per_sample": train_step_flops(e2e, x, y) / batch,
                   "eval_flops_per_sample": forward_flops(e2e, x) / batch}
@@ -179,19 +180,19 @@ def run_bench(cfg: Config, out: Path, console: Console, quick: bool = False) -> 
     results: dict = {"name": cfg.name, "quick": quick, "date": time.strftime("%Y-%m-%d %H:%M"),
                      "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
                                 f"torch {torch.__version__}",
-                     "device": str(Greedy(cfg, console).device), "config": cfg.to_dict()}
+                     "device": str(Run(cfg, console=console).device), "config": cfg.to_dict()}
     pair = run_greedy_pair(cfg, out, console)
     cached, recompute = pair["cached"], pair["recompute"]
     console.print("[bold]end to end[/bold]")
-    e2e_cfg = regime_config(cfg, out, "e2e")
-    with stopwatch(cached["greedy"].device) as watch:
-        e2e_acc = train_e2e(e2e_cfg, console, data=cached["greedy"].data)
-    e2e_rows = Greedy(e2e_cfg, console).run.read_metrics(E2E)
-    e2e = {"total_seconds": watch.seconds, "test_acc": e2e_acc, **_epoch_figures(e2e_rows)}
+    e2e_run = Run(regime_config(cfg, out, "e2e"), console=console)
+    e2e_run.data  # opened before the stopwatch, as the greedy runs' data was
+    with stopwatch(e2e_run.device) as watch:
+        e2e_acc = train_unit(e2e_run, EndToEnd(e2e_run))
+    e2e = {"total_seconds": watch.seconds, "test_acc": e2e_acc, **_epoch_figures(e2e_run.records.read_metrics(E2E))}
 
     g = cached["greedy"]
-    costs = memory_and_flops(g, min(cfg.train.batch_size, 32 if g.device.type == "cpu" else cfg.train.batch_size))
-    n_train, n_test = g.data.num_samples("train"), g.data.num_samples("test")
+    costs = memory_and_flops(g, min(cfg.train.batch_size, 32 if g.run.device.type == "cpu" else cfg.train.batch_size))
+    n_train, n_test = g.run.data.num_samples("train"), g.run.data.num_samples("test")
     for regime, r in (("cached", cached), ("recompute", recompute)):
         results[regime] = {k: v for k, v in r.items() if k != "greedy"}
         results[regime]["architecture"] = architecture(r["greedy"])
@@ -202,7 +203,8 @@ def run_bench(cfg: Config, out: Path, console: Console, quick: bool = False) -> 
     results["ratios"] = {
         "cached_over_recompute_time": cached["total_seconds"] / recompute["total_seconds"],
         "flop_predicted_cached_over_recompute": predicted_time_ratio(
-            costs, g.net.out_shapes, Workload(n_train, n_test, cfg.train.epochs, cfg.cache.views), g.cached_stages()),
+            costs, g.inputs.net.out_shapes, Workload(n_train, n_test, cfg.train.epochs, cfg.cache.views),
+            g.state.cached_stages()),
         "largest_stage_over_e2e_memory": largest / costs["e2e"]["memory"]["total_bytes"],
         "cached_over_recompute_step_time": (sum(s["step_seconds"] for s in cached["stages"]) /
                                             sum(s["step_seconds"] for s in recompute["stages"])),

@@ -7,7 +7,7 @@
   benchmark times through these three; the step they time is the trainer's own (`train_step`).
 - `store_layout` and `write_features`: a cache store of given features, laid out and written by the
   real caching pass (`write_store`), as `cachetrain cache` lays out and writes one.
-- `imagenet_config` and `DataShape`: Belilovsky et al.'s ImageNet layout (J=8, width 128, input
+- `imagenet_config`: Belilovsky et al.'s ImageNet layout (J=8, width 128, input
   space-to-depth, downsampling at j=2,4,6, k=3), shared by memory_bench.py and gpu_bench.py.
 - `run_variants`: greedy runs that differ only in how stage outputs are cached (storage_bench.py,
   views_bench.py).
@@ -83,9 +83,9 @@ def time_each(fn: Callable[[object], object], items: Iterable, warmup: int = 0,
 
 def stepper(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, amp: bool = False,
             channels_last: bool = False) -> Callable[[tuple[torch.Tensor, torch.Tensor]], None]:
-    """step((x, y)): one training step of `model` (`cachetrain.train.trainer.train_step`, no scheduler), with
+    """step((x, y)): one training step of `model` (`cachetrain.step.train_step`, no scheduler), with
     the model put in training mode once here."""
-    from cachetrain.train.trainer import train_step
+    from cachetrain.step import train_step
 
     model.train()
 
@@ -137,13 +137,6 @@ def save_results(out: Path, summary: dict, lines: list[str]) -> dict:
 # -- the ImageNet layout --------------------------------------------------------------------------------
 
 
-class DataShape:
-    """What `e2e_network` needs to know about a data set: its sample shape and class count."""
-
-    def __init__(self, sample_shape: tuple[int, int, int], num_classes: int):
-        self.sample_shape, self.num_classes = tuple(sample_shape), num_classes
-
-
 def imagenet_config(aux: str = "sr", k: int = 3, size: int = 224, width: int = 128, stages: int = 8,
                     amp: bool = False) -> Config:
     """Belilovsky et al.'s ImageNet layout on synthetic data with 1000 classes: J=`stages` (8 in the
@@ -176,11 +169,12 @@ def run_variants(cfg: Config, variants: dict[str, list[str]], out: Path, console
     copy of that checkpoint, builds its own caches and trains stages 1..J-1 on them, so accuracy
     differences come from the cache format alone. Per variant: per-stage train/test accuracy, caching
     seconds, bytes per sample on disk and raw, and the compression ratio."""
+    from cachetrain.run import Run, StageState
     from cachetrain.source import SPLITS
     from cachetrain.train.greedy import Greedy
 
-    base = Greedy(replace(cfg, run_dir=str(out / "stage0")), console)
-    if base.stage_state(0) != "trained":
+    base = Greedy(Run(replace(cfg, run_dir=str(out / "stage0")), console=console))
+    if base.state.stage_state(0) is not StageState.TRAINED:
         base.train_stage(0)
     results = {}
     for name, overrides in variants.items():
@@ -188,22 +182,22 @@ def run_variants(cfg: Config, variants: dict[str, list[str]], out: Path, console
         shutil.rmtree(run, ignore_errors=True)
         (run / "stages" / "stage_0").mkdir(parents=True)
         for f in ("checkpoint.pt", "metrics.jsonl"):
-            shutil.copy(base.run.stage_dir(0) / f, run / "stages" / "stage_0" / f)
-        g = Greedy(variant_config(cfg, run, overrides), console)
+            shutil.copy(base.run.layout.unit_dir(0) / f, run / "stages" / "stage_0" / f)
+        g = Greedy(Run(variant_config(cfg, run, overrides), console=console))
         console.print(f"[bold]variant {name}[/bold]: {' '.join(overrides)}")
         cache_seconds, stages = 0.0, []
-        for j in range(g.depth):
-            if g.stage_state(j) != "trained":
+        for j in range(cfg.model.stages):
+            if g.state.stage_state(j) is not StageState.TRAINED:
                 g.train_stage(j)
-            if j in g.cached_stages():
-                with stopwatch(g.device) as watch:
+            if j in g.state.cached_stages():
+                with stopwatch(g.run.device) as watch:
                     g.cache_stage(j)
                 cache_seconds += watch.seconds
-            m = g.run.read_metrics(j)[-1]
+            m = g.run.records.read_metrics(j)[-1]
             stages.append({"stage": j, "train_acc": m["train_acc"], "test_acc": m["test_acc"]})
-        rows = g.status()
+        rows = g.state.status()
         cached = [r for r in rows if r.cache_bytes]
-        samples = sum(g.data.num_samples(s) for s in SPLITS)
+        samples = sum(g.run.data.num_samples(s) for s in SPLITS)
         results[name] = {
             "overrides": overrides, "stages": stages, "final_test_acc": stages[-1]["test_acc"],
             "cache_seconds": cache_seconds,

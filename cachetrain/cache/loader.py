@@ -1,6 +1,6 @@
 """The cache loader: batches of cached features in any traversal order, from whole-chunk reads.
 
-Chunks come from a `ChunkFeed` (cachetrain/feeds.py): memory-mapped for uncompressed stores, decoded
+Chunks come from a `ChunkFeed` (cachetrain/cache/feeds.py): memory-mapped for uncompressed stores, decoded
 by worker processes for compressed ones. Each batch's samples are sorted, so the samples of one chunk
 are one contiguous run and each run is a single `index_select` into a reused (pinned, on CUDA)
 buffer. Where that gather runs depends on who is idle during the step:
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from cachetrain.stop import ignore_in_worker
 from cachetrain.threads import in_background as _in_background
 from cachetrain.cache.feeds import ChunkFeed, ChunkOrder, WorkerFeed, _Chunks, file_feed
 from cachetrain.cache.reader import CacheReader
@@ -127,7 +128,8 @@ class CacheLoader:
         if decoders is None:
             order = ChunkOrder()
             decoders = (DataLoader(_Chunks(self.readers), sampler=order, batch_size=None, num_workers=self.workers,
-                                   prefetch_factor=self.prefetch, persistent_workers=True), order)
+                                   prefetch_factor=self.prefetch, persistent_workers=True,
+                                   worker_init_fn=ignore_in_worker), order)
         loader, order = decoders
         order.items = need
         try:

@@ -1,6 +1,7 @@
 """What a cache store is and how it describes itself.
 
-A stage's cache is two zarr v3 groups, `<run>/cache/stage_<j>/{train,test}.zarr`, each holding
+A stage's cache is a zarr v3 group per split and view, `<run>/cache/stage_<j>/{train,val,test}.zarr` (and
+`train_v<v>.zarr` for augmented views: cachetrain.run.layout), each holding
 `features` (N, C, H, W), sample-major, chunked along N only, and `labels` (N,). The group's attributes
 say what produced the store (stage j, k, the stage's weights hash, its input's fingerprint, dtype,
 codec) and whether it is complete. Readers compare the `fingerprint` attribute with the one they
@@ -50,7 +51,7 @@ import torch
 import zarr
 from cachetrain.cache.formats import FORMATS, StorageFormat
 from cachetrain.cache.location import RemotePath, location, raise_if_transport, zarr_store
-from cachetrain.errors import CacheError
+from cachetrain.errors import CacheError, Fix
 
 FORMAT_VERSION = 1
 
@@ -290,8 +291,8 @@ def file_checksums(path: Path, info: StoreInfo) -> np.ndarray:
             except FileNotFoundError:
                 crc = None
         if crc is None:
-            raise CacheError(f"{path}: {file} is missing or shorter than its checksum; run: cachetrain cache "
-                             f"--j {info.stage} --repair")
+            raise CacheError(f"{path}: {file} is missing or shorter than its checksum",
+                             Fix.of("cache", j=info.stage, repair=True))
         crcs[i] = crc
     return crcs
 

@@ -13,7 +13,7 @@ is a CacheError naming the store, the chunk, its samples and the repair command.
 - uncompressed chunk files read whole into memory (`read_chunk_file`, the ReadFeed's path) are hashed
   the same way before they are returned;
 - decoded (zstd) chunks are checked by zarr's decode, which fails on a mismatch; that failure becomes
-  the same one-line CacheError (worker processes hand it back as data, cachetrain/feeds.py).
+  the same one-line CacheError (worker processes hand it back as data, cachetrain/cache/feeds.py).
 Each process checks a chunk file once: the check is recorded against the file's identity (device,
 inode, size, mtime_ns, and the manifest's crc), so a chunk evicted and mapped again is not hashed again,
 while a file replaced or rewritten since is. A loader asks for that identity again once per epoch for
@@ -39,6 +39,7 @@ import torch
 import zarr
 
 from cachetrain.cache.copies import LocalCopies
+from cachetrain.errors import Fix
 from cachetrain.cache.location import RemotePath, is_remote, location, raise_if_transport, zarr_store
 from cachetrain.cache.manifest import (CacheError, CacheState, StoreInfo, chunk_file, damage, digest_of, labels_file,
                                        metadata_problem, read_manifest, store_state, trailing_crc32c)
@@ -88,29 +89,32 @@ def _max_maps() -> int:
 class CacheReader:
     """A COMPLETE store whose fingerprint matches `expected_fingerprint` (when given)."""
 
-    def __init__(self, path: Path, expected_fingerprint: str | None = None, rebuild_hint: str = "",
+    def __init__(self, path: Path, expected_fingerprint: str | None = None, rebuild: Fix | None = None,
                  copies: LocalCopies | None = None):
-        """`copies`: where a remote store's chunk objects are kept on a local disk once fetched
+        """`rebuild`: the command that rebuilds a store that is absent, incomplete or stale, to suggest;
+        `copies`: where a remote store's chunk objects are kept on a local disk once fetched
         (cachetrain/cache/copies.py); ignored for a local store."""
         self.path = location(path)  # a local folder, or an object store's (cachetrain/cache/location.py)
         self.remote = is_remote(self.path)
         state, info = store_state(self.path, expected_fingerprint)
-        hint = f"; {rebuild_hint}" if rebuild_hint else ""
+        hint = (rebuild,) if rebuild else ()
         if info is None and self.path.exists():
-            raise CacheError(f"{self.path}: {metadata_problem(self.path) or 'store metadata missing'}{hint}")
+            raise CacheError(f"{self.path}: {metadata_problem(self.path) or 'store metadata missing'}", *hint)
         if state is CacheState.ABSENT:
-            raise CacheError(f"{self.path}: cache store not found{hint}")
+            raise CacheError(f"{self.path}: cache store not found", *hint)
         if state is CacheState.WRITING:
-            raise CacheError(f"{self.path}: cache store is incomplete (its writing was interrupted){hint}")
+            raise CacheError(f"{self.path}: cache store is incomplete (its writing was interrupted)", *hint)
         if state is CacheState.STALE:
             found = info.fingerprint if info else "unknown"
             raise CacheError(f"{self.path}: stale cache: fingerprint {found} does not match the current "
-                             f"checkpoint ({expected_fingerprint}){hint}")
+                             f"checkpoint ({expected_fingerprint})", *hint)
         self.info: StoreInfo = info
-        self.repair = f"run: cachetrain cache --j {info.stage} --repair"
+        self.repair = Fix.of("cache", j=info.stage, repair=True)
+        # a chunk found bad while training: verify names every other bad one, then the repair recomputes them
+        self.verify_then_repair = (Fix.of("verify"), self.repair)
         if state is CacheState.DAMAGED:
-            raise CacheError(f"{self.path}: cache store is damaged: {damage(self.path, info) or 'a file is missing'}; "
-                             f"{self.repair}")
+            raise CacheError(f"{self.path}: cache store is damaged: {damage(self.path, info) or 'a file is missing'}",
+                             self.repair)
         self._features: zarr.Array | None = None
         self._maps: OrderedDict[int, _Mapping] = OrderedDict()  # chunk -> its mapping
         self._advised: set[int] = set()  # mapped chunks the kernel was asked to read ahead
@@ -120,7 +124,7 @@ class CacheReader:
         try:
             self.manifest = read_manifest(self.path, info)  # (num_chunks + 1,) uint32, or None (an older store)
         except ValueError as e:
-            raise CacheError(f"{self.path}: its checksum manifest is unreadable ({e}); {self.repair}") from None
+            raise CacheError(f"{self.path}: its checksum manifest is unreadable ({e})", self.repair) from None
         self.labels = self._read_labels()  # (N,) int64, small
         # keyed by the bytes the store holds (its manifest's digest): a rebuilt store gets new copies. A
         # store without a manifest (older than manifests) gets none: nothing would tell a stale copy apart
@@ -137,10 +141,10 @@ class CacheReader:
             raise
         except Exception as e:  # noqa: BLE001 - a decode or checksum failure, a file gone
             raise_if_transport(e, self.path, "reading its labels")
-            raise CacheError(f"{self.path}: labels are corrupt ({_reason(e)}); {self.repair}") from None
+            raise CacheError(f"{self.path}: labels are corrupt ({_reason(e)})", self.repair) from None
         if VERIFY and self.manifest is not None and crc != int(self.manifest[-1]):
             raise CacheError(f"{self.path}: labels are corrupt: they differ from the store's checksum manifest "
-                             f"({file}); {self.repair}")
+                             f"({file})", self.repair)
         return labels
 
     @property
@@ -298,8 +302,7 @@ class CacheReader:
         start, stop = self.chunk_bounds(c)
         if got != self.info.raw_chunk_file_bytes:
             raise CacheError(f"{self.path}: chunk {c} (samples {start}-{stop - 1}) is {got} bytes, expected "
-                             f"{self.info.raw_chunk_file_bytes} ({file}); run: cachetrain verify, then cachetrain "
-                             f"cache --j {self.info.stage} --repair")
+                             f"{self.info.raw_chunk_file_bytes} ({file})", *self.verify_then_repair)
         identity = _identity(st, self.expected_crc(c))
         if VERIFY and self.checked[c] != identity:
             fault = chunk_fault(data, self.info, self.expected_crc(c))
@@ -329,8 +332,8 @@ class CacheReader:
                 # a writable copy (a memcpy against a network read): torch warns on read-only arrays
                 data = np.frombuffer(bytearray(file.read_bytes()), dtype=np.uint8)
             except FileNotFoundError:
-                raise CacheError(f"{self.path}: chunk {c} (samples {start}-{stop - 1}) is missing ({file}); run: "
-                                 f"cachetrain verify, then cachetrain cache --j {self.info.stage} --repair") from None
+                raise CacheError(f"{self.path}: chunk {c} (samples {start}-{stop - 1}) is missing ({file})",
+                                 *self.verify_then_repair) from None
             fault = chunk_fault(data, self.info, expected) if VERIFY else None
             if fault is not None:
                 raise self._corrupt(c, fault, str(file))
@@ -364,14 +367,14 @@ class CacheReader:
             problem = f"is {st.st_size} bytes, expected {self.info.raw_chunk_file_bytes} ({file})"
         if problem:
             start, stop = self.chunk_bounds(c)
-            raise CacheError(f"{self.path}: chunk {c} (samples {start}-{stop - 1}) {problem}; run: cachetrain "
-                             f"verify, then cachetrain cache --j {self.info.stage} --repair")
+            raise CacheError(f"{self.path}: chunk {c} (samples {start}-{stop - 1}) {problem}",
+                             *self.verify_then_repair)
         return file, st
 
     def _corrupt(self, c: int, what: str, file: str) -> CacheError:
         start, stop = self.chunk_bounds(c)
-        return CacheError(f"{self.path}: chunk {c} (samples {start}-{stop - 1}) is corrupt: {what} ({file}); "
-                          f"{self.repair}")
+        return CacheError(f"{self.path}: chunk {c} (samples {start}-{stop - 1}) is corrupt: {what} ({file})",
+                          self.repair)
 
     def read_chunk(self, c: int) -> torch.Tensor:
         """Chunk c as a (n_c, C, H, W) tensor of the storage dtype, decoded by zarr (which checks its

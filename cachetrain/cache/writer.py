@@ -41,6 +41,7 @@ from cachetrain.cache.manifest import (CHECKSUMS, CacheState, Layout, StoreInfo,
                                        file_checksums, labels_file, missing_chunks, store_state)
 from cachetrain.device import autocast
 from cachetrain.faults import fault_point
+from cachetrain.stop import StopRequests
 from cachetrain.threads import InBackground
 
 Batches = Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # (start, batch_size) -> batches
@@ -156,6 +157,11 @@ class BackgroundWriter:
         self._raw = _RawChunks(array, chunk_path) if chunk_path is not None and _RawChunks.fits(array) else None
         self._thread: InBackground[tuple[int, np.ndarray]] = InBackground(self._write, depth, name="cache-writer")
 
+    @property
+    def direct(self) -> bool:
+        """Whether chunks are written straight to their files (`_RawChunks`: uncompressed, local), not by zarr."""
+        return self._raw is not None
+
     def _write(self, item: tuple[int, np.ndarray]) -> None:
         start, block = item
         if self._puts is not None:
@@ -229,12 +235,13 @@ def _resumable(path: Path) -> bool:
 
 def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn.Module, batches: Batches,
                 layout: Layout, device: torch.device, amp: bool = False,
-                on_progress: Callable[[int], None] = lambda n: None, dist: Dist = Dist()) -> int:
+                on_progress: Callable[[int], None] = lambda n: None, dist: Dist = Dist(),
+                stop: StopRequests | None = None) -> int:
     """`_write_store`; on an object store, a request that failed after its retries (a PUT, a metadata read
     or write) is one line naming the store: the chunks written so far stay, and the same command resumes."""
     path = location(path)
     try:
-        return _write_store(path, info, labels, stage, batches, layout, device, amp, on_progress, dist)
+        return _write_store(path, info, labels, stage, batches, layout, device, amp, on_progress, dist, stop)
     except Exception as e:  # noqa: BLE001 - only an object store's transport errors are translated
         raise_if_transport(e, path, "writing the store")
         raise
@@ -242,7 +249,7 @@ def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn
 
 def _write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn.Module, batches: Batches,
                  layout: Layout, device: torch.device, amp: bool, on_progress: Callable[[int], None],
-                 dist: Dist) -> int:
+                 dist: Dist, stop: StopRequests | None) -> int:
     """Bring the store at `path` to COMPLETE for `info`, computing only the missing chunk groups.
     `batches(start, size)` must yield the stage's inputs in sample order from `start`. Returns the
     number of samples computed, by every rank (0 when the store was already complete).
@@ -254,7 +261,11 @@ def _write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.n
     of ranks.
 
     An object store (`path` a RemotePath) takes the same steps, with a PUT for each chunk object, which
-    stores it whole or not at all; nothing is fsynced there, and `complete` is still written last."""
+    stores it whole or not at all; nothing is fsynced there, and `complete` is still written last.
+
+    `stop` (cachetrain.stop): a stop request is seen after each chunk group is handed to the writer; the
+    groups handed over are written and made durable, `complete` is not set, and `Stopped` is raised on
+    every rank, so the same command resumes with the chunks still missing."""
     remote = isinstance(path, RemotePath)
     missing_list = _prepare(path, info, labels) if dist.writer else None
     missing_list = dist.broadcast(missing_list)  # every rank waits for the store to exist
@@ -274,7 +285,7 @@ def _write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.n
         features = zarr.open_array(zarr_store(path / "features"), mode="r+")
     writer = BackgroundWriter(features, None if remote else lambda c: chunk_file(path, features, c))
     encode = info.storage_format.encode  # stage outputs -> the store's dtype, on the host
-    computed = 0
+    computed, stopped = 0, False
     threads = torch.get_num_threads()
     if device.type == "cpu" and threads > 1 and info.codec != "none":
         # leave a core to the writer thread's compression: measured here (2 cores), caching with a 1-thread
@@ -284,7 +295,7 @@ def _write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.n
     try:
         with torch.no_grad(), autocast(device, amp):
             for run_start, run_len in _runs(todo):
-                start, stop = run_start * group_size, min(info.num_samples, (run_start + run_len) * group_size)
+                start, end = run_start * group_size, min(info.num_samples, (run_start + run_len) * group_size)
                 pending: list[np.ndarray] = []  # outputs of the group being assembled
                 pending_start = done = start
                 for x, _ in batches(start, layout.forward_batch):
@@ -292,19 +303,28 @@ def _write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.n
                     computed += len(x)
                     done += len(x)
                     on_progress(len(x))
-                    if done - pending_start == group_size or done == stop:
+                    if done - pending_start == group_size or done == end:
                         block = pending[0] if len(pending) == 1 else np.concatenate(pending)
                         _put_missing(writer, block, pending_start, info.chunk_samples, missing)
                         pending, pending_start = [], done
-                    if done == stop:
+                        stopped = stop is not None and stop.signum is not None
+                    if done == end or stopped:
                         break
+                if stopped:
+                    break
     finally:
         torch.set_num_threads(threads)
         writer.close()
-    if dist.world > 1 and not remote:  # this rank's chunks are durable before it reports them written
+    if (dist.world > 1 or stopped) and not remote:  # this rank's chunks are durable before it reports them written
         mine = [c for g in todo for c in range(g * layout.group_chunks, min(info.num_chunks, (g + 1) * layout.group_chunks))]
-        _make_durable(path, [chunk_file(path, features, c) for c in mine if c in missing])
-    computed = int(dist.sum([computed])[0])  # also the barrier: every rank's chunks are on disk
+        _make_durable(path, [file for c in mine if c in missing and (file := chunk_file(path, features, c)).exists()])
+    computed, ranks_stopped = dist.sum([computed, stopped])  # also the barrier: every rank's chunks are on disk
+    computed = int(computed)
+    if ranks_stopped:
+        left = len(missing_chunks(path, info)) if dist.writer else None
+        dist.barrier()
+        raise stop.stopped(f"{path}: the chunks written so far are kept" +
+                           (f", {left} of {info.num_chunks} are left to write" if left is not None else ""))
     if dist.writer:
         if not remote:
             _make_durable(path, [chunk_file(path, features, c) for c in range(info.num_chunks)])

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cachetrain.stop import ignore_in_worker
 from cachetrain.config import DataConfig
 from cachetrain.data.images import IMAGE_EXTENSIONS, FIX, bad_image_error, image_problem
 from cachetrain.data.jpeg import folder_files, image_batches
@@ -222,6 +223,10 @@ class FolderImages:
     def num_samples(self, split: str) -> int:
         return len(self._sets[split])
 
+    def files(self, split: str) -> list[tuple[str, int]]:
+        """(path, label) of every sample of a split, in sample order (the order of `labels`)."""
+        return list(self._sets[split].samples)
+
     def labels(self, split: str) -> np.ndarray:
         return np.asarray(self._sets[split].targets, dtype=np.int64)
 
@@ -231,7 +236,7 @@ class FolderImages:
     def _load(self, ds, indices, batch_size: int, seed: int, batches: list | None = None) -> Iterator[Batch]:
         """`indices` batch_size at a time, or the given `batches` (lists of sample indices)."""
         batches = batches if batches is not None else [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-        loader = DataLoader(ds, batch_sampler=batches, num_workers=self.workers,
+        loader = DataLoader(ds, batch_sampler=batches, num_workers=self.workers, worker_init_fn=ignore_in_worker,
                             generator=torch.Generator().manual_seed(seed), pin_memory=self.device.type == "cuda")
         for x, y in loader:
             if (y < 0).any():  # a file that did not decode (ImageFiles.__getitem__): name it, in one line

@@ -66,6 +66,11 @@ class TensorImages:
     def num_samples(self, split: str) -> int:
         return len(self._y[split])
 
+    def images(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's images as stored, (N, C, H, W) uint8 on the CPU, and their labels: unnormalised and
+        unaugmented (to export them, e.g. as an image folder)."""
+        return self._x[split], self._y[split]
+
     def labels(self, split: str) -> np.ndarray:
         return self._y[split].numpy()
 

@@ -39,16 +39,15 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
-from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from cachetrain.config import Config
-from cachetrain.models import build_network, configure, make_head
+from cachetrain.models import build_network, configure
+from cachetrain.models.factory import e2e_network, network, stage_model
 from cachetrain.plan.profile import StepMemory, step_memory
-from cachetrain.train.e2e import e2e_network
-from cachetrain.train.trainer import StageModel, make_optimizer, train_step
+from cachetrain.step import make_optimizer, train_step
 
 E2E = "e2e"
 FAKE = "fake"  # the device name for fake CPU tensors: shapes, dtypes and autocast, no memory
@@ -127,11 +126,10 @@ def units(cfg: Config, in_shape: tuple[int, int, int], num_classes: int, variant
         shapes = build_network(cfg.model, in_shape, seed).in_shapes
     for j, shape in enumerate(shapes):
         def stage(j: int = j) -> nn.Module:
-            net = build_network(cfg.model, in_shape, seed, **opts)
-            return StageModel(net.stages[j], make_head(cfg.model, net, j, cfg.model.k, num_classes, seed, **opts))
+            return stage_model(cfg, network(cfg, in_shape, **opts), j, cfg.model.k, num_classes, **opts)
         out.append((f"stage {j}", stage, tuple(shape)))
-    data = SimpleNamespace(sample_shape=tuple(in_shape), num_classes=num_classes)
-    out.append((E2E, lambda: configure(e2e_network(cfg, data), **opts), tuple(in_shape)))
+    out.append((E2E, lambda: configure(e2e_network(cfg, tuple(in_shape), num_classes, **opts), **opts),
+                tuple(in_shape)))
     return out
 
 

@@ -14,7 +14,7 @@ On CUDA the allocator's own peak is read too. Both run on meta tensors (a model 
 `with torch.device("meta"):`) and on fake ones (torch._subclasses.FakeTensorMode, which also takes
 CPU autocast), where nothing is allocated whatever the size: storages are told apart by identity
 there, since their data pointers are all 0. FLOPs come from torch.utils.flop_counter. Every figure runs
-the trainer's own step (`cachetrain.train.trainer.train_step`), so it counts what training does.
+the trainer's own step (`cachetrain.step.train_step`), so it counts what training does.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from cachetrain.train.trainer import train_step
+from cachetrain.step import train_step
 
 
 @dataclass

@@ -39,7 +39,7 @@ import torch
 from cachetrain.config import Config
 from cachetrain.device import autocast
 from cachetrain.durable import write_json
-from cachetrain.errors import ConfigError
+from cachetrain.errors import ConfigError, Fix
 from cachetrain.models import build_network
 from cachetrain.plan.planner import Rates
 from cachetrain.plan.profile import forward_flops
@@ -102,8 +102,8 @@ def load(run_dir: Path) -> MachineRates | None:
         known = {f.name for f in fields(MachineRates)}
         rates = MachineRates(**{k: v for k, v in raw.items() if k in known})
     except (ValueError, TypeError) as e:  # not JSON, not an object, a field missing or of the wrong type
-        raise ConfigError(f"{path}: unreadable measured rates ({str(e).splitlines()[0][:100]}); measure them again "
-                          f"with: cachetrain plan --measure") from None
+        raise ConfigError(f"{path}: unreadable measured rates ({str(e).splitlines()[0][:100]}); measure them again",
+                          Fix.of("plan", measure=True)) from None
     return rates
 
 

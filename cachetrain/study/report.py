@@ -1,6 +1,6 @@
 """`cachetrain report`: read run directories, write report.md, report.json and PNG plots.
 
-Reads only plain files a run leaves behind (see cachetrain.train.rundir for the layout):
+Reads only plain files a run leaves behind (see cachetrain.run.layout for the layout):
 
     <run>/config.yaml                      model.stages (J), model.arch, model.k, name; optional
     <run>/stages/stage_<j>/metrics.jsonl   one row per finished epoch of stage j's auxiliary head

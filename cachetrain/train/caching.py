@@ -29,6 +29,7 @@ from cachetrain.config import CacheConfig
 from cachetrain.device import autocast
 from cachetrain.dist import Dist
 from cachetrain.source import Source
+from cachetrain.stop import StopRequests
 from cachetrain.ui import StageProgress
 
 
@@ -53,7 +54,7 @@ def store_name(split: str, view: int) -> str:
 
 
 def cache_stage(job: CacheJob, c: CacheConfig, device: torch.device, amp: bool, console,
-                dist: Dist = Dist()) -> dict[str, int]:
+                dist: Dist = Dist(), stop: StopRequests | None = None) -> dict[str, int]:
     """Write stage j's outputs to every store of its cache, computing only what is missing. Returns
     samples computed per store name. Under torchrun, every rank writes its share of each store's chunks
     (cachetrain.cache.writer.write_store)."""
@@ -78,7 +79,7 @@ def cache_stage(job: CacheJob, c: CacheConfig, device: torch.device, amp: bool, 
             else job.view_inputs(view)
         with StageProgress(console, f"cache stage {job.j} {name}", n) as bar:
             computed[name] = write_store(path, info, job.source.labels(split), job.stage, inputs, layout, device, amp,
-                                         on_progress=bar.advance, dist=dist)
+                                         on_progress=bar.advance, dist=dist, stop=stop)
     return computed
 
 

@@ -35,6 +35,8 @@ from cachetrain.durable import append_line
 from cachetrain.models import stage_seed
 from cachetrain.study.cka import cka_features, linear_cka
 from cachetrain.study.probe import PROBE_POOLS, fit_probe, pool_features
+from cachetrain.models.factory import e2e_network
+from cachetrain.run import E2E, StageState
 from cachetrain.train.greedy import Greedy
 
 PROBE_TRAIN_SAMPLES = 10_000
@@ -60,65 +62,64 @@ class Diagnostics:
 
     def __init__(self, greedy: Greedy):
         self.greedy = greedy
-        self.probes_path = greedy.run.path / "probes.jsonl"
-        self.cka_path = greedy.run.path / "cka.jsonl"
+        self.run, self.state, self.inputs = greedy.run, greedy.run.state, greedy.inputs
+        self.probes_path = greedy.run.layout.probes
+        self.cka_path = greedy.run.layout.cka
+
+    def _trained(self, j: int) -> bool:
+        return self.state.stage_state(j) is StageState.TRAINED
 
     # -- greedy stages -----------------------------------------------------------------------------
     def stage_outputs(self, j: int, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Stage j's frozen outputs over a split, in sample order: its cache when complete, else computed."""
-        g = self.greedy
-        if j in g.cached_stages() and g.cache_state(j)[0] is CacheState.COMPLETE:
-            yield from g.inputs.cache_source(j, stage_seed(g.cfg.train.seed, j + 1)).eval_batches(split, BATCH)
+        run, state, inputs = self.run, self.state, self.inputs
+        if j in state.cached_stages() and state.cache_state(j)[0] is CacheState.COMPLETE:
+            yield from inputs.cache_source(j, stage_seed(run.cfg.train.seed, j + 1)).eval_batches(split, BATCH)
             return
-        stage = g.trained_stage(j)
+        stage = inputs.trained_stage(j)
         with torch.no_grad():
-            for x, y in g.input_source(j).eval_batches(split, BATCH):
-                with autocast(g.device, g.cfg.train.amp):
+            for x, y in inputs.input_source(j).eval_batches(split, BATCH):
+                with autocast(run.device, run.cfg.train.amp):
                     yield stage(x).float(), y
 
     def missing_stages(self) -> list[int]:
         """Trained stages whose current weights have no probe rows yet."""
-        g = self.greedy
         done = {(r["stage"], r.get("weights_hash")) for r in _read_rows(self.probes_path) if r.get("net") == "greedy"}
-        return [j for j in range(g.depth) if g.stage_state(j) == "trained"
-                and (j, g.checkpoint(j)["weights_hash"]) not in done]
+        return [j for j in range(self.run.depth) if self._trained(j)
+                and (j, self.state.checkpoint(j).weights_hash) not in done]
 
     def probe_stage(self, j: int) -> list[dict]:
         """Fit and record stage j's probes; returns the rows."""
-        g = self.greedy
         t0 = time.perf_counter()
         feats = {split: _pooled(self.stage_outputs(j, split), self._stride(split)) for split in SPLITS}
         read_seconds = time.perf_counter() - t0
-        rows = self._fit(feats, {"net": "greedy", "stage": j, "weights_hash": g.checkpoint(j)["weights_hash"]},
+        rows = self._fit(feats, {"net": "greedy", "stage": j, "weights_hash": self.state.checkpoint(j).weights_hash},
                          read_seconds)
         for row in rows:
             val = "" if row["val_acc"] is None else f"val {100 * row['val_acc']:.2f}%  "
-            g.console.print(f"probe stage {j} ({row['pool']}, {row['dims']} features): train "
+            self.run.console.print(f"probe stage {j} ({row['pool']}, {row['dims']} features): train "
                             f"{100 * row['train_acc']:.2f}%  {val}test {100 * row['test_acc']:.2f}%  "
                             f"({row['seconds']:.1f} s)", highlight=False)
         return rows
 
     # -- the end-to-end network ----------------------------------------------------------------------
     def e2e_model(self) -> nn.Sequential | None:
-        from cachetrain.train.e2e import E2E, e2e_network
-
-        g = self.greedy
-        ck = g.run.load_checkpoint(E2E)
-        if ck is None or ck["epoch"] < ck["epochs"]:
+        run = self.run
+        if run.state.unit_state(E2E) is not StageState.TRAINED:
             return None
-        model = e2e_network(g.cfg, g.data)
-        model.load_state_dict(ck["model"])
-        return model.to(g.device).eval()
+        model = e2e_network(run.cfg, run.data.sample_shape, run.data.num_classes)
+        run.state.checkpoint(E2E).load_state(model)
+        return model.to(run.device).eval()
 
     def probe_e2e(self, model: nn.Sequential) -> list[dict]:
         """Probes of the end-to-end network's output at every stage boundary, from one forward pass."""
-        g = self.greedy
-        depth = g.depth
+        run = self.run
+        depth = run.depth
         stages = list(model)[:depth]
         t0 = time.perf_counter()
         per_stage: dict[int, dict[str, dict]] = {j: {} for j in range(depth)}
         for split in SPLITS:
-            outs = _pooled_all(_forward_all(stages, g.data.eval_batches(split, BATCH), g.device, g.cfg.train.amp),
+            outs = _pooled_all(_forward_all(stages, run.data.eval_batches(split, BATCH), run.device, run.cfg.train.amp),
                                depth, self._stride(split))
             for j in range(depth):
                 per_stage[j][split] = outs[j]
@@ -127,7 +128,7 @@ class Diagnostics:
         rows = []
         for j in range(depth):
             rows += self._fit(per_stage[j], {"net": "e2e", "stage": j, "weights_hash": wh}, read_seconds)
-        g.console.print("e2e probes (gap, test): " + "  ".join(
+        run.console.print("e2e probes (gap, test): " + "  ".join(
             f"{r['stage']}: {100 * r['test_acc']:.1f}%" for r in rows if r["pool"] == "gap"), highlight=False)
         return rows
 
@@ -138,15 +139,16 @@ class Diagnostics:
     def cka(self, model: nn.Sequential) -> list[dict]:
         """Linear CKA between greedy stage j's and the end-to-end network's stage-j output, for every
         trained greedy stage, on the first CKA_SAMPLES test images."""
-        g = self.greedy
-        depth = next((j for j in range(g.depth) if g.stage_state(j) != "trained"), g.depth)
+        run = self.run
+        depth = self.state.trained_depth()
         if depth == 0:
             return []
         t0 = time.perf_counter()
-        e2e = _first(_forward_all(list(model)[:depth], g.data.eval_batches("test", BATCH), g.device,
-                                  g.cfg.train.amp), depth, CKA_SAMPLES)
-        greedy = _first(_forward_all([g.trained_stage(j) for j in range(depth)], g.data.eval_batches("test", BATCH),
-                                     g.device, g.cfg.train.amp), depth, CKA_SAMPLES)
+        e2e = _first(_forward_all(list(model)[:depth], run.data.eval_batches("test", BATCH), run.device,
+                                  run.cfg.train.amp), depth, CKA_SAMPLES)
+        greedy = _first(_forward_all([self.inputs.trained_stage(j) for j in range(depth)],
+                                     run.data.eval_batches("test", BATCH), run.device, run.cfg.train.amp),
+                        depth, CKA_SAMPLES)
         seconds = (time.perf_counter() - t0) / depth
         wh = weights_hash(model)
         rows = []
@@ -154,34 +156,32 @@ class Diagnostics:
             t1 = time.perf_counter()
             value = linear_cka(greedy[j], e2e[j])
             row = {"stage": j, "cka": value, "samples": len(greedy[j]), "features": "avg-pooled to <= 4x4",
-                   "seconds": seconds + time.perf_counter() - t1, "weights_hash": g.checkpoint(j)["weights_hash"],
+                   "seconds": seconds + time.perf_counter() - t1, "weights_hash": self.state.checkpoint(j).weights_hash,
                    "e2e_weights_hash": wh}
             append_line(self.cka_path, json.dumps(row))
             rows.append(row)
-        g.console.print("CKA greedy vs e2e by stage: " + "  ".join(f"{r['stage']}: {r['cka']:.3f}" for r in rows),
+        run.console.print("CKA greedy vs e2e by stage: " + "  ".join(f"{r['stage']}: {r['cka']:.3f}" for r in rows),
                         highlight=False)
         return rows
 
     def cka_missing(self, model: nn.Sequential) -> bool:
-        g = self.greedy
         wh = weights_hash(model)
         have = {(r["stage"], r.get("weights_hash")) for r in _read_rows(self.cka_path) if r.get("e2e_weights_hash") == wh}
-        trained = [j for j in range(g.depth) if g.stage_state(j) == "trained"]
-        return any((j, g.checkpoint(j)["weights_hash"]) not in have for j in trained)
+        trained = [j for j in range(self.run.depth) if self._trained(j)]
+        return any((j, self.state.checkpoint(j).weights_hash) not in have for j in trained)
 
     # -- shared --------------------------------------------------------------------------------------
     def _stride(self, split: str) -> int:
-        n = self.greedy.data.num_samples(split)
+        n = self.run.data.num_samples(split)
         return max(1, math.ceil(n / PROBE_TRAIN_SAMPLES)) if split == "train" else 1
 
     def _fit(self, feats: dict[str, dict], key: dict, read_seconds: float) -> list[dict]:
-        g = self.greedy
         rows = []
         for pool in PROBE_POOLS:
             if pool not in feats["train"]:
                 continue  # an output smaller than 2x2
             evals = {s: feats[s][pool] for s in ("val", "test") if pool in feats[s] and len(feats[s][pool][1])}
-            result = fit_probe(feats["train"][pool], evals, g.data.num_classes, seed=g.cfg.train.seed)
+            result = fit_probe(feats["train"][pool], evals, self.run.data.num_classes, seed=self.run.cfg.train.seed)
             row = {**key, "pool": pool, "dims": int(feats["train"][pool][0].shape[1]),
                    "train_acc": result["train_acc"], "val_acc": result.get("val_acc"),
                    "test_acc": result["test_acc"], "train_samples": len(feats["train"][pool][1]),

@@ -3,7 +3,7 @@
 `cachetrain fork --run A --at J --to B [--set ...]` makes run B whose stages 0..J-1 are A's: their
 checkpoints and cache chunk files are hard links to A's files, so an ablation of the later stages costs
 only the later stages, in time and in disk. B's config is A's with the `--set` changes, recorded in B's
-history as a change from stage J (cachetrain.train.identity), so the lineage checks stay exact: B's
+history as a change from stage J (cachetrain.run.identity), so the lineage checks stay exact: B's
 stages 0..J-1 are valid because every change was made from stage J, and B's stage J reads the very
 bytes A's stage J-1 cached (the same content digests).
 
@@ -32,19 +32,17 @@ from rich.console import Console
 
 from cachetrain.cache.location import RemotePath, is_remote, remote_errors
 from cachetrain.config import Config, ConfigError, load_config, save_config
+from cachetrain.dist import Dist
 from cachetrain.durable import fsync_path, write_json
-from cachetrain.errors import StageError
-from cachetrain.train.greedy import Greedy
-from cachetrain.train.identity import RunIdentity, config_hash, describe
-from cachetrain.train.rundir import RunDir
-
-PROBES = "probes.jsonl"  # cachetrain.train.diagnostics writes it; the parent's greedy rows for stages < J carry over
-
+from cachetrain.errors import Fix, StageError
+from cachetrain.run import Access, Run, RunLayout, StageState
+from cachetrain.run.identity import RunIdentity, change_entry, config_hash, describe
+from cachetrain.run.lock import claim_caches
 
 def fork_run(parent: Path, at: int, child: Path, overrides: list[str], console: Console) -> Config:
     """Make run `child` from `parent`'s stages 0..at-1 (see the module docstring); returns its config."""
     parent, child = Path(parent), Path(child)
-    ident = RunIdentity(parent)
+    ident = RunIdentity(RunLayout.of(parent))
     if not ident.started():
         raise ConfigError(f"--run {parent}: no run there (no config.yaml); fork an existing run")
     if child.exists() and (not child.is_dir() or any(child.iterdir())):
@@ -56,27 +54,24 @@ def fork_run(parent: Path, at: int, child: Path, overrides: list[str], console: 
         raise ConfigError(f"--at {at}: expected a stage index in [0, {depth - 1}] (model.stages is {depth})")
     changes = ident.check(cfg, from_stage=at)  # refuses data./model. changes unless --at 0, naming them
 
-    greedy = Greedy(base, console)
-    greedy.run.lock()  # nothing changes A while it is linked
-    try:
+    with Run.open(base, Dist(), Access.WRITE, console) as run:  # A locked: nothing changes it while it is linked
         for j in range(at):
-            if greedy.stage_state(j) != "trained":
-                raise StageError(f"--at {at}: stage {j} of {parent} is {greedy.stage_state(j)}; finish it first "
-                                 f"(cachetrain stage --run {parent}) or fork at an earlier stage")
-        cached = sorted(j for j in greedy.cached_stages() if j < at)
+            state = run.state.stage_state(j)
+            if state is not StageState.TRAINED:
+                raise StageError(f"--at {at}: stage {j} of {parent} is {state.value}; finish it first or fork at an "
+                                 f"earlier stage", Fix.of("stage", run=parent))
+        cached = sorted(j for j in run.state.cached_stages() if j < at)
         tmp = child.parent / f".{child.name}.forking-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             # the child's stores: in the folder being assembled, or under its own cache.location
-            stores = RunDir(child if cfg.cache.location else tmp, cache_location=cfg.cache.location)
-            stores.claim_caches(write=True)  # B's caches under cache.location must not be another run's
-            linked = _assemble(greedy, tmp, stores, at, cached)
+            stores = RunLayout.of(child if cfg.cache.location else tmp, cfg.cache.location)
+            claim_caches(stores, write=True)  # B's caches under cache.location must not be another run's
+            linked = _assemble(run, tmp, stores, at, cached)
             meta = ident.meta()
             history = list(meta["history"])
             if changes:
-                history.append({"from_stage": at, "changes": {k: list(v) for k, v in changes.items()},
-                                "hash_before": config_hash(base), "hash_after": config_hash(cfg),
-                                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                history.append(change_entry(base, cfg, at, changes))
             save_config(cfg, tmp / "config.yaml")
             write_json(tmp / "run.json", {
                 "config_hash": config_hash(cfg), "history": history,
@@ -89,38 +84,36 @@ def fork_run(parent: Path, at: int, child: Path, overrides: list[str], console: 
             fsync_path(child.parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        greedy.run.unlock()
     console.print(f"forked {parent} at stage {at} into {child}: stages 0..{at - 1} and the caches of stages "
                   f"{', '.join(map(str, cached)) or 'none'} reused ({linked} files hard-linked)"
                   + (f"; changed from stage {at}: {describe(changes)}" if changes else ""), markup=False)
     return cfg
 
 
-def _assemble(greedy, tmp: Path, stores: RunDir, at: int, cached: list[int]) -> int:
+def _assemble(run: Run, tmp: Path, stores: RunLayout, at: int, cached: list[int]) -> int:
     """Link or copy stages 0..at-1 into `tmp` and the cached stages' stores to where `stores` keeps them;
     returns the files linked."""
-    run = greedy.run
+    layout = run.layout
     linked = 0
     for j in range(at):
-        linked += _mirror(run.stage_dir(j), tmp / run.stage_dir(j).relative_to(run.path),
+        linked += _mirror(layout.unit_dir(j), tmp / layout.unit_dir(j).relative_to(layout.path),
                           copy=lambda p: p.name.endswith(".jsonl"))
     for j in cached:
-        for _, _, store in greedy.stores(j):
+        for _, _, store in run.state.stores(j):
             if not store.exists():
                 continue
-            target = stores.store_at(run.store_key(store))
+            target = stores.store_at(layout.store_key(store))
             if is_remote(store) or is_remote(target):
                 _copy_objects(store, target)
             else:
                 linked += _mirror(store, target, copy=lambda p: p.suffix == ".json")
-    probes = run.path / PROBES
+    probes = layout.probes
     if probes.exists():
         rows = [line for line in probes.read_text().splitlines() if line.strip()]
         keep = [r for r in rows if _greedy_row_before(json.loads(r), at)]
         if keep:
-            (tmp / PROBES).write_text("\n".join(keep) + "\n")
-            fsync_path(tmp / PROBES)
+            (tmp / probes.name).write_text("\n".join(keep) + "\n")
+            fsync_path(tmp / probes.name)
     return linked
 
 

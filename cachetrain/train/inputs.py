@@ -4,11 +4,11 @@ Data flows one way: dataset -> stage 0 -> cache 0 -> loader -> stage 1 -> ... St
 images for j = 0, stage j-1's complete cache when stage j-1 is cached, and otherwise the nearest cached
 stage's outputs (or the images) forwarded through the trained, frozen stages in between
 (cachetrain.train.recompute). Which stages are cached, and whether they are trained and up to date, is
-the run state's answer (cachetrain.train.state); this module only assembles the Source (cachetrain.source)
+the run state's answer (cachetrain.run.state); this module only assembles the Source (cachetrain.source)
 from it, so training, caching and evaluation all read a stage's input the same way.
 
-StageInputs also holds the network whose frozen stages it forwards through, and the dataset: both are
-opened once per command, on first use (opening a dataset or building a network is slow).
+StageInputs also holds the network whose frozen stages it forwards through, built once per command on
+first use (building a network is slow); the dataset is the run's (cachetrain.run.Run.data).
 """
 
 from __future__ import annotations
@@ -23,40 +23,35 @@ from cachetrain.cache import CacheReader
 from cachetrain.cache.copies import LocalCopies
 from cachetrain.cache.loader import CacheLoader
 from cachetrain.cache.source import CacheSource
-from cachetrain.config import Config
-from cachetrain.data import open_dataset
-from cachetrain.dist import Shard
-from cachetrain.errors import StageError
-from cachetrain.models import Network, build_network, make_head, stage_seed
-from cachetrain.train.checkpoint import load_state
+from cachetrain.errors import Fix, StageError
+from cachetrain.models import Network, make_head, stage_seed
+from cachetrain.models.factory import network
+from cachetrain.run import Run, StageState
 from cachetrain.train.recompute import RecomputeSource
-from cachetrain.train.state import RunState, command
 
 
 class StageInputs:
-    def __init__(self, cfg: Config, state: RunState, device: torch.device, shard: Shard = Shard()):
-        self.cfg = cfg
-        self.state = state
-        self.device = device
-        self.shard = shard  # under torchrun: this rank's part of each training batch
+    def __init__(self, run: Run):
+        self.run = run
+        self.cfg = run.cfg
+        self.state = run.state
+        self.device = run.device
+        self.shard = run.dist.shard  # under torchrun: this rank's part of each training batch
 
-    @cached_property
+    @property
     def data(self):
         """The images (stage 0's input), with stage 0's shuffle and augmentation seed."""
-        return open_dataset(self.cfg.data, stage_seed(self.cfg.train.seed, 0), self.device, self.cfg.loader.workers,
-                            self.cfg.loader.backend, self.shard)
+        return self.run.data
 
     @cached_property
     def net(self) -> Network:
         """The network the frozen stages are taken from; `trained_stage` loads weights into its stages."""
-        return build_network(self.cfg.model, self.data.sample_shape, self.cfg.train.seed,
-                             checkpoint_activations=self.cfg.train.checkpoint_activations)
+        return network(self.cfg, self.data.sample_shape)
 
     def fresh_network(self) -> Network:
         """A new network at its seeded initial weights, replacing `net` (a stage about to be trained must
         not start from trained weights this process loaded into it earlier)."""
-        self.net = build_network(self.cfg.model, self.data.sample_shape, self.cfg.train.seed,
-                                 checkpoint_activations=self.cfg.train.checkpoint_activations)
+        self.net = network(self.cfg, self.data.sample_shape)
         return self.net
 
     # -- stage j's input ---------------------------------------------------------------------------
@@ -67,9 +62,9 @@ class StageInputs:
             return self.data
         state = self.state
         for i in range(j):
-            if state.stage_state(i) != "trained":
-                raise StageError(f"stage {j} needs stage {i} trained first ({state.stage_state(i)}); run: "
-                                 f"{command('stage', i)}")
+            if state.stage_state(i) is not StageState.TRAINED:
+                raise StageError(f"stage {j} needs stage {i} trained first ({state.stage_state(i).value})",
+                                 Fix.of("stage", j=i))
         t = self.cfg.stage_train(j)  # stages.<j>.feature_* apply to the stage that reads the input
         a = max((i for i in state.cached_stages() if i < j), default=-1)  # nearest cached ancestor
         seed = stage_seed(t.seed, j)
@@ -86,9 +81,9 @@ class StageInputs:
         """Stage a's cache (every training view, the validation split when the run has one, and the test
         split) as a Source, checked against stage a's current output fingerprint."""
         fp = self.state.output_fingerprint(a)
-        hint = f"run: {command('cache', a)}"
+        hint = Fix.of("cache", j=a)
         copies = self._copies()
-        readers = {(split, v): CacheReader(path, fp, rebuild_hint=hint, copies=copies)
+        readers = {(split, v): CacheReader(path, fp, rebuild=hint, copies=copies)
                    for split, v, path in self.state.stores(a)}
         views = [readers["train", v] for v in range(self.cfg.cache.views)]
         return CacheSource(views, readers["test", 0], self.cfg.loader, seed, self.device, crop_padding, flip,
@@ -104,8 +99,8 @@ class StageInputs:
         the images under stage-0 augmentation (j = 0), else view v of stage j-1's cache."""
         if j == 0:
             return lambda start, size: self.data.augmented_batches(size, start, view)
-        prev = CacheReader(self.state.run.store_path(j - 1, "train", view), self.state.output_fingerprint(j - 1),
-                           rebuild_hint=f"run: {command('cache', j - 1)}")
+        prev = CacheReader(self.run.layout.store(j - 1, "train", view), self.state.output_fingerprint(j - 1),
+                           rebuild=Fix.of("cache", j=j - 1))
         loader = CacheLoader(prev, self.device, self.cfg.loader.workers, self.cfg.loader.prefetch_chunks)
         return lambda start, size: loader.batches(np.arange(start, prev.info.num_samples), size)
 
@@ -113,12 +108,12 @@ class StageInputs:
     def trained_stage(self, j: int) -> nn.Module:
         """Stage j with its trained weights, in eval mode (its BN uses running statistics)."""
         stage = self.net.stages[j]
-        load_state(stage, self.state.checkpoint(j), "model")  # names the file and shapes if they do not fit
+        self.state.checkpoint(j).load_state(stage, "model")  # names the file and shapes if they do not fit
         return stage.to(self.device).eval()
 
     def trained_head(self, j: int) -> nn.Module:
         """Stage j's auxiliary head with its trained weights, in eval mode."""
         ck = self.state.checkpoint(j)
-        head = make_head(self.cfg.model, self.net, j, ck["k"], self.data.num_classes, self.cfg.train.seed)
-        load_state(head, ck, "head")  # names the file and shapes if they do not fit
+        head = make_head(self.cfg.model, self.net, j, ck.k, self.data.num_classes, self.cfg.train.seed)
+        ck.load_state(head, "head")  # names the file and shapes if they do not fit
         return head.to(self.device).eval()

@@ -5,9 +5,8 @@ either a cache (its batches come from the loader) or, for j = 0, the images. Tim
 for the next batch is measured separately from the step itself, since the loader's speed is the
 product's claim.
 
-`train_step` is the one training step (forward, loss, backward, optimizer step, scheduler step):
-`train_one_epoch` runs it, and so do the memory count (cachetrain/profile.py) and every benchmark
-that times a step (cachetrain/benchtools.py, benchmarks/), so what they measure is what training runs.
+`train_one_epoch` runs the one training step (cachetrain.step.train_step), which the memory and FLOP
+counts (cachetrain.plan) and every benchmark that times a step run too.
 """
 
 from __future__ import annotations
@@ -25,32 +24,8 @@ from cachetrain.config import TrainConfig
 from cachetrain.device import autocast
 from cachetrain.dist import Dist, step_lengths
 from cachetrain.faults import fault_point
-
-
-class StageModel(nn.Module):
-    def __init__(self, stage: nn.Module, head: nn.Module):
-        super().__init__()
-        self.stage, self.head = stage, head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.stage(x))
-
-
-def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, epochs: int):
-    """Stepped once per batch, so short runs (a few epochs per stage) still get a smooth schedule."""
-    sched = torch.optim.lr_scheduler
-    if cfg.schedule == "cosine":
-        return sched.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
-    if cfg.schedule == "step":
-        return sched.StepLR(optimizer, step_size=cfg.step_epochs * steps_per_epoch, gamma=cfg.gamma)
-    return sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
+from cachetrain.step import train_step
+from cachetrain.stop import StopRequests
 
 
 @dataclass
@@ -86,28 +61,6 @@ class EpochStats:
 
 
 WARMUP = 5
-
-
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
-               scheduler=None, device: torch.device | None = None, amp: bool = False,
-               channels_last: bool = False, loss_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One training step of `model` on the batch (x, y): forward (bf16 autocast on CUDA when `amp`),
-    cross-entropy on fp32 logits, backward (of the loss times `loss_scale`: this rank's weight under
-    DDP, `loss_scale_of`), optimizer step and, when given, scheduler step. On CUDA with `channels_last`
-    the batch is made channels-last first. Returns (loss, logits), the loss unscaled, still on the
-    device and not synchronised; the caller sets train mode."""
-    device = device or x.device
-    if channels_last and device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(device, amp):
-        logits = model(x)
-        loss = nn.functional.cross_entropy(logits.float(), y)
-    optimizer.zero_grad(set_to_none=True)
-    (loss if loss_scale == 1.0 else loss * loss_scale).backward()
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    return loss, logits
 
 
 def timed(batches: Iterable, stats: EpochStats) -> Iterator:
@@ -289,7 +242,8 @@ def epoch_diagnostics(model: nn.Module, source, batch_size: int, device: torch.d
 
 def fit(model: nn.Module, source, cfg: TrainConfig, device: torch.device, optimizer, scheduler, epochs: int,
         start: Position, save: Callable[[Position, float | None], None], log: Callable[[dict], None],
-        console, title: str, selection: Selection | None = None, dist: Dist = Dist()) -> float:
+        console, title: str, selection: Selection | None = None, dist: Dist = Dist(),
+        stop: StopRequests | None = None) -> float:
     """Train for epochs start.epoch..epochs-1 (the first from start.batch), evaluating on the validation,
     test and training splits and calling `save` after every epoch and every cfg.checkpoint_steps steps;
     returns the test accuracy of the weights kept. With a `selection` whose patience is > 0, training stops
@@ -297,8 +251,11 @@ def fit(model: nn.Module, source, cfg: TrainConfig, device: torch.device, optimi
     `save` is then called at Position(epochs) with them, and the last row logged names `selected_epoch`.
 
     Under torchrun (`dist`), every rank trains DDP over `model` on its share of each batch, and `save`
-    and `log` get the sums over all ranks (rank 0 writes them: cachetrain.train.rundir); every rank then
-    evaluates with rank 0's BN statistics, so all reach the same numbers and the same decisions."""
+    and `log` get the sums over all ranks (rank 0 writes them: cachetrain.run); every rank then
+    evaluates with rank 0's BN statistics, so all reach the same numbers and the same decisions.
+
+    `stop`: after every step, a stop request (cachetrain.stop: SIGTERM, Ctrl-C) saves a checkpoint at that
+    step and raises `Stopped`; every rank stops at the same step."""
     from cachetrain.ui import StageProgress  # the UI stays out of the numeric core's imports
 
     steps = source.steps_per_epoch(cfg.batch_size)
@@ -316,6 +273,10 @@ def fit(model: nn.Module, source, cfg: TrainConfig, device: torch.device, optimi
 
             def on_step(s: EpochStats) -> None:
                 bar.update(s)
+                if s.batches < steps and stop is not None and stop.requested(dist):
+                    save(Position(epoch, s.batches, all_ranks(s, dist)), None)
+                    raise stop.stopped(f"{title}: checkpoint at epoch {epoch + 1}, batch {s.batches}/{steps} "
+                                       f"(step {epoch * steps + s.batches})")
                 if cfg.checkpoint_steps and s.batches % cfg.checkpoint_steps == 0 and s.batches < steps:
                     save(Position(epoch, s.batches, all_ranks(s, dist)), None)
 
@@ -355,6 +316,8 @@ def fit(model: nn.Module, source, cfg: TrainConfig, device: torch.device, optimi
             save(Position(epochs, 0, None), test_acc)
             break
         save(Position(epoch + 1, 0, None), test_acc)
+        if epoch + 1 < epochs and stop is not None and stop.requested(dist):  # the last step of an epoch asked
+            raise stop.stopped(f"{title}: checkpoint at the end of epoch {epoch + 1}/{epochs}")
     if dist.world > 1:  # DDP keeps the replicas equal; a rank that drifted would make rank 0's file a lie
         from cachetrain.cache import weights_hash
         hashes = dist.gather(weights_hash(model))

@@ -22,15 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cachetrain.config import Config, ConfigError, load_config, save_config
+from cachetrain.config import Config, ConfigError, free_keys, load_config, save_config
 from cachetrain.durable import write_json
+from cachetrain.run.layout import RunLayout
 
-# keys that cannot change what is computed: where things live, how many processes read, how often a
-# mid-epoch checkpoint is taken (resume is bit-identical either way), whether a stage's activations are
-# recomputed in the backward instead of kept (the same gradients, tested in tests/test_memory.py)
-FREE_KEYS = frozenset({"name", "run_dir", "data.root", "cache.location", "cache.remote_copies",
-                       "cache.remote_copies_gib", "loader.workers", "loader.prefetch_chunks",
-                       "train.checkpoint_steps", "train.checkpoint_activations", "train.probes"})
 # keys that shape every stage's tensors: a change to them leaves no earlier stage reusable
 WHOLE_RUN_SECTIONS = ("data.", "model.")
 STAGE_LOCAL_KEYS = frozenset({"model.k", "model.aux", "model.aux_width"})  # heads only: a later stage may differ
@@ -55,7 +50,8 @@ def result_keys(cfg: Config | dict) -> dict[str, Any]:
         except ConfigError:
             pass  # a key since removed or renamed: compared as saved, so it differs
     raw = cfg.to_dict() if isinstance(cfg, Config) else cfg
-    return {k: v for k, v in flatten(raw).items() if k not in FREE_KEYS}
+    free = free_keys()  # marked where each key is declared (cachetrain.config.FREE)
+    return {k: v for k, v in flatten(raw).items() if k not in free}
 
 
 def config_hash(cfg: Config | dict) -> str:
@@ -80,10 +76,10 @@ def _show(value: Any) -> str:
 class RunIdentity:
     """`<run>/config.yaml` and `<run>/run.json` of one run directory."""
 
-    def __init__(self, run: Path):
-        self.run = Path(run)
-        self.config_path = self.run / "config.yaml"
-        self.meta_path = self.run / "run.json"
+    def __init__(self, layout: RunLayout):
+        self.run = layout.path
+        self.config_path = layout.config
+        self.meta_path = layout.meta
 
     def started(self) -> bool:
         return self.config_path.exists()
@@ -134,13 +130,17 @@ class RunIdentity:
         metadata goes first: a crash between the two writes leaves a history entry whose hash_after
         does not match config.yaml, which the next command detects as a config change again."""
         meta = self.meta()
-        before = config_hash(self.saved_config())
-        meta["history"].append({"from_stage": from_stage, "changes": {k: list(v) for k, v in changes.items()},
-                                "hash_before": before, "hash_after": config_hash(cfg),
-                                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        meta["history"].append(change_entry(self.saved_config(), cfg, from_stage, changes))
         meta["config_hash"] = config_hash(cfg)
         write_json(self.meta_path, meta)
         save_config(cfg, self.config_path)
+
+
+def change_entry(before: Config, after: Config, from_stage: int, changes: dict[str, tuple[Any, Any]]) -> dict:
+    """One entry of run.json's history: a change of result keys accepted from stage `from_stage`."""
+    return {"from_stage": from_stage, "changes": {k: list(v) for k, v in changes.items()},
+            "hash_before": config_hash(before), "hash_after": config_hash(after),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def stage_config_ok(trained_with: dict | None, current: Config, history: list[dict], j: int) -> bool:

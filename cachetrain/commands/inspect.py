@@ -1,0 +1,83 @@
+"""The commands that look at a run without training: status, verify, eval."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.table import Table
+
+from cachetrain.commands.base import Command, Invocation
+from cachetrain.errors import Fix
+from cachetrain.run import Access
+from cachetrain.run.identity import config_hash, describe
+from cachetrain.train.greedy import Greedy
+from cachetrain.ui import status_table
+
+
+def status(inv: Invocation) -> int:
+    run = inv.run
+    rows = run.state.status()
+    inv.console.print(status_table(rows, title=f"{run.cfg.run_path}"))
+    started = run.identity.started()
+    forked = run.identity.meta().get("forked_from") if started else None
+    if forked:
+        inv.say(f"forked from {forked['run']} at stage {forked['at']} (stages 0..{forked['at'] - 1} and their caches "
+                f"are hard links to its files)")
+    for r in rows:
+        if r.reason:
+            inv.say(f"stage {r.j} is stale: {r.reason}")
+    inv.say(f"config {config_hash(run.cfg)}" + ("" if started else " (run not started)"))
+    for change in run.state.history:
+        inv.say(f"  {change['time']}: from stage {change['from_stage']}: "
+                f"{describe({k: tuple(v) for k, v in change['changes'].items()})}")
+    action = run.state.next_action()
+    if action.summary:
+        inv.say(f"next: {action.summary}: {inv.spell(action.fix)} {action.does}")
+    else:  # `train` itself: what it will do, in words
+        inv.say(f"next: {action.fix.command} {action.does}")
+    return 0
+
+
+def verify(inv: Invocation) -> int:
+    j = inv.args.j
+    stages = [j] if j is not None else list(range(inv.run.depth))
+    bad = 0
+    results = Greedy(inv.run).verify(stages)
+    for (stage, split), problems in results.items():
+        if problems is None:
+            continue
+        for p in problems:
+            inv.say(str(p))
+        bad += len(problems)
+        if not problems:
+            inv.say(f"stage {stage} {split}: every chunk verified")
+    if bad:
+        broken = sorted({stage for (stage, _), problems in results.items() if problems})
+        fixes = "; ".join(inv.spell(Fix.of("cache", j=stage, repair=True)) for stage in broken)
+        inv.say(f"{bad} corrupt or missing chunks; fix with: {fixes}")
+    return 1 if bad else 0
+
+
+def evaluate(inv: Invocation) -> int:
+    r = Greedy(inv.run).evaluate_network()
+    table = Table(title=f"{inv.cfg.run_path}: assembled network, stages 0..{r['stages'] - 1}")
+    table.add_column("path")
+    table.add_column("test acc", justify="right")
+    table.add_row("raw test images", f"{100 * r['test_acc']:.2f}%")
+    if r["agreement"] is not None:
+        table.add_row("cached features (last stage)", f"{100 * r['cached_test_acc']:.2f}%")
+        table.add_row("prediction agreement", f"{100 * r['agreement']:.2f}%")
+    inv.console.print(table)
+    return 0
+
+
+def _verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--j", type=int, help="only this stage's stores")
+
+
+COMMANDS = [
+    Command("verify", "read every chunk of every cache store; exit status 1 if any is corrupt or missing", verify,
+            Access.READ, arguments=_verify_arguments),
+    Command("status", "show each stage: trained epochs, k, accuracy, cache state, size on disk", status, Access.READ),
+    Command("eval", "test accuracy of the assembled network on the raw test images", evaluate, Access.WRITE),
+]
