@@ -12,6 +12,7 @@ from cachetrain.config import Config
 from cachetrain.data.tensors import load_fmnist
 from cachetrain.config import DataConfig
 from cachetrain.data.folder import FolderImages
+from cachetrain.run import StageState
 from tests.conftest import greedy_of
 
 
@@ -48,7 +49,7 @@ def test_stage0_trains_and_caches_from_jpegs(jpeg_folder, tmp_path, backend):
     g = greedy_of(cfg)
     assert g.run.data.use_dali == (backend == "dali")
     rows = g.train_all()
-    assert [r.state for r in rows] == ["trained", "trained"]
+    assert [r.state for r in rows] == [StageState.TRAINED, StageState.TRAINED]
     assert rows[0].cache is CacheState.COMPLETE
     assert rows[1].test_acc > 0.25, rows[1].test_acc  # chance is 0.10
     assert g.inputs.input_source(1).num_samples("train") == 275  # 25 of train/'s 300 files held out for validation

@@ -11,6 +11,7 @@ from cachetrain.cache import CacheReader, CacheState
 from cachetrain.cli import main
 from cachetrain.config import Config
 from cachetrain.models import build_network
+from cachetrain.run import StageState
 from tests.conftest import greedy_of, fmnist_raw, load, tiny_greedy, tiny_run, write_config
 
 
@@ -127,7 +128,7 @@ def test_cpu_training_is_deterministic_for_a_seed(tmp_path):
 def test_other_architectures_train_greedily(tmp_path, arch, stages):
     g = tiny_greedy(tmp_path / "run", model={"arch": arch, "stages": stages, "width": 8, "downsample": []})
     rows = g.train_all()
-    assert [r.state for r in rows] == ["trained"] * stages
+    assert [r.state for r in rows] == [StageState.TRAINED] * stages
     assert rows[-1].test_acc > 1 / 4  # above chance on 4 classes
 
 

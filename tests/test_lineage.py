@@ -10,6 +10,8 @@ import torch
 
 from cachetrain.cache.manifest import content_digest
 from cachetrain.cli import main
+from cachetrain.run import StageState
+from cachetrain.train.inputs import StageInputs
 from tests.conftest import greedy_of, flip_bytes, load, synthetic_raw, write_config
 
 UNCOMPRESSED = {"codec": "none", "chunk_mib": 0.0625, "batch_size": 64}
@@ -95,9 +97,9 @@ def test_a_repair_that_changes_bytes_makes_every_later_stage_stale(tmp_path, cle
     store = run / "cache" / "stage_0" / "train.zarr"
     before = content_digest(store)
     chunk_files(store)[0].unlink()
-    original = Greedy.trained_stage
+    original = StageInputs.trained_stage
     with monkeypatch.context() as m:
-        m.setattr(Greedy, "trained_stage", lambda self, j: Shifted(original(self, j)) if j == 0 else original(self, j))
+        m.setattr(StageInputs, "trained_stage", lambda self, j: Shifted(original(self, j)) if j == 0 else original(self, j))
         assert main(["cache", "--config", str(cfg), "--j", "0", "--repair"]) == 0
     after = content_digest(store)
     assert after not in (None, before)

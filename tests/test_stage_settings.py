@@ -69,9 +69,9 @@ def test_early_stopping_keeps_the_best_validation_epoch(tmp_path):
     assert len(rows) == min(5, best["epoch"] + 1)
     assert acc == pytest.approx(best["test_acc"])
     ck = greedy.state.checkpoint(0)
-    assert ck["epoch"] == ck["epochs"]  # the stage counts as trained
-    kept = {k: v for k, v in ck["selection"]["best_state"].items() if k.startswith("stage.")}
-    assert all(torch.equal(ck["model"][k.removeprefix("stage.")], v) for k, v in kept.items())
+    assert ck.epoch == ck.epochs  # the stage counts as trained
+    kept = {k: v for k, v in ck.selection["best_state"].items() if k.startswith("stage.")}
+    assert all(torch.equal(ck.model[k.removeprefix("stage.")], v) for k, v in kept.items())
 
 
 def test_patience_needs_a_validation_split(tmp_path):
