@@ -297,19 +297,19 @@ def fit(model: nn.Module, source, cfg: TrainConfig, device: torch.device, optimi
                "samples_per_s": stats.samples_per_s, "steady_samples_per_s": stats.steady_samples_per_s,
                "data_seconds": stats.data_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
                "lr": scheduler.get_last_lr()[0]}
-        stop = select and dist.broadcast(selection.observe(epoch + 1, diag["val_loss"], test_acc, model))
-        last = stop or epoch + 1 == epochs
+        early = select and dist.broadcast(selection.observe(epoch + 1, diag["val_loss"], test_acc, model))
+        last = early or epoch + 1 == epochs
         if select and last:  # keep the best epoch's weights: those are the stage's (or the network's) result
             keep_best(model, selection, dist)
             test_acc = selection.best_test_acc
-            row.update(selected_epoch=selection.best_epoch, stopped_early=bool(stop and epoch + 1 < epochs))
+            row.update(selected_epoch=selection.best_epoch, stopped_early=bool(early and epoch + 1 < epochs))
         log(row)
         val = "" if diag["val_acc"] is None else f"val acc {diag['val_acc']:.4f}  "
         console.print(f"{title} epoch {epoch + 1}/{epochs}: loss {stats.loss:.4f}  train acc {stats.accuracy:.4f}  "
                       f"{val}test acc {diag['test_acc']:.4f}  {stats.samples_per_s:,.0f} samples/s "
                       f"(data wait {stats.data_seconds:.1f} s)")
         if select and last:
-            if stop and epoch + 1 < epochs:
+            if early and epoch + 1 < epochs:
                 console.print(f"{title}: validation loss has not improved for {selection.patience} epochs: stopped "
                               f"after epoch {epoch + 1}")
             console.print(f"{title}: keeps epoch {selection.best_epoch}'s weights (lowest validation loss)")
