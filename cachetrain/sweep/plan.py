@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from cachetrain.config import Config, key_scope
 from cachetrain.run.identity import result_keys
@@ -38,8 +39,7 @@ class Node:
     unshared_caching_passes: int
 
 
-@dataclass(frozen=True)
-class Totals:
+class Totals(NamedTuple):
     stage_trainings: int
     caching_passes: int
     e2e_trainings: int

@@ -9,13 +9,13 @@ A grid is a product: `--grid model.k=1,2,3 --grid train.lr=0.05,0.1` is six poin
     - {model.k: [1, 3]}
     - {model.arch: [vgg, resnet], model.stages: 5, e2e: true}
 
-Every point runs once per seed: seed i (0..N-1) sets train.seed (initial weights, every shuffle and
+Every point runs once per seed, grid by grid (all seeds of the first grid, then the next): seed i (0..N-1) sets train.seed (initial weights, every shuffle and
 augmentation draw: stage 0's image order, the caches' orders) and data.split_seed (which training
 samples are held out for validation) to the base config's value plus i, so the seeds' runs are
 independent draws of everything random. Points whose configs are the same (a value equal to the
 base's, say) are one run, named after the first.
 
-A run is named by its settings, `k=3,seed=1` (a key is shortened to its last part where that is
+A run is named by its settings and its train.seed, `k=3,seed=1` (a key is shortened to its last part where that is
 unambiguous in the sweep; values made filesystem-safe), `base,seed=0` for the base config; the runs'
 names are checked unique.
 """
@@ -68,7 +68,7 @@ class Point:
 class PlannedRun:
     name: str
     group: str  # the name without the seed: the runs of one group differ only in seed
-    seed: int  # the index 0..N-1
+    seed: int  # its train.seed
     settings: tuple[tuple[str, Any], ...]
     cfg: Config
     e2e: bool
@@ -102,46 +102,46 @@ class SweepSpec:
         grids = "; ".join(g.describe() for g in self.grids)
         return f"{grids}; {self.seeds} seed{'s' if self.seeds != 1 else ''}" + ("; end to end" if self.e2e else "")
 
-    def points(self) -> list[Point]:
+    def points(self, grid: Grid | None = None) -> list[Point]:
         out: list[Point] = []
-        for g in self.grids:
+        for g in self.grids if grid is None else [grid]:
             out += [Point(p, g.e2e or self.e2e) for p in g.points()]
         return out
 
     def runs(self, out: Path) -> list[PlannedRun]:
-        """Every run, seed by seed (all points of seed 0 first: a sweep stopped early has whole seeds), each
-        with its resolved config under out/runs/<name>. A ConfigError names the setting a config refuses."""
+        """Every run, grid by grid and within a grid seed by seed (all its points of seed 0 first), each with its
+        resolved config under out/runs/<name>: a sweep stopped early has whole grids, each with whole seeds.
+        A ConfigError names the setting a config refuses."""
         base = self.base()
-        points = self.points()
-        keys = [k for p in points for k, _ in p.settings]
+        keys = [k for p in self.points() for k, _ in p.settings]
         short = _short_names(keys)
         runs: list[PlannedRun] = []
-        seen: dict[str, PlannedRun] = {}  # config hash of seed 0's run -> its run (points that coincide)
+        seen: dict[str, PlannedRun] = {}  # config hash -> its run (points that coincide are one run)
         names: dict[str, tuple] = {}
-        for i in range(self.seeds):
-            for p in points:
-                group = ",".join(f"{short[k]}={_slug(v)}" for k, v in p.settings) or "base"
-                name = f"{group},seed={i}"
-                seeds = [f"train.seed={base.train.seed + i}", f"data.split_seed={base.data.split_seed + i}"]
-                path = out / "runs" / name
-                sets = [*self.sets, *(f"{k}={json.dumps(v)}" for k, v in p.settings), *seeds, f"run_dir={path}",
-                        f"name={name}"]
-                cfg = load_config(self.config, sets)
-                h = config_hash(cfg)
-                if h in seen:  # the same config as an earlier point: one run, which trains e2e if either asks
-                    first = seen[h]
-                    if p.e2e and not first.e2e:
-                        runs[runs.index(first)] = seen[h] = PlannedRun(first.name, first.group, first.seed,
-                                                                       first.settings, first.cfg, True)
-                    continue
-                if name in names and names[name] != p.settings:
-                    raise ConfigError(f"sweep: the settings {_show_settings(names[name])} and "
-                                      f"{_show_settings(p.settings)} both make the run name {name!r}; give one of "
-                                      f"them another value spelling")
-                names[name] = p.settings
-                run = PlannedRun(name, group, i, p.settings, cfg, p.e2e)
-                seen[h] = run
-                runs.append(run)
+        for i, p in ((i, p) for g in self.grids for i in range(self.seeds) for p in self.points(g)):
+            group = ",".join(f"{short[k]}={_slug(v)}" for k, v in p.settings) or "base"
+            seed = base.train.seed + i
+            name = f"{group},seed={seed}"
+            seeds = [f"train.seed={seed}", f"data.split_seed={base.data.split_seed + i}"]
+            path = out / "runs" / name
+            sets = [*self.sets, *(f"{k}={json.dumps(v)}" for k, v in p.settings), *seeds, f"run_dir={path}",
+                    f"name={name}"]
+            cfg = load_config(self.config, sets)
+            h = config_hash(cfg)
+            if h in seen:  # the same config as an earlier point: one run, which trains e2e if either asks
+                first = seen[h]
+                if p.e2e and not first.e2e:
+                    runs[runs.index(first)] = seen[h] = PlannedRun(first.name, first.group, first.seed,
+                                                                   first.settings, first.cfg, True)
+                continue
+            if name in names and names[name] != p.settings:
+                raise ConfigError(f"sweep: the settings {_show_settings(names[name])} and "
+                                  f"{_show_settings(p.settings)} both make the run name {name!r}; give one of "
+                                  f"them another value spelling")
+            names[name] = p.settings
+            run = PlannedRun(name, group, seed, p.settings, cfg, p.e2e)
+            seen[h] = run
+            runs.append(run)
         return runs
 
 
