@@ -7,7 +7,7 @@ import argparse
 from rich.table import Table
 
 from cachetrain.commands.base import Command, Invocation
-from cachetrain.errors import Fix
+from cachetrain.errors import ConfigError, Fix
 from cachetrain.run import Access
 from cachetrain.run.identity import config_hash, describe
 from cachetrain.train.greedy import Greedy
@@ -87,6 +87,11 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--j", type=int, help="only this stage's stores")
 
 
+def _check_heads(args: argparse.Namespace, run) -> None:
+    if args.heads < 0:
+        raise ConfigError(f"--heads {args.heads}: expected a number of heads >= 1 (0: none)")
+
+
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=int, default=0, metavar="M",
                    help="also average the auxiliary heads of the last 1..M stages (free: no training) and record "
@@ -98,5 +103,5 @@ COMMANDS = [
             Access.READ, arguments=_verify_arguments),
     Command("status", "show each stage: trained epochs, k, accuracy, cache state, size on disk", status, Access.READ),
     Command("eval", "test accuracy of the assembled network on the raw test images", evaluate, Access.WRITE,
-            arguments=_eval_arguments),
+            arguments=_eval_arguments, check=_check_heads),
 ]
