@@ -17,6 +17,7 @@ forks.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -84,7 +85,7 @@ class Sweep:
             how = "trains every stage" if n.parent is None else \
                 f"fork of {n.parent} at stage {n.at}: " + (f"trains stages {n.at}..{n.run.cfg.model.stages - 1}"
                                                            if n.stage_trainings else "trains no stage")
-            lines.append(f"  {n.run.name:<{width}}  {how}; {n.caching_passes} caching passes"
+            lines.append(f"  {n.run.name:<{width}}  {how}; {_passes(n.caching_passes)}"
                          + ("; end to end" if n.run.e2e else ""))
         with_, without = totals(self.nodes, True), totals(self.nodes, False)
         lines.append(f"with prefix sharing: {with_.stage_trainings} stage trainings, {with_.caching_passes} caching "
@@ -104,6 +105,8 @@ class Sweep:
         try:
             write_json(self.meta_path, self.description())
             (self.out / "runs").mkdir(exist_ok=True)
+            for tmp in (self.out / "runs").glob(".*.forking-*"):  # a fork a killed sweep left half-made
+                shutil.rmtree(tmp, ignore_errors=True)
             for n in self.nodes:
                 self._run_one(n)
             result = {"runs": len(self.nodes)}
@@ -187,6 +190,10 @@ def pending(run: Run, e2e: bool) -> dict:
               CacheState.COMPLETE]
     return {"stages": stages, "caches": caches,
             "e2e": e2e and state.unit_state(E2E) is not StageState.TRAINED}
+
+
+def _passes(n: int) -> str:
+    return f"{n} caching pass{'' if n == 1 else 'es'}"
 
 
 def settings_line(settings) -> str:
