@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         if rc:
             return rc
     summary = summarise(out)
-    meta = {"command": "OMP_NUM_THREADS=1 nice -n 19 python benchmarks/seeded_study.py " + " ".join(argv or sys.argv[1:]),
+    command = "OMP_NUM_THREADS=1 nice -n 19 python benchmarks/seeded_study.py " + " ".join(argv or sys.argv[1:])
+    meta = {"command": command,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), Python {platform.python_version()}, "
                        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
             "date": time.strftime("%Y-%m-%d"), "this_invocation_minutes": (time.time() - t0) / 60}

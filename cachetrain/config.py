@@ -257,8 +257,10 @@ class CacheConfig:
     # channel's values; 100 = the max), dequantised by the loader on the device
     dtype: Literal["float16", "bfloat16", "float32", "uint8"] = field(default="float16", metadata=CACHED)
     quant_percentile: float = field(default=100.0, metadata=CACHED)
-    quant_batches: int = field(default=8, metadata=CACHED)  # calibration batches spread over the training split (0: all of it, one extra pass)
-    bitround: int = field(default=0, metadata=CACHED)  # float16 only: keep this many mantissa bits (numcodecs BitRound; 0 = off, max 10)
+    # calibration batches spread over the training split (0: all of it, one extra pass)
+    quant_batches: int = field(default=8, metadata=CACHED)
+    # float16 only: keep this many mantissa bits (numcodecs BitRound; 0 = off, max 10)
+    bitround: int = field(default=0, metadata=CACHED)
     # training-set views: view 0 is the plain pass, views 1..V-1 are passes with stage-0 augmentation;
     # the loader draws one view per chunk of samples per epoch
     views: int = field(default=1, metadata=CACHED)
@@ -266,7 +268,8 @@ class CacheConfig:
     # zstd level: on fp16 ReLU maps here, level 1 compressed as well as level 3 (2.05x vs 2.07x, 3.64x vs
     # 3.53x) at 2-2.5x the speed, and compression is what the caching pass waits for on a CPU
     level: int = field(default=1, metadata=CACHED)
-    chunk_mib: float = field(default=4.0, metadata=CACHED)  # target chunk size; a chunk always holds a whole number of samples
+    # target chunk size; a chunk always holds a whole number of samples
+    chunk_mib: float = field(default=4.0, metadata=CACHED)
     batch_size: int = field(default=256, metadata=CACHED)  # forward batch of the caching pass, rounded to whole chunks
     # where the stores go: "" -> <run>/cache; else <location>/<run name>/stage_<j>, with location a folder
     # or an object store URL, s3://bucket/prefix (credentials and endpoint: the AWS_* environment)
@@ -304,7 +307,8 @@ class LoaderConfig:
     # else torchvision. numpy: never DALI. dali: DALI for cache training batches and image folders.
     backend: Literal["auto", "numpy", "dali"] = "auto"
     order: Literal["quasi_random", "random", "sequential"] = field(default="quasi_random", metadata=CACHED)
-    window_chunks: int = field(default=4, metadata=CACHED)  # quasi_random: samples are shuffled within this many consecutive chunks
+    # quasi_random: samples are shuffled within this many consecutive chunks
+    window_chunks: int = field(default=4, metadata=CACHED)
     # processes decoding chunks in the background (0: read in the training process)
     workers: int = field(default=1, metadata=FREE)
     prefetch_chunks: int = field(default=4, metadata=FREE)  # chunks each worker reads ahead

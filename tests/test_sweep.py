@@ -94,10 +94,11 @@ def test_the_plan_forks_each_run_at_the_first_stage_its_settings_change(tmp_path
         {}, {"stages.2.lr": 0.01}, {"train.e2e_epochs": 3, "e2e": True}, {"model.k": [1]}])), seeds=2, e2e=False)
     nodes = plan(spec.runs(tmp_path / "out"))
     got = [(n.run.name, n.parent, n.at, n.stage_trainings, n.caching_passes) for n in nodes]
-    assert got[:4] == [("base,seed=0", None, 0, 3, 2), ("lr=0.01,seed=0", "base,seed=0", 2, 1, 0),
-                       ("e2e_epochs=3,seed=0", "base,seed=0", 3, 0, 0), ("k=1,seed=0", None, 0, 3, 2)]
-    assert [n.parent for n in nodes[4:]] == [None, "base,seed=1", "base,seed=1", None]
-    assert [n.run.e2e for n in nodes[:4]] == [False, False, True, False]
+    # grid by grid, each grid's seeds in turn
+    assert got[::2] == [("base,seed=0", None, 0, 3, 2), ("lr=0.01,seed=0", "base,seed=0", 2, 1, 0),
+                        ("e2e_epochs=3,seed=0", "base,seed=0", 3, 0, 0), ("k=1,seed=0", None, 0, 3, 2)]
+    assert [n.parent for n in nodes[1::2]] == [None, "base,seed=1", "base,seed=1", None]
+    assert [n.run.e2e for n in nodes[::2]] == [False, False, True, False]
     assert totals(nodes, True) == (2 * 7, 2 * 4, 2) and totals(nodes, False) == (2 * 12, 2 * 8, 2)
 
 
@@ -158,8 +159,9 @@ def test_the_report_aggregates_seeds_with_hand_computed_intervals(tmp_path):
     # k=3: 0.85, 0.89, 0.87; k=1: 0.83, 0.81, 0.85
     ref = [_run(tmp_path, f"ref{s}", s, 2, [(0.80, 0.85, 0.70), (v, 0.90, t)], e2e=e)
            for s, v, t, e in ((0, 0.801, 0.80, 0.83), (1, 0.82, 0.82, 0.85), (2, 0.82, 0.84, 0.84))]
-    k3 = [_run(tmp_path, f"k3_{s}", s, 3, [(0.80, 0.85, 0.70), (0.82, 0.9, t)]) for s, t in ((0, .85), (1, .89), (2, .87))]
-    k1 = [_run(tmp_path, f"k1_{s}", s, 1, [(0.80, 0.85, 0.70), (0.82, 0.9, t)]) for s, t in ((0, .83), (1, .81), (2, .85))]
+    same = (0.80, 0.85, 0.70)
+    k3 = [_run(tmp_path, f"k3_{s}", s, 3, [same, (0.82, 0.9, t)]) for s, t in ((0, .85), (1, .89), (2, .87))]
+    k1 = [_run(tmp_path, f"k1_{s}", s, 1, [same, (0.82, 0.9, t)]) for s, t in ((0, .83), (1, .81), (2, .85))]
     report = write_report([*ref, *k3, *k1], tmp_path / "report")
     g = {x["label"]: x for x in report["groups"]}
     assert list(g) == ["reference", "model.k=3", "model.k=1"]

@@ -76,8 +76,8 @@ def evaluate(inv: Invocation) -> int:
         for name in ("m", "stages", "val acc", "test acc"):
             heads.add_column(name, justify="right")
         for r in rows:
-            heads.add_row(str(r["heads"]), f"{r['stages'][0]}..{r['stages'][-1]}",
-                          "—" if r["val_acc"] is None else f"{100 * r['val_acc']:.2f}%", f"{100 * r['test_acc']:.2f}%")
+            val = "—" if r["val_acc"] is None else f"{100 * r['val_acc']:.2f}%"
+            heads.add_row(str(r["heads"]), f"{r['stages'][0]}..{r['stages'][-1]}", val, f"{100 * r['test_acc']:.2f}%")
         inv.console.print(heads)
         inv.say(f"recorded in {inv.run.layout.path / 'heads.jsonl'}")
     return 0

@@ -9,15 +9,15 @@ A grid is a product: `--grid model.k=1,2,3 --grid train.lr=0.05,0.1` is six poin
     - {model.k: [1, 3]}
     - {model.arch: [vgg, resnet], model.stages: 5, e2e: true}
 
-Every point runs once per seed, grid by grid (all seeds of the first grid, then the next): seed i (0..N-1) sets train.seed (initial weights, every shuffle and
-augmentation draw: stage 0's image order, the caches' orders) and data.split_seed (which training
-samples are held out for validation) to the base config's value plus i, so the seeds' runs are
-independent draws of everything random. Points whose configs are the same (a value equal to the
-base's, say) are one run, named after the first.
+Every point runs once per seed, grid by grid (all seeds of the first grid, then the next). Seed i
+(0..N-1) sets train.seed (initial weights, every shuffle and augmentation draw: stage 0's image order,
+the caches' orders) and data.split_seed (which training samples are held out for validation) to the
+base config's value plus i, so the seeds' runs are independent draws of everything random. Points whose
+configs are the same (a value equal to the base's, say) are one run, named after the first.
 
-A run is named by its settings and its train.seed, `k=3,seed=1` (a key is shortened to its last part where that is
-unambiguous in the sweep; values made filesystem-safe), `base,seed=0` for the base config; the runs'
-names are checked unique.
+A run is named by its settings and its train.seed, `k=3,seed=1` (a key is shortened to its last part
+where that is unambiguous in the sweep; values made filesystem-safe), `base,seed=0` for the base config;
+the runs' names are checked unique.
 """
 
 from __future__ import annotations
