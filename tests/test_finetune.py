@@ -26,9 +26,12 @@ def test_fine_tuning_starts_from_the_assembled_greedy_network_and_follows_its_st
     from cachetrain.train.unit import EndToEnd
 
     parent, child = _trained(tmp_path), tmp_path / "tuned"
+    assert cli_in_process(["eval", "--run", str(parent), "--heads", "2"]).returncode == 0
     r = cli_in_process(["fork", "--run", str(parent), "--at", "2", "--to", str(child), "--set", "train.e2e_init=greedy",
                         "--set", "train.e2e_epochs=1", "--set", "train.e2e_lr=0.001"])
     assert r.returncode == 0, r.stderr  # at J = model.stages: every stage reused, only the end-to-end network changes
+    # so are the averaged heads' scores, which measured the very same stages
+    assert (child / "heads.jsonl").read_text() == (parent / "heads.jsonl").read_text()
 
     run = Run(load_config(child / "config.yaml"))
     unit = EndToEnd(run)

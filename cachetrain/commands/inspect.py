@@ -79,7 +79,7 @@ def evaluate(inv: Invocation) -> int:
             val = "—" if r["val_acc"] is None else f"{100 * r['val_acc']:.2f}%"
             heads.add_row(str(r["heads"]), f"{r['stages'][0]}..{r['stages'][-1]}", val, f"{100 * r['test_acc']:.2f}%")
         inv.console.print(heads)
-        inv.say(f"recorded in {inv.run.layout.path / 'heads.jsonl'}")
+        inv.say(f"recorded in {inv.run.layout.heads}")
     return 0
 
 

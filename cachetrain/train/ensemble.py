@@ -28,13 +28,12 @@ from cachetrain.errors import Fix, StageError
 from cachetrain.train.greedy import Greedy
 
 BATCH = 512
-HEADS_FILE = "heads.jsonl"
 
 
 class HeadEnsemble:
     def __init__(self, greedy: Greedy):
         self.greedy, self.run = greedy, greedy.run
-        self.path = self.run.layout.path / HEADS_FILE
+        self.path = self.run.layout.heads
 
     def fingerprint(self) -> str | None:
         return self.run.state.output_fingerprint(self.run.depth - 1, "heads")

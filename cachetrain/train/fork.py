@@ -116,6 +116,9 @@ def _assemble(run: Run, tmp: Path, stores: RunLayout, at: int, cached: list[int]
         if keep:
             (tmp / probes.name).write_text("\n".join(keep) + "\n")
             fsync_path(tmp / probes.name)
+    if at == run.depth and layout.heads.exists():  # every stage reused: the averaged heads measured the same ones
+        shutil.copy2(layout.heads, tmp / layout.heads.name)
+        fsync_path(tmp / layout.heads.name)
     return linked
 
 
