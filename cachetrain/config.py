@@ -29,6 +29,45 @@ from cachetrain.errors import ConfigError
 FREE = {"free": True}
 
 
+# Field metadata of a key that leaves the training of the first stages alone: `after(j)` marks a key whose
+# first greedy stage affected is j (stages 0..j-1 train the same whatever its value); `e2e` says whether it
+# changes the end-to-end network. Unmarked result keys affect stage 0 on and the end-to-end network. With
+# `stages.<j>.*` (stage j on) this is where `cachetrain sweep` learns which runs of a grid share stages
+# (cachetrain.train.sweep): one place, beside each key's declaration.
+def after(stage: int | None, e2e: bool = False) -> dict:
+    """Metadata of a key whose first affected greedy stage is `stage` (None: no greedy stage)."""
+    return {"first_stage": stage, "e2e": e2e}
+
+
+@dataclass(frozen=True)
+class KeyScope:
+    """What a config key can change: greedy stages first_stage.. (None: none of them), and the end-to-end network."""
+
+    first_stage: int | None
+    e2e: bool
+
+
+def key_scope(key: str) -> KeyScope:
+    """The scope of a dotted config key (`train.lr`, `stages.3.lr`), read from the schema's field metadata.
+    FREE keys change nothing; `stages.<j>.*` changes stage j on (and not the end-to-end network)."""
+    parts = key.split(".")
+    if parts[0] == "stages" and len(parts) >= 2 and parts[1].isdigit():
+        return KeyScope(int(parts[1]), False)
+    cls: Any = Config
+    meta: Any = {}
+    for part in parts:
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            raise ConfigError(f"{key}: unknown key")
+        meta = fields[part].metadata
+        cls = typing.get_type_hints(cls)[part]
+    if meta.get("free"):
+        return KeyScope(None, False)
+    if "first_stage" in meta:
+        return KeyScope(meta["first_stage"], meta["e2e"])
+    return KeyScope(0, True)
+
+
 def free_keys(cls: type | None = None, prefix: str = "") -> frozenset[str]:
     """The dotted names of every FREE key of the config schema (its sections walked through their types)."""
     cls = cls or Config
@@ -144,12 +183,18 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 autocast, CUDA only
     channels_last: bool = True  # CUDA only
-    e2e_epochs: int = 0  # `cachetrain e2e`: epochs of end-to-end training (0: the same as one greedy stage)
+    e2e_epochs: int = field(default=0, metadata=after(None, e2e=True))  # `cachetrain e2e`: epochs of end-to-end
+    # training (0: the same as one greedy stage)
+    # what the end-to-end network starts from: "scratch" (its seeded initial weights: the baseline) or "greedy"
+    # (the run's trained greedy stages and the last stage's head: fine-tuning the assembled network end to end,
+    # which needs every stage trained first and holds the whole network's activations, as the baseline does)
+    e2e_init: Literal["scratch", "greedy"] = field(default="scratch", metadata=after(None, e2e=True))
+    e2e_lr: float | None = field(default=None, metadata=after(None, e2e=True))  # None: train.lr
     # also checkpoint every N optimizer steps within an epoch (0: per epoch only)
     checkpoint_steps: int = field(default=0, metadata=FREE)
     # feature-space augmentation for stages j > 0, applied per batch on the device (off by default)
-    feature_crop_padding: int = 0
-    feature_flip: bool = False
+    feature_crop_padding: int = field(default=0, metadata=after(1))
+    feature_flip: bool = field(default=False, metadata=after(1))
     # recompute each BN -> ReLU pair in the backward instead of keeping its output (cachetrain.models.chain):
     # the same values and gradients, less memory, two extra elementwise passes per pair
     checkpoint_activations: bool = field(default=False, metadata=FREE)
@@ -159,8 +204,8 @@ class TrainConfig:
     # train early stages less (after Trinh 2019's "slow down" of early layers): stage j of J trains with
     # `slowdown_of` (epochs or lr) scaled by slowdown ** (J - 1 - j); epochs round to the nearest integer >= 1.
     # 1.0: off. stages.<j>.<key> set explicitly wins over it.
-    slowdown: float = 1.0
-    slowdown_of: Literal["epochs", "lr"] = "epochs"
+    slowdown: float = field(default=1.0, metadata=after(0))
+    slowdown_of: Literal["epochs", "lr"] = field(default="epochs", metadata=after(0))
     # after each stage (and after `cachetrain e2e`), fit linear probes on its cached outputs
     # (cachetrain.train.diagnostics); they do not change training
     probes: bool = field(default=True, metadata=FREE)
@@ -174,6 +219,7 @@ class TrainConfig:
         _check(self.step_epochs >= 1, "train.step_epochs", "an integer >= 1", self.step_epochs)
         _check(0 < self.gamma <= 1, "train.gamma", "a number in (0, 1]", self.gamma)
         _check(self.e2e_epochs >= 0, "train.e2e_epochs", "an integer >= 0", self.e2e_epochs)
+        _check(self.e2e_lr is None or self.e2e_lr > 0, "train.e2e_lr", "a number > 0 or null", self.e2e_lr)
         _check(self.checkpoint_steps >= 0, "train.checkpoint_steps", "an integer >= 0", self.checkpoint_steps)
         _check(self.feature_crop_padding >= 0, "train.feature_crop_padding", "an integer >= 0",
                self.feature_crop_padding)
@@ -197,26 +243,34 @@ class StageOverrides:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
+# how stage outputs are stored and read back: stage 0 trains the same whatever they are, and stage 1 on reads
+# them (a run that differs only here shares its trained stage 0; its stage-0 cache may be rebuilt)
+CACHED = after(1)
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     # which stage outputs are cached: all (stages 0..J-2); none (every stage recomputes its input from the
     # images through the frozen stages before it, as the published code does); plan (`cachetrain plan`)
-    mode: Literal["all", "none", "plan"] = "all"
+    mode: Literal["all", "none", "plan"] = field(default="all", metadata=CACHED)
     # uint8: affine per-channel quantisation, scale from a calibration pass (quant_percentile of each
     # channel's values; 100 = the max), dequantised by the loader on the device
-    dtype: Literal["float16", "bfloat16", "float32", "uint8"] = "float16"
-    quant_percentile: float = 100.0
-    quant_batches: int = 8  # calibration batches spread over the training split (0: all of it, one extra pass)
-    bitround: int = 0  # float16 only: keep this many mantissa bits (numcodecs BitRound; 0 = off, max 10)
+    dtype: Literal["float16", "bfloat16", "float32", "uint8"] = field(default="float16", metadata=CACHED)
+    quant_percentile: float = field(default=100.0, metadata=CACHED)
+    # calibration batches spread over the training split (0: all of it, one extra pass)
+    quant_batches: int = field(default=8, metadata=CACHED)
+    # float16 only: keep this many mantissa bits (numcodecs BitRound; 0 = off, max 10)
+    bitround: int = field(default=0, metadata=CACHED)
     # training-set views: view 0 is the plain pass, views 1..V-1 are passes with stage-0 augmentation;
     # the loader draws one view per chunk of samples per epoch
-    views: int = 1
-    codec: Literal["zstd", "none"] = "zstd"
+    views: int = field(default=1, metadata=CACHED)
+    codec: Literal["zstd", "none"] = field(default="zstd", metadata=CACHED)
     # zstd level: on fp16 ReLU maps here, level 1 compressed as well as level 3 (2.05x vs 2.07x, 3.64x vs
     # 3.53x) at 2-2.5x the speed, and compression is what the caching pass waits for on a CPU
-    level: int = 1
-    chunk_mib: float = 4.0  # target chunk size; a chunk always holds a whole number of samples
-    batch_size: int = 256  # forward batch of the caching pass, rounded to whole chunks
+    level: int = field(default=1, metadata=CACHED)
+    # target chunk size; a chunk always holds a whole number of samples
+    chunk_mib: float = field(default=4.0, metadata=CACHED)
+    batch_size: int = field(default=256, metadata=CACHED)  # forward batch of the caching pass, rounded to whole chunks
     # where the stores go: "" -> <run>/cache; else <location>/<run name>/stage_<j>, with location a folder
     # or an object store URL, s3://bucket/prefix (credentials and endpoint: the AWS_* environment)
     location: str = field(default="", metadata=FREE)
@@ -252,8 +306,9 @@ class LoaderConfig:
     # auto: caches through the numpy loader; image folders through DALI on CUDA when it is installed,
     # else torchvision. numpy: never DALI. dali: DALI for cache training batches and image folders.
     backend: Literal["auto", "numpy", "dali"] = "auto"
-    order: Literal["quasi_random", "random", "sequential"] = "quasi_random"
-    window_chunks: int = 4  # quasi_random: samples are shuffled within this many consecutive chunks
+    order: Literal["quasi_random", "random", "sequential"] = field(default="quasi_random", metadata=CACHED)
+    # quasi_random: samples are shuffled within this many consecutive chunks
+    window_chunks: int = field(default=4, metadata=CACHED)
     # processes decoding chunks in the background (0: read in the training process)
     workers: int = field(default=1, metadata=FREE)
     prefetch_chunks: int = field(default=4, metadata=FREE)  # chunks each worker reads ahead

@@ -10,13 +10,14 @@ commands (cachetrain.errors.Fix) name entries of this table, and only the CLI sp
     inspect.py   verify, status, eval
     planning.py  plan
     study.py     probe, report, fork
+    sweep.py     sweep
     bench.py     bench
 """
 
-from cachetrain.commands import bench, inspect, planning, study, training
+from cachetrain.commands import bench, inspect, planning, study, sweep, training
 from cachetrain.commands.base import Command, Invocation
 
-COMMANDS: dict[str, Command] = {c.name: c for module in (training, inspect, planning, study, bench)
+COMMANDS: dict[str, Command] = {c.name: c for module in (training, inspect, planning, study, sweep, bench)
                                 for c in module.COMMANDS}
 
 __all__ = ["COMMANDS", "Command", "Invocation"]

@@ -7,7 +7,7 @@ import argparse
 from rich.table import Table
 
 from cachetrain.commands.base import Command, Invocation
-from cachetrain.errors import Fix
+from cachetrain.errors import ConfigError, Fix
 from cachetrain.run import Access
 from cachetrain.run.identity import config_hash, describe
 from cachetrain.train.greedy import Greedy
@@ -68,6 +68,18 @@ def evaluate(inv: Invocation) -> int:
         table.add_row("cached features (last stage)", f"{100 * r['cached_test_acc']:.2f}%")
         table.add_row("prediction agreement", f"{100 * r['agreement']:.2f}%")
     inv.console.print(table)
+    if inv.args.heads:
+        from cachetrain.train.ensemble import HeadEnsemble
+
+        rows = HeadEnsemble(Greedy(inv.run)).record(inv.args.heads)
+        heads = Table(title="auxiliary heads of the last m stages, class probabilities averaged")
+        for name in ("m", "stages", "val acc", "test acc"):
+            heads.add_column(name, justify="right")
+        for r in rows:
+            val = "—" if r["val_acc"] is None else f"{100 * r['val_acc']:.2f}%"
+            heads.add_row(str(r["heads"]), f"{r['stages'][0]}..{r['stages'][-1]}", val, f"{100 * r['test_acc']:.2f}%")
+        inv.console.print(heads)
+        inv.say(f"recorded in {inv.run.layout.heads}")
     return 0
 
 
@@ -75,9 +87,21 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--j", type=int, help="only this stage's stores")
 
 
+def _check_heads(args: argparse.Namespace, run) -> None:
+    if args.heads < 0:
+        raise ConfigError(f"--heads {args.heads}: expected a number of heads >= 1 (0: none)")
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--heads", type=int, default=0, metavar="M",
+                   help="also average the auxiliary heads of the last 1..M stages (free: no training) and record "
+                        "their accuracy in <run>/heads.jsonl")
+
+
 COMMANDS = [
     Command("verify", "read every chunk of every cache store; exit status 1 if any is corrupt or missing", verify,
             Access.READ, arguments=_verify_arguments),
     Command("status", "show each stage: trained epochs, k, accuracy, cache state, size on disk", status, Access.READ),
-    Command("eval", "test accuracy of the assembled network on the raw test images", evaluate, Access.WRITE),
+    Command("eval", "test accuracy of the assembled network on the raw test images", evaluate, Access.WRITE,
+            arguments=_eval_arguments, check=_check_heads),
 ]

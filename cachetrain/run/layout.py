@@ -13,6 +13,7 @@
                                                cache.location L: L/<run folder name>/stage_<j>/..., L a
                                                folder or an s3:// URL, claimed by L/<name>/owner.json
     <run>/probes.jsonl, <run>/cka.jsonl        linear probes and CKA (cachetrain.train.diagnostics)
+    <run>/heads.jsonl                          the last auxiliary heads averaged (cachetrain.train.ensemble)
     <run>/.lock                                held (flock) by the process working on the run
 
 A trainable *unit* is a greedy stage j (an int) or the end-to-end network (`E2E`); both keep a
@@ -73,6 +74,10 @@ class RunLayout:
     @property
     def cka(self) -> Path:
         return self.path / "cka.jsonl"
+
+    @property
+    def heads(self) -> Path:
+        return self.path / "heads.jsonl"
 
     # -- units: stages and the end-to-end network ----------------------------------------------------
     def unit_dir(self, unit: Unit) -> Path:

@@ -175,6 +175,9 @@ class RunState:
         """What the unit's input is now: the dataset for stage 0 and the end-to-end network, else stage j-1's
         outputs, cached or computed on the fly (None when stage j-1 is not trained and fresh, so nothing
         after it can be)."""
+        if unit == E2E and self.cfg.train.e2e_init == "greedy":  # fine-tuning starts from every greedy stage
+            last = self.output_fingerprint(self.depth - 1, "init")
+            return None if last is None else f"{self.dataset_fingerprint()}+{last}"
         if unit == 0 or unit == E2E:
             return self.dataset_fingerprint()
         storage = storage_tag(self.cfg.cache) if unit - 1 in self.cached_stages() else "recomputed"

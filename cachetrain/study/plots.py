@@ -139,3 +139,70 @@ def write_plots(runs: list[dict], out: Path) -> dict[str, str]:
         draw(runs, out / f"{name}.png")
         written[name] = f"{name}.png"
     return written
+
+
+# -- seeds aggregated: means with their 95% intervals as bands (report.json's "groups") -------------------------
+def _band(ax, group: dict, metric: str, colour: str, style: str, scale: float, label: str | None) -> bool:
+    """The mean of `metric` by stage as a line, its interval as a band; whether anything was drawn."""
+    xs, mean, low, high = [], [], [], []
+    for s in group["stages"]:
+        v = s.get(metric) or {}
+        xs.append(s["stage"])
+        mean.append(np.nan if v.get("mean") is None else scale * v["mean"])
+        low.append(np.nan if v.get("low") is None else scale * v["low"])
+        high.append(np.nan if v.get("high") is None else scale * v["high"])
+    mean = np.array(mean, dtype=float)
+    if not _has(mean):
+        return False
+    ax.plot(xs, mean, style, marker="o", color=colour, label=label)
+    ax.fill_between(xs, np.array(low, dtype=float), np.array(high, dtype=float), color=colour, alpha=0.15, linewidth=0)
+    return True
+
+
+def _group_plot(groups: list[dict], path: Path, title: str, ylabel: str, curves: dict, scale: float = 100.0,
+                e2e: bool = False, ylim=None) -> None:
+    fig = Figure(figsize=(7.5, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    J = max((len(g["stages"]) for g in groups), default=0)
+    ax.set(title=title + " (mean, 95% interval over seeds)", xlabel="stage j", ylabel=ylabel, xticks=list(range(J)))
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    drawn = False
+    for i, g in enumerate(groups):
+        colour = f"C{i % 10}"
+        labelled = False
+        for metric, style in curves.items():
+            if _band(ax, g, metric, colour, style, scale, None if labelled else g["label"]):
+                labelled = drawn = True
+        s = (g.get("summaries") or {}).get("e2e")
+        if e2e and s and s.get("mean") is not None:
+            ax.axhline(100 * s["mean"], color=colour, linestyle="-.", alpha=0.8, label=None if labelled else g["label"])
+            if s.get("half") is not None:
+                ax.axhspan(100 * s["low"], 100 * s["high"], color=colour, alpha=0.08)
+            drawn = True
+    handles = [Line2D([], [], color="k", linestyle=st, label=m) for m, st in curves.items()] if len(curves) > 1 else []
+    if e2e:
+        handles.append(Line2D([], [], color="k", linestyle="-.", label="end to end (test)"))
+    _finish(fig, ax, path, drawn, handles)
+
+
+GROUP_PLOTS = {
+    "accuracy": lambda g, p: _group_plot(g, p, "Auxiliary-head accuracy by stage", "accuracy (%)",
+                                         {"test_acc": "-", "val_acc": "--"}, e2e=True),
+    "probes": lambda g, p: _group_plot(g, p, "Linear-probe test accuracy by depth", "probe test accuracy (%)",
+                                       {"probe_greedy_gap": "-", "probe_e2e_gap": "--"}),
+    "gap": lambda g, p: _group_plot(g, p, "Generalisation gap by depth", "train - val accuracy (points)", {"gap": "-"}),
+    "cka": lambda g, p: _group_plot(g, p, "Greedy vs end-to-end linear CKA by depth", "linear CKA", {"cka": "-"},
+                                    scale=1.0, ylim=(0, 1.05)),
+}
+
+
+def write_group_plots(groups: list[dict], out: Path) -> dict[str, str]:
+    """Every plot in GROUP_PLOTS as out/<name>.png, one colour per setting; name -> file name."""
+    written = {}
+    for name, draw in GROUP_PLOTS.items():
+        draw(groups, out / f"{name}.png")
+        written[name] = f"{name}.png"
+    return written

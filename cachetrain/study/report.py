@@ -7,6 +7,12 @@ Reads only plain files a run leaves behind (see cachetrain.run.layout for the la
     <run>/e2e/metrics.jsonl                the same rows for the end-to-end network; optional
     <run>/probes.jsonl                     linear probes {net, stage, pool, dims, train/val/test_acc, ...}; optional
     <run>/cka.jsonl                        greedy-vs-e2e linear CKA {stage, cka, samples, features, seconds}; optional
+    <run>/heads.jsonl                      the last m auxiliary heads averaged {heads, val_acc, test_acc}; optional
+
+A path may also be a sweep's folder (`cachetrain sweep`: its sweep.json lists the runs and their groups).
+Runs that differ only in seed are aggregated (cachetrain.study.aggregate: means, 95% t-intervals, the
+critical layer per seed, differences from the reference with the ones the seeds cannot resolve); report.md
+then shows the groups, and runs.md each run's own tables.
 
 A stage's numbers are those of its metrics row with epoch == E when the last row says "selected_epoch": E
 (early stopping kept epoch E's weights), else of its last row; a retrained epoch's last occurrence wins. Runs from
@@ -62,6 +68,7 @@ class RunRecord:
     e2e: StageRecord | None = None
     critical: dict = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
+    heads: dict = field(default_factory=dict)  # m -> {"val_acc", "test_acc"}: the last m heads averaged
 
 
 # -- reading -----------------------------------------------------------------------------------------------------
@@ -180,6 +187,9 @@ def read_run(path: Path, label: str | None = None) -> RunRecord:
     for st in rec.stages:
         st.probes = {net: {pool: probes.get((net, st.stage, pool)) for pool in POOLS} for net in NETS}
         st.cka = cka.get(st.stage)
+    for r in _read_jsonl(run / "heads.jsonl", rec.missing, "heads.jsonl"):  # the last row per m wins
+        if _int(r.get("heads")) is not None:
+            rec.heads[r["heads"]] = {"val_acc": _num(r.get("val_acc")), "test_acc": _num(r.get("test_acc"))}
     _note_missing(rec, run, probes, cka)
     return rec
 
@@ -308,29 +318,70 @@ def _labels(runs: list[Path]) -> list[str]:
     return [f"{Path(r).parent.name}/{n}" if names.count(n) > 1 else n for r, n in zip(runs, names)]
 
 
+def _expand(runs: list[Path]) -> tuple[list[Path], list[str | None]]:
+    """The run folders, a sweep's folder replaced by its runs; the group name the sweep gave each (or None)."""
+    from cachetrain.study.aggregate import read_sweep
+
+    paths: list[Path] = []
+    names: list[str | None] = []
+    for p in map(Path, runs):
+        swept = read_sweep(p) if p.is_dir() else None
+        if swept is None:
+            paths.append(p)
+            names.append(None)
+            continue
+        if not swept:
+            raise ConfigError(f"{p}: a sweep with no run started yet; nothing to report")
+        paths += [q for q, _ in swept]
+        names += [g for _, g in swept]
+    return paths, names
+
+
 def write_report(runs: list[Path], out: Path, delta: float = 0.3) -> dict:
-    """Read `runs` (the first is the main run, the rest are overlaid as comparisons), write out/report.md,
-    out/report.json and PNG plots (accuracy, probes, gap, cka), and return report.json's dict."""
+    """Read `runs` (the first is the main run, the rest are overlaid as comparisons; a sweep's folder stands for
+    its runs), write out/report.md, out/report.json and PNG plots (accuracy, probes, gap, cka), and return
+    report.json's dict. Runs that differ only in seed are aggregated (the module docstring)."""
     if not runs:
         raise ConfigError("report: no run directory given; expected at least one")
     if not (isinstance(delta, (int, float)) and math.isfinite(delta) and delta >= 0):
         raise ConfigError(f"--delta {delta}: expected a number of percentage points >= 0")
+    runs, group_names = _expand(runs)
     records = [read_run(Path(p), label) for p, label in zip(runs, _labels(runs))]
     for rec in records:
         rec.critical = _critical(rec, delta)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"delta": delta, "runs": [dataclasses.asdict(r) for r in records]}
-    from cachetrain.study.plots import write_plots  # matplotlib: a dependency (pyproject.toml)
+    from cachetrain.study import aggregate
+    from cachetrain.study.plots import write_group_plots, write_plots  # matplotlib: a dependency (pyproject.toml)
 
-    report["plots"] = write_plots(report["runs"], out)
+    groups = aggregate.group_runs(records, [_read_config(Path(p), []) for p in runs], group_names)
+    seeded = any(len(g.runs) > 1 for g in groups)
+    if seeded:
+        aggregate.aggregate(groups)
+        report["groups"] = [aggregate.to_json(g) for g in groups]
+        report["interval"] = "95% Student t-interval over seeds; differences: Welch, and paired by seed"
+        report["plots"] = write_group_plots(report["groups"], out)
+    else:
+        report["plots"] = write_plots(report["runs"], out)
 
-    md = ["# Layerwise report", "",
-          f"Runs: {', '.join(r.label for r in records)}. Accuracies in %, gap = train (eval) - val in points; "
-          f"critical-layer threshold delta = {delta} points per stage.", ""]
-    md += _summary_markdown(records)
+    intro = (f"Accuracies in %, gap = train (eval) - val in points; critical-layer threshold delta = {delta} "
+             f"points per stage.")
+    runs_md = ["# Layerwise report: every run", "", f"Runs: {', '.join(r.label for r in records)}. {intro}", ""]
+    runs_md += _summary_markdown(records)
     for rec in records:
-        md += _run_markdown(rec)
+        runs_md += _run_markdown(rec)
+    if seeded:
+        from cachetrain.study.report_groups import groups_markdown
+
+        md = ["# Layerwise report", "", f"{len(records)} runs in {len(groups)} settings. {intro} "
+              f"Each number is a mean over seeds with its 95% Student t-interval; each run's own tables are in "
+              f"[runs.md](runs.md).", ""]
+        md += groups_markdown(report["groups"])
+        (out / "runs.md").write_text("\n".join(runs_md))
+    else:
+        md = ["# Layerwise report", "", f"Runs: {', '.join(r.label for r in records)}. {intro}", ""]
+        md += runs_md[4:]
     md += ["## Plots", ""] + [f"![{name}]({file})" for name, file in report["plots"].items()] + [""]
     (out / "report.md").write_text("\n".join(md))
     (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")

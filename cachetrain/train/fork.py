@@ -1,6 +1,7 @@
 """Fork a run at stage J: a new run that reuses stages 0..J-1 of another, and their caches, without copying.
 
-`cachetrain fork --run A --at J --to B [--set ...]` makes run B whose stages 0..J-1 are A's: their
+`cachetrain fork --run A --at J --to B [--set ...]` makes run B whose stages 0..J-1 are A's (J = model.stages:
+all of them, for a change that only the end-to-end network sees, such as train.e2e_epochs): their
 checkpoints and cache chunk files are hard links to A's files, so an ablation of the later stages costs
 only the later stages, in time and in disk. B's config is A's with the `--set` changes, recorded in B's
 history as a change from stage J (cachetrain.run.identity), so the lineage checks stay exact: B's
@@ -50,8 +51,9 @@ def fork_run(parent: Path, at: int, child: Path, overrides: list[str], console: 
     base = ident.saved_config()
     cfg = load_config(ident.config_path, [*overrides, f"run_dir={child}", f"name={child.name}"])
     depth = base.model.stages
-    if not 0 <= at < depth:
-        raise ConfigError(f"--at {at}: expected a stage index in [0, {depth - 1}] (model.stages is {depth})")
+    if not 0 <= at <= depth:  # at == depth: every stage reused, only the end-to-end network is B's own
+        raise ConfigError(f"--at {at}: expected a stage index in [0, {depth}] (model.stages is {depth}; {depth}: "
+                          f"reuse every stage)")
     changes = ident.check(cfg, from_stage=at)  # refuses data./model. changes unless --at 0, naming them
 
     with Run.open(base, Dist(), Access.WRITE, console) as run:  # A locked: nothing changes it while it is linked
@@ -114,6 +116,9 @@ def _assemble(run: Run, tmp: Path, stores: RunLayout, at: int, cached: list[int]
         if keep:
             (tmp / probes.name).write_text("\n".join(keep) + "\n")
             fsync_path(tmp / probes.name)
+    if at == run.depth and layout.heads.exists():  # every stage reused: the averaged heads measured the same ones
+        shutil.copy2(layout.heads, tmp / layout.heads.name)
+        fsync_path(tmp / layout.heads.name)
     return linked
 
 

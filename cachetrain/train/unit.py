@@ -34,6 +34,7 @@ from torch import nn
 
 from cachetrain.cache import weights_hash
 from cachetrain.config import TrainConfig
+from cachetrain.errors import Fix, StageError
 from cachetrain.faults import fault_point
 from cachetrain.models.factory import e2e_network, stage_model
 from cachetrain.run import E2E, Run, StageState
@@ -84,7 +85,10 @@ class Stage:
 
 
 class EndToEnd:
-    """The end-to-end network: every stage and the last stage's head, trained jointly on the images."""
+    """The end-to-end network: every stage and the last stage's head, trained jointly on the images, from
+    their seeded initial weights (the baseline) or, with train.e2e_init "greedy", from the run's trained
+    greedy stages and last head (fine-tuning the assembled network; its lineage then names them, so
+    retraining a stage makes it stale: cachetrain.run.state)."""
 
     key = name = E2E
 
@@ -92,11 +96,11 @@ class EndToEnd:
         self.run = run
 
     def title(self, k: int) -> str:
-        return self.name
+        return "fine-tuning" if self.run.cfg.train.e2e_init == "greedy" else self.name
 
     def settings(self) -> TrainConfig:
         t = self.run.cfg.train
-        return replace(t, epochs=t.e2e_epochs or t.epochs)
+        return replace(t, epochs=t.e2e_epochs or t.epochs, lr=t.e2e_lr or t.lr)
 
     def default_k(self) -> int:
         return self.run.cfg.model.k
@@ -105,8 +109,17 @@ class EndToEnd:
         return self.run.data
 
     def build(self, k: int, t: TrainConfig) -> Built:
-        data = self.run.data
-        model = e2e_network(self.run.cfg, data.sample_shape, data.num_classes)
+        run, data = self.run, self.run.data
+        model = e2e_network(run.cfg, data.sample_shape, data.num_classes)
+        if run.cfg.train.e2e_init == "greedy":
+            last = run.depth - 1
+            untrained = [j for j in range(run.depth) if run.state.stage_state(j) is not StageState.TRAINED]
+            if untrained:
+                raise StageError(f"train.e2e_init: 'greedy' fine-tunes the trained greedy stages, and stage "
+                                 f"{untrained[0]} is {run.state.stage_state(untrained[0]).value}", Fix.of("train"))
+            for j in range(run.depth):  # names the file and the shapes if they do not fit
+                run.state.checkpoint(j).load_state(model[j], "model")
+            run.state.checkpoint(last).load_state(model[run.depth], "head")
         return Built(model, {"model": model})
 
     def lineage(self) -> dict:
