@@ -14,6 +14,9 @@
                                                folder or an s3:// URL, claimed by L/<name>/owner.json
     <run>/probes.jsonl, <run>/cka.jsonl        linear probes and CKA (cachetrain.train.diagnostics)
     <run>/heads.jsonl                          the last auxiliary heads averaged (cachetrain.train.ensemble)
+    <run>/tb/events.out.tfevents.*             TensorBoard curves (cachetrain.run.events): one file per unit
+                                               (`...stage_<j>`, `...e2e`) and the run's summary (`...run`),
+                                               made from the records above; `tensorboard --logdir <run>/tb`
     <run>/.lock                                held (flock) by the process working on the run
 
 A trainable *unit* is a greedy stage j (an int) or the end-to-end network (`E2E`); both keep a
@@ -78,6 +81,10 @@ class RunLayout:
     @property
     def heads(self) -> Path:
         return self.path / "heads.jsonl"
+
+    @property
+    def tb(self) -> Path:
+        return self.path / "tb"
 
     # -- units: stages and the end-to-end network ----------------------------------------------------
     def unit_dir(self, unit: Unit) -> Path:

@@ -48,6 +48,7 @@ from cachetrain.device import resolve_device
 from cachetrain.dist import Dist
 from cachetrain.models import stage_seed
 from cachetrain.run.checkpoint import Checkpoints
+from cachetrain.run.events import RunEvents
 from cachetrain.run.identity import RunIdentity, describe
 from cachetrain.run.layout import RunLayout
 from cachetrain.run.lock import RunLock, claim_caches
@@ -82,6 +83,13 @@ class Run:
     @property
     def depth(self) -> int:
         return self.cfg.model.stages
+
+    @cached_property
+    def events(self) -> RunEvents:
+        """The run's TensorBoard curves under <run>/tb (cachetrain.run.events); rank 0 writes them, from the
+        first event on (a missing tensorboard package is said once, then training goes on)."""
+        return RunEvents(self.layout, self.cfg, self.records, writer=self.dist.writer,
+                         say=lambda msg: self.console.print(msg, markup=False, highlight=False))
 
     @cached_property
     def data(self):

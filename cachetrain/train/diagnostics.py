@@ -100,6 +100,7 @@ class Diagnostics:
             self.run.console.print(f"probe stage {j} ({row['pool']}, {row['dims']} features): train "
                             f"{100 * row['train_acc']:.2f}%  {val}test {100 * row['test_acc']:.2f}%  "
                             f"({row['seconds']:.1f} s)", highlight=False)
+        self.run.events.probes(rows)  # by_stage view of the run's curves (cachetrain.run.events)
         return rows
 
     # -- the end-to-end network ----------------------------------------------------------------------
@@ -130,6 +131,7 @@ class Diagnostics:
             rows += self._fit(per_stage[j], {"net": "e2e", "stage": j, "weights_hash": wh}, read_seconds)
         run.console.print("e2e probes (gap, test): " + "  ".join(
             f"{r['stage']}: {100 * r['test_acc']:.1f}%" for r in rows if r["pool"] == "gap"), highlight=False)
+        run.events.probes(rows)
         return rows
 
     def e2e_missing(self, model: nn.Sequential) -> bool:

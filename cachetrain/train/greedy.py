@@ -15,11 +15,13 @@ command asks for: verifying every store, and evaluating the assembled network.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from torch import nn
 
 from cachetrain.cache import CacheError
+from cachetrain.cache.formats import FORMATS
 from cachetrain.cache.verify import ChunkProblem
 from cachetrain.errors import Fix, StageError
 from cachetrain.models.factory import StageModel
@@ -73,12 +75,18 @@ class Greedy:
                                out_shape=self.inputs.net.out_shapes[j], fingerprint=self.state.output_fingerprint(j),
                                weights_hash=ck.weights_hash, input_fingerprint=ck.input_fingerprint,
                                stores=self.state.stores(j), view_inputs=lambda view: self.inputs.view_inputs(j, view))
+        t0 = time.perf_counter()
         try:
             with self.run.stop.graceful():  # SIGTERM or Ctrl-C: the chunk group being written is finished, then stop
-                return caching.cache_stage(job, self.cfg.cache, self.run.device, self.cfg.train.amp, self.run.console,
-                                           self.dist, self.run.stop)
+                computed = caching.cache_stage(job, self.cfg.cache, self.run.device, self.cfg.train.amp,
+                                               self.run.console, self.dist, self.run.stop)
         finally:
             self.state.forget_digests()  # the stores' digests may have changed
+        # the pass's write rate and bytes, in the run's curves (cachetrain.run.events)
+        sample_bytes = FORMATS[self.cfg.cache.dtype].sample_bytes(job.out_shape)
+        self.run.events.cache_pass(j, sum(computed.values()), sample_bytes, time.perf_counter() - t0,
+                                   [path for _, _, path in job.stores])
+        return computed
 
     def verify(self, stages: list[int]) -> dict[tuple[int, str], list[ChunkProblem] | None]:
         """Problems per (stage, store name) (cachetrain.train.caching.verify)."""

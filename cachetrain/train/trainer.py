@@ -61,6 +61,15 @@ class EpochStats:
 
 
 WARMUP = 5
+STEP_ROWS = 100  # step rows per epoch, at most: a curve point every ~1% of an epoch
+
+
+def step_period(steps: int, sync_every: int = 1) -> int:
+    """Every how many steps `fit` reports a step row: ~1% of an epoch (STEP_ROWS points, enough to see an
+    epoch's shape, few enough to cost nothing), a multiple of `sync_every` (on CUDA the running sums reach
+    the host only then), at least 1."""
+    every = max(1, math.ceil(steps / STEP_ROWS))
+    return math.ceil(every / sync_every) * sync_every
 
 
 def timed(batches: Iterable, stats: EpochStats) -> Iterator:
@@ -243,7 +252,7 @@ def epoch_diagnostics(model: nn.Module, source, batch_size: int, device: torch.d
 def fit(model: nn.Module, source, cfg: TrainConfig, device: torch.device, optimizer, scheduler, epochs: int,
         start: Position, save: Callable[[Position, float | None], None], log: Callable[[dict], None],
         console, title: str, selection: Selection | None = None, dist: Dist = Dist(),
-        stop: StopRequests | None = None) -> float:
+        stop: StopRequests | None = None, log_step: Callable[[int, dict], None] | None = None) -> float:
     """Train for epochs start.epoch..epochs-1 (the first from start.batch), evaluating on the validation,
     test and training splits and calling `save` after every epoch and every cfg.checkpoint_steps steps;
     returns the test accuracy of the weights kept. With a `selection` whose patience is > 0, training stops
@@ -255,7 +264,11 @@ def fit(model: nn.Module, source, cfg: TrainConfig, device: torch.device, optimi
     evaluates with rank 0's BN statistics, so all reach the same numbers and the same decisions.
 
     `stop`: after every step, a stop request (cachetrain.stop: SIGTERM, Ctrl-C) saves a checkpoint at that
-    step and raises `Stopped`; every rank stops at the same step."""
+    step and raises `Stopped`; every rank stops at the same step.
+
+    `log_step(step, row)`: every `step_period` steps (and before that step's checkpoint), the epoch's
+    running train_loss and train_acc over all ranks and the learning rate; `step` counts the unit's
+    optimizer steps from its start (epoch * steps per epoch + batch), so it is the same after a resume."""
     from cachetrain.ui import StageProgress  # the UI stays out of the numeric core's imports
 
     steps = source.steps_per_epoch(cfg.batch_size)
@@ -263,6 +276,7 @@ def fit(model: nn.Module, source, cfg: TrainConfig, device: torch.device, optimi
     sync_every = 1 if device.type != "cuda" else math.gcd(25, cfg.checkpoint_steps or 25)
     select = selection is not None and selection.patience > 0 and source.num_samples("val") > 0
     trained = dist.wrap(model)  # DDP under torchrun: gradients averaged over ranks in the backward
+    every = step_period(steps, sync_every)
     test_acc = float("nan")
     for epoch in range(start.epoch, epochs):
         resumed = epoch == start.epoch
@@ -273,6 +287,10 @@ def fit(model: nn.Module, source, cfg: TrainConfig, device: torch.device, optimi
 
             def on_step(s: EpochStats) -> None:
                 bar.update(s)
+                if log_step is not None and s.batches % every == 0:  # every rank: all_ranks is a collective
+                    totals = all_ranks(s, dist)
+                    log_step(epoch * steps + s.batches, {"train_loss": totals.loss, "train_acc": totals.accuracy,
+                                                         "lr": scheduler.get_last_lr()[0]})
                 if s.batches < steps and stop is not None and stop.requested(dist):
                     save(Position(epoch, s.batches, all_ranks(s, dist)), None)
                     raise stop.stopped(f"{title}: checkpoint at epoch {epoch + 1}, batch {s.batches}/{steps} "

@@ -17,7 +17,8 @@
     6. save     a checkpoint (cachetrain.run.checkpoint) after every epoch and every
                 train.checkpoint_steps steps, recording what the unit trained on (its input fingerprint,
                 and a stage's input store digests) and, at the end, a stage's weights hash; a metrics row
-                per finished epoch
+                per finished epoch, and the same numbers (with step rows) as TensorBoard curves
+                (cachetrain.run.events), flushed before each checkpoint
 
 The rules are the same for both: a fresh start keeps the previous training's metrics until it writes
 its own first row or checkpoint, so a start that fails on its first batch (a corrupt input, say) loses
@@ -157,11 +158,11 @@ def train_unit(run: Run, unit: Trainable, k: int | None = None, restart: bool = 
         start = Position(resume.epoch, resume.batch, EpochStats(**resume.stats) if resume.stats else None)
         run.records.truncate_metrics(unit.key, start.epoch)
         run.console.print(f"{unit.name}: resuming at epoch {start.epoch + 1}, batch {start.batch}/{steps}")
-    metrics = Metrics(run, unit.key, k, keep_old=not resume)
+    metrics = Metrics(run, unit.key, k, keep_old=not resume, steps=steps, start=start)
     lineage = unit.lineage()
 
     def save(at: Position, test_acc: float | None) -> None:
-        metrics.begin()
+        metrics.before_checkpoint()
         finished = at.epoch == epochs
         run.checkpoints.save(Checkpoint(
             unit=unit.key, k=k, model=built.parts["model"].state_dict(),
@@ -174,19 +175,27 @@ def train_unit(run: Run, unit: Trainable, k: int | None = None, restart: bool = 
             world=run.dist.world, **lineage))
         run.state.forget_checkpoints()  # the unit changed: every fingerprint derived from it may have too
 
-    with run.stop.graceful():  # SIGTERM or Ctrl-C: checkpoint at the step it came, then stop (cachetrain.stop)
-        test_acc = fit(model, source, t, run.device, optimizer, scheduler, epochs, start, save, log=metrics.log,
-                       console=run.console, title=unit.title(k), selection=selection, dist=run.dist, stop=run.stop)
+    finished = False
+    try:
+        with run.stop.graceful():  # SIGTERM or Ctrl-C: checkpoint at the step it came, then stop (cachetrain.stop)
+            test_acc = fit(model, source, t, run.device, optimizer, scheduler, epochs, start, save, log=metrics.log,
+                           console=run.console, title=unit.title(k), selection=selection, dist=run.dist,
+                           stop=run.stop, log_step=metrics.log_step)
+        finished = True
+    finally:
+        metrics.close(finished)
     fault_point("stage_end")
     return test_acc
 
 
 class Metrics:
-    """A unit's metrics rows. A fresh start (`keep_old`) leaves the previous training's rows in place until it
-    writes its own first row or checkpoint (`begin`)."""
+    """A unit's metrics rows, and its TensorBoard curves made from the same numbers (cachetrain.run.events:
+    step rows go there only). A fresh start (`keep_old`) leaves the previous training's rows in place until
+    it writes its own first row or checkpoint (`begin`)."""
 
-    def __init__(self, run: Run, unit, k: int, keep_old: bool):
+    def __init__(self, run: Run, unit, k: int, keep_old: bool, steps: int, start: Position):
         self.run, self.unit, self.k, self.old = run, unit, k, keep_old
+        self.curves = run.events.unit(unit, steps, start.epoch, start.batch)
 
     def begin(self) -> None:
         if self.old:
@@ -196,3 +205,17 @@ class Metrics:
     def log(self, row: dict) -> None:
         self.begin()
         self.run.records.append_metrics(self.unit, {"stage": self.unit, "k": self.k, **row})
+        self.curves.epoch(row)
+
+    def log_step(self, step: int, row: dict) -> None:
+        self.curves.step(step, row)
+
+    def before_checkpoint(self) -> None:
+        """Every event the checkpoint covers is on disk before it is (a resume continues the curves there)."""
+        self.begin()
+        self.curves.flush()
+
+    def close(self, finished: bool) -> None:
+        self.curves.close()
+        if finished:
+            self.run.events.unit_finished(self.unit)  # the kept epoch's accuracies, in the by_stage view
