@@ -21,7 +21,7 @@ $(FMNIST):
 data: $(FMNIST)
 
 demo: setup data
-	$(VENV)/bin/cachetrain train --config configs/fmnist.yaml
+	$(VENV)/bin/cachetrain train --config fmnist
 
 # two workers (pytest-xdist): many tests wait on subprocesses, torchrun and the S3 server, so two share
 # the two cores well (4 min 57 s against 6 min 14 s serially, 2026-12-04)
