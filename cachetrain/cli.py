@@ -1,7 +1,7 @@
 """`cachetrain` command line: a thin layer over cachetrain.train.greedy.
 
-Every command takes `--config FILE` (YAML; see configs/) and any number of `--set section.key=value`
-overrides. Errors the user can fix are printed as one line and exit with status 2.
+Every command takes `--config FILE` (YAML, or a built-in config's name: cachetrain/configs) and any number of
+`--set section.key=value` overrides. Errors the user can fix are printed as one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from cachetrain import __version__
+from cachetrain import configs as builtin_configs
 from cachetrain.cache.formats import FORMATS
 from cachetrain.cache.location import RemotePath, is_transport_error, transport_failure
 from cachetrain.config import Config, K_RANGE, load_config
@@ -32,12 +34,17 @@ DISTRIBUTED = ("train", "stage", "cache", "e2e")  # commands that run under torc
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cachetrain", description="Greedy layerwise CNN training on cached features.")
+    p = argparse.ArgumentParser(prog="cachetrain", description="Greedy layerwise CNN training on cached features.",
+                                epilog=f"built-in configs (--config NAME): {', '.join(builtin_configs.names())}; "
+                                       f"cachetrain configs describes them")
+    p.add_argument("--version", action="version", version=f"cachetrain {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("configs", help="list the built-in configs, which --config takes by name",
+                   description="list the built-in configs, which --config takes by name")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help, description=help)
-        c.add_argument("--config", help="YAML config (configs/*.yaml)")
+        c.add_argument("--config", help="YAML config file, or a built-in config's name (cachetrain configs)")
         c.add_argument("--run", help="run directory (default: the config's run_dir, else runs/<config name>)")
         c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.epochs=3 (repeatable)")
@@ -183,6 +190,9 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     greedy, named, dist = None, "", Dist()
     try:
         _refuse_torchrun(args.command)  # before any command's work, report's and fork's included
+        if args.command == "configs":
+            console.print(builtin_configs.listing(), markup=False, highlight=False)
+            return 0
         if args.command == "report":
             return _report(args, console)
         if args.command == "fork":
