@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup data clean
+.PHONY: demo test setup data dist clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,5 +28,9 @@ demo: setup data
 test: setup data
 	$(PY) -m pytest -q -n 2
 
+# the sdist and the wheel (what `pip install .` builds), into dist/; tests/test_package.py checks both
+dist: setup
+	$(PY) -m build --outdir dist .
+
 clean:
-	rm -rf runs bench .pytest_cache
+	rm -rf runs bench dist .pytest_cache
