@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup data clean
+.PHONY: demo test setup data dist clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,12 +21,16 @@ $(FMNIST):
 data: $(FMNIST)
 
 demo: setup data
-	$(VENV)/bin/cachetrain train --config configs/fmnist.yaml
+	$(VENV)/bin/cachetrain train --config fmnist
 
 # two workers (pytest-xdist): many tests wait on subprocesses, torchrun and the S3 server, so two share
 # the two cores well (4 min 57 s against 6 min 14 s serially, 2026-12-04)
 test: setup data
 	$(PY) -m pytest -q -n 2
 
+# the sdist and the wheel (what `pip install .` builds), into dist/; tests/test_package.py checks both
+dist: setup
+	$(PY) -m build --outdir dist .
+
 clean:
-	rm -rf runs bench .pytest_cache
+	rm -rf runs bench dist .pytest_cache

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from cachetrain.cli import main as cachetrain
 
-CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "fmnist.yaml")
+CONFIG = "fmnist"  # the built-in config (cachetrain/configs/fmnist.yaml)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """What fits in 16 and 24 GiB: each greedy stage against the whole network, ImageNet k=3 layout, counted
 on a CPU without allocating anything.
 
-The layout is configs/imagenet_k3.yaml (Belilovsky et al.: 224 px, input space-to-depth to 12x112x112,
+The layout is the built-in config imagenet_k3 (cachetrain/configs/imagenet_k3.yaml) (Belilovsky et al.: 224 px, input space-to-depth to 12x112x112,
 J=8, width 128, downsampling at j=2,4,6, the k=3 conv head, SGD with momentum), 1000 classes, batch
 256, fp32. A unit is one greedy stage (block + head on its cached input) or the whole network end to
 end; each is measured by `cachetrain.plan.memory` on fake tensors (nothing allocated, whatever the
@@ -52,7 +52,7 @@ H200 = ROOT / "benchmarks" / "figures" / "h200_results.json"
 
 def layout(tiny: bool) -> tuple[Config, tuple[int, int, int], int, int, list[int]]:
     """(config, input shape, classes, batch, budgets in bytes)."""
-    cfg = load_config(ROOT / "configs" / "imagenet_k3.yaml")
+    cfg = load_config("imagenet_k3")
     if tiny:
         cfg = replace(cfg, model=replace(cfg.model, width=8, stages=2, downsample=[1]))
         return cfg, (3, 32, 32), 10, 32, [8 * 2**20]
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
               "load_average_at_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M"),
               "command": " ".join(["python", "benchmarks/memory_bench.py", *(sys.argv[1:] if argv is None else argv)]),
               "tiny": args.tiny,
-              "config": "configs/imagenet_k3.yaml" + (" (shrunk: --tiny)" if args.tiny else ""),
+              "config": "imagenet_k3" + (" (shrunk: --tiny)" if args.tiny else ""),
               "in_shape": list(shape), "classes": classes, "batch": batch, "precision": "fp32",
               "regime": "CPU: fake tensors, live-tensor peak and saved-tensor count of a steady-state step"}
     print(f"memory table: {result['config']}, batch {batch}", flush=True)

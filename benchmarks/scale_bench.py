@@ -33,7 +33,7 @@ import yaml
 from cachetrain.bench.tools import save_results
 from cachetrain.config import load_config
 
-CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "fmnist.yaml")
+CONFIG = "fmnist"  # the built-in config (cachetrain/configs/fmnist.yaml)
 SETS = ["data.train_subset=10000", "data.test_subset=2000", "data.val_samples=0", "model.stages=2", "model.downsample=[1]",
         "train.epochs=1", "train.probes=false"]
 

@@ -22,9 +22,9 @@ the ratios; `benchmarks/figures/layout_results_stage*.json` and `feed_results*.j
   batches were made long before their step and come from DRAM, where a loader's batch was just
   written and is still in the CPU's caches.
 
-    python benchmarks/step_bench.py layout [--config configs/fmnist_bench.yaml] [--stage 3] [--batch 128]
+    python benchmarks/step_bench.py layout [--config fmnist_bench] [--stage 3] [--batch 128]
                                            [--steps 60] [--rounds 3] [--warmup 5] [--out bench/layout]
-    python benchmarks/step_bench.py feed   [--config configs/fmnist_bench.yaml] [--stage 2] [--batch 128]
+    python benchmarks/step_bench.py feed   [--config fmnist_bench] [--stage 2] [--batch 128]
                                            [--steps 120] [--rounds 6] [--warmup 5] [--out bench/feed]
 
 (These were benchmarks/layout_bench.py and benchmarks/feed_bench.py, with the same flags and output.)
@@ -122,7 +122,7 @@ def ratios(what: str, medians: dict[str, list[float]]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=sorted(DEFAULTS), help="layout: NCHW vs channels-last; feed: who assembles batches")
-    p.add_argument("--config", default="configs/fmnist_bench.yaml")
+    p.add_argument("--config", default="fmnist_bench")
     p.add_argument("--stage", type=int, help="stage whose step is timed (layout: 3, feed: 2)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, help="timed steps per arm and round (layout: 60, feed: 120)")

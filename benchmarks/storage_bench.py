@@ -9,7 +9,7 @@ Every variant runs the same greedy schedule from the same trained stage 0
 what the stores take on disk (chunks + metadata) divided by the samples stored; the ratio compares
 with the raw fp16 size.
 
-    python benchmarks/storage_bench.py [--config configs/fmnist.yaml] [--out bench/storage]
+    python benchmarks/storage_bench.py [--config fmnist] [--out bench/storage]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ VARIANTS = {
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/fmnist.yaml")
+    p.add_argument("--config", default="fmnist")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default="bench/storage")
     p.add_argument("--only", nargs="*", help="run only these variants")

@@ -15,7 +15,7 @@ It prints one line per round and a summary, and saves OUT/results.json, OUT/resu
 is a 10,000-image subset of Fashion-MNIST: step rows are ~100 per epoch whatever its length, so a shorter
 epoch is the harder case for the 1% budget.
 
-    python benchmarks/tb_bench.py [--config configs/fmnist.yaml] [--rounds 3] [--train-subset 10000]
+    python benchmarks/tb_bench.py [--config fmnist] [--rounds 3] [--train-subset 10000]
                                   [--checkpoint-steps 0] [--out bench/tb] [--set KEY=VALUE ...]
 """
 
@@ -99,7 +99,7 @@ def one_epoch(cfg_path: str, overrides: list[str], run_dir: Path, events: bool) 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/fmnist.yaml")
+    p.add_argument("--config", default="fmnist")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--train-subset", type=int, default=10_000, help="training images (0: all)")
     p.add_argument("--checkpoint-steps", type=int, default=0, help="train.checkpoint_steps (each flushes events)")

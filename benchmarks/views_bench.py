@@ -9,7 +9,7 @@ thesis (Trinh 2019) found early layers overfit in layerwise training. Each varia
 the training set (view 0 plain, the others under stage-0 augmentation) and trains with feature-space
 augmentation (random crop, padding 1) on top; reported per stage: train and test accuracy and the gap.
 
-    python benchmarks/views_bench.py [--config configs/fmnist.yaml] [--out bench/views]
+    python benchmarks/views_bench.py [--config fmnist] [--out bench/views]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from cachetrain.config import load_config
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/fmnist.yaml")
+    p.add_argument("--config", default="fmnist")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--views", type=int, nargs="*", default=[1, 2, 4])
     p.add_argument("--out", default="bench/views")

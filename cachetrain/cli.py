@@ -2,7 +2,7 @@
 errors into one line.
 
 Every command is an entry of cachetrain.commands.COMMANDS. Commands that take a config take
-`--config FILE` (YAML; see configs/) or `--run DIR` (an existing run, which remembers its config) and
+`--config FILE` (YAML, or a built-in config's name: `cachetrain configs`) or `--run DIR` (an existing run, which remembers its config) and
 any number of `--set section.key=value`. Errors the user can fix are printed as one line and exit with
 status 2; a suggested command (cachetrain.errors.Fix) is spelled here, with the options that name the
 user's run, so it pastes back as it stands.
@@ -21,6 +21,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from cachetrain import __version__
+from cachetrain import configs as builtin_configs
 from cachetrain.cache.location import RemotePath, is_transport_error, transport_failure
 from cachetrain.commands import COMMANDS, Command, Invocation
 from cachetrain.commands.base import stage_checks
@@ -32,12 +34,14 @@ from cachetrain.stop import Interrupted, Stopped, raise_interrupted
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cachetrain", description="Greedy layerwise CNN training on cached features.")
+    p = argparse.ArgumentParser(prog="cachetrain", description="Greedy layerwise CNN training on cached features.",
+                                epilog=f"built-in configs (--config NAME): {', '.join(builtin_configs.names())}")
+    p.add_argument("--version", action="version", version=f"cachetrain {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for command in COMMANDS.values():
         c = sub.add_parser(command.name, help=command.help, description=command.description or command.help)
         if command.config:
-            c.add_argument("--config", help="YAML config (configs/*.yaml)")
+            c.add_argument("--config", help="YAML config file, or a built-in config's name (cachetrain configs)")
             c.add_argument("--run", help="run directory (default: the config's run_dir, else runs/<config name>)")
             c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                            help="override a config key, e.g. --set train.epochs=3 (repeatable)")

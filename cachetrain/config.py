@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from cachetrain.configs import resolve as resolve_config
 from cachetrain.errors import ConfigError
 
 
@@ -463,6 +464,8 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     raw: dict[str, Any] = {}
+    if path is not None:
+        path = resolve_config(path)  # an existing file, else a built-in config by name (cachetrain/configs)
     source = str(path) if path else "<defaults>"
     if path is not None:
         try:

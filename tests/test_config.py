@@ -9,8 +9,8 @@ from cachetrain.config import Config, ConfigError, load_config, save_config
 from tests.conftest import cli, synthetic_raw, write_config
 
 
-def test_demo_config_loads_and_round_trips(repo_root, tmp_path):
-    cfg = load_config(repo_root / "configs" / "fmnist.yaml")
+def test_demo_config_loads_and_round_trips(tmp_path):
+    cfg = load_config("fmnist")  # the built-in config, by name
     assert cfg.name == "fmnist" and cfg.data.name == "fmnist"
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
@@ -64,7 +64,8 @@ def test_cli_subprocess_exit_code_for_wrong_type_override(tiny_config_file):
 
 
 def test_every_shipped_config_loads(repo_root):
-    paths = sorted((repo_root / "configs").glob("*.yaml"))
+    paths = sorted((repo_root / "cachetrain" / "configs").glob("*.yaml"))
     assert len(paths) >= 4
     for path in paths:
         assert load_config(path).name == path.stem
+        assert load_config(path.stem) == load_config(path)  # and by its name, from anywhere

@@ -90,6 +90,14 @@ class _Writeback:
             os.close(fd)
 
 
+def _byte_order(codec) -> str | None:
+    """A bytes codec's byte order, "little" or "big" (None for one-byte dtypes, which have none). zarr 3.1
+    holds it as an `Endian` enum and zarr 3.4 as the plain string (the enum is deprecated there): reading
+    `.value` with the string as its own fallback answers both; a fixed fallback took 3.4's "big" for little."""
+    endian = getattr(codec, "endian", None)
+    return getattr(endian, "value", endian)
+
+
 class _RawChunks:
     """Uncompressed chunks written straight to their files, byte for byte what zarr writes for them (the
     chunk's C-order little-endian bytes, the last chunk padded with the fill value 0, then the crc32c of
@@ -108,7 +116,7 @@ class _RawChunks:
         meta = array.metadata
         codecs = [type(codec).__name__ for codec in getattr(meta, "codecs", ())]
         return (sys.byteorder == "little" and codecs == ["BytesCodec", "Crc32cCodec"]
-                and str(getattr(meta.codecs[0].endian, "value", "little")) == "little"
+                and _byte_order(meta.codecs[0]) in ("little", None)
                 and all(c == array.shape[i] for i, c in enumerate(array.chunks) if i > 0)
                 and meta.fill_value == 0)
 

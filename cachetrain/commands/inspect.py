@@ -1,4 +1,4 @@
-"""The commands that look at a run without training: status, verify, eval."""
+"""The commands that look at a run without training (status, verify, eval), and the built-in configs (configs)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 
 from rich.table import Table
 
+from cachetrain import configs as builtin_configs
 from cachetrain.commands.base import Command, Invocation
 from cachetrain.errors import ConfigError, Fix
 from cachetrain.run import Access
@@ -98,7 +99,14 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                         "their accuracy in <run>/heads.jsonl")
 
 
+def configs(inv: Invocation) -> int:
+    inv.say(builtin_configs.listing())
+    return 0
+
+
 COMMANDS = [
+    Command("configs", "list the built-in configs, which --config takes by name (fmnist, ...)", configs,
+            config=False),
     Command("verify", "read every chunk of every cache store; exit status 1 if any is corrupt or missing", verify,
             Access.READ, arguments=_verify_arguments),
     Command("status", "show each stage: trained epochs, k, accuracy, cache state, size on disk", status, Access.READ),
