@@ -29,6 +29,7 @@ model charged it with (compute, host: decoding or zstd, storage), which is where
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -196,7 +197,10 @@ def regime(name: str, args, out: Path, console: Console) -> dict:
         predicted = predict(model, costs, w, cached, dtype)
         del source
         print(f"{name}, {arm}: running", flush=True)
+        load_before = os.getloadavg()[0]
+        t0 = time.perf_counter()
         measured_rows = run_arm(base, sets, run, cached, cfg.model.stages, name == "cold", console)
+        run_s, load_after = time.perf_counter() - t0, os.getloadavg()[0]
         stages = []
         for p, m in zip(predicted, measured_rows):
             row = {**p, "measured_train_s": m["train_s"], "measured_cache_s": m.get("cache_s")}
@@ -208,18 +212,20 @@ def regime(name: str, args, out: Path, console: Console) -> dict:
         total_m = sum(s["measured_train_s"] + (s["measured_cache_s"] or 0.0) for s in stages)
         result["arms"][arm] = {"stages": stages, "predicted_s": total_p, "measured_s": total_m,
                                "ratio": total_p / total_m, "measure_seconds": measure_s, "notes": notes,
+                               "run_seconds": run_s, "load_average": [load_before, load_after],
                                "rates": {k: v for k, v in measured.__dict__.items()},
                                "workload": w.__dict__, "config": cfg.to_dict()}
         print(f"{name}, {arm}: predicted {total_p:.1f} s, measured {total_m:.1f} s, ratio {total_p / total_m:.3f}",
               flush=True)
+        (out / f"{name}_{arm}.json").write_text(json.dumps(result["arms"][arm], indent=2, default=str))  # as it goes
     return result
 
 
 def table(results: list[dict]) -> list[str]:
     lines = ["| regime | arm | stage | input | bound by | predicted train s | measured | ratio | predicted cache s "
              "| measured | ratio |", "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
-    totals = ["", "| regime | arm | predicted s | measured s | predicted / measured | within 15% |",
-              "|---|---|---:|---:|---:|---|"]
+    totals = ["", "| regime | arm | predicted s | measured s | predicted / measured | within 15% | load average "
+              "before, after |", "|---|---|---:|---:|---:|---|---|"]
     for r in results:
         for arm, a in r["arms"].items():
             for s in a["stages"]:
@@ -229,8 +235,9 @@ def table(results: list[dict]) -> list[str]:
                 lines.append(f"| {r['regime']} | {arm} | {s['stage']} | {src} | {s['bound']} | {s['train_s']:.1f} | "
                              f"{s['measured_train_s']:.1f} | {s['ratio_train']:.2f} | {cache} |")
             ok = "yes" if abs(a["ratio"] - 1) <= TARGET else "no"
+            load = ", ".join(f"{x:.1f}" for x in a["load_average"])
             totals.append(f"| {r['regime']} | {arm} | {a['predicted_s']:.1f} | {a['measured_s']:.1f} | "
-                          f"{a['ratio']:.3f} | {ok} |")
+                          f"{a['ratio']:.3f} | {ok} | {load} |")
     return lines + totals
 
 

@@ -176,6 +176,18 @@ def test_the_plan_says_what_it_assumed(tmp_path, jpegs):
     assert costs[0].stored("float16") == costs[0].sample_bytes["float16"] / 2 and "given for every stage" in notes[0]
 
 
+def test_a_remote_cache_without_its_rates_is_said_to_be_planned_as_local(tmp_path):
+    remote = tiny_cfg(tmp_path, cache={"location": "s3://bucket/caches"})
+    measured = machine.MachineRates(1e9, 2e8, 4e8, 5e9, 2**30, device="cpu (2 cores)")  # no object store measured
+    model = command.seconds_model(remote, "float16", command.Given(), measured)
+    costs = [StageCost(j, (1, 1, 1), 1.0, 3.0, {"float16": 2}, 1.0) for j in range(2)]
+    got = command.make_plan(remote, costs, command.workload_of(remote, 10, 5), 2**40, "float16", model)
+    assert any("is an object store, but its rates were neither measured" in n for n in got["notes"])
+    given = command.seconds_model(remote, "float16", command.parse_given(remote_read_bytes_per_s="1GB"), measured)
+    got = command.make_plan(remote, costs, command.workload_of(remote, 10, 5), 2**40, "float16", given)
+    assert not any("object store" in n for n in got["notes"]) and got["stages"][0]["tier"] == "the object store"
+
+
 def test_plan_command_prints_break_even_rates_and_the_decode_assumption(tmp_path, jpegs):
     """The command line end to end (the decode rate and the break-even column); an image folder planned in
     seconds without a decode rate says it assumes decoding keeps up."""

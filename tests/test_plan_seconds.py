@@ -133,3 +133,15 @@ def test_measured_stage_seconds_replace_the_flop_rate():
     assert r.train(stages(), W, -1, 1, "float16") == pytest.approx(15.0)
     assert r.build(stages(), W, -1, 0, "float16") == pytest.approx(1.5)
     assert math.isclose(r.input_rate(stages(), 0, 1, "float16"), 10 / 0.5)  # 10 B per 0.5 s training step
+
+
+def test_every_pass_over_the_images_pays_the_pipelines_start():
+    """Starting the pipeline (its worker processes) costs 1 s a pass. Each epoch reads the images once to train
+    and 3 times to evaluate (test, validation, a training subset): 2 x 4 = 8 s more for a stage on the images,
+    and a caching pass of stage 0 writes 3 stores (train, val, test) from them: 3 s more. A stage reading a
+    cache starts no image pipeline."""
+    w = Workload(train=10, test=5, epochs=2, eval_passes=3, eval_stores=2)
+    slow, plain = rates(decode=1.0, decode_start_seconds=1.0), rates(decode=1.0)
+    assert slow.train(stages(), w, -1, 1, "float16") - plain.train(stages(), w, -1, 1, "float16") == pytest.approx(8)
+    assert slow.build(stages(), w, -1, 0, "float16") - plain.build(stages(), w, -1, 0, "float16") == pytest.approx(3)
+    assert slow.train(stages(), w, 0, 1, "float16") == pytest.approx(plain.train(stages(), w, 0, 1, "float16"))

@@ -32,7 +32,8 @@ from cachetrain.cache.location import RemotePath
 from cachetrain.config import Config
 from cachetrain.errors import ConfigError
 from cachetrain.plan import planner
-from cachetrain.plan.costs import StageCost, Workload, input_shape, stage_costs, with_compression, workload_of
+from cachetrain.plan.costs import (StageCost, Workload, input_shape, stage_costs, with_compression,  # noqa: F401
+                                   workload_of)
 from cachetrain.plan.rates import MachineRates, measure
 from cachetrain.plan.seconds import Rates
 from cachetrain.plan.tiers import cache_root, local_folder
@@ -192,10 +193,20 @@ def decode_notes(cfg: Config, model) -> list[str]:
     return ["the FLOP model counts no decoding, reading or writing: give rates (or --measure) to plan in seconds"]
 
 
+def tier_notes(cfg: Config, model) -> list[str]:
+    """What the plan assumed about where the caches live, where the config and the rates disagree."""
+    remote = isinstance(cache_root(cfg.cache.location, Path(".")), RemotePath)
+    if remote and isinstance(model, Rates) and not model.remote:
+        return [f"cache.location {cfg.cache.location} is an object store, but its rates were neither measured "
+                f"(--measure) nor given (--remote-read-rate): the caches are planned as if on local storage"]
+    return []
+
+
 def make_plan(cfg: Config, costs: list[StageCost], w: Workload, budget: int, dtype: str, model,
               notes: list[str] = ()) -> dict:
     """The plan of least cost within `budget` bytes, described as <run>/plan.json holds it; its notes are
-    `notes` and the decoding assumption (`decode_notes`)."""
+    `notes` and what the plan assumed about decoding and the caches' storage (`decode_notes`, `tier_notes`)."""
     chosen = planner.plan(costs, w, budget, dtype, model)
-    result = planner.describe(costs, w, chosen, dtype, model, notes=tuple([*notes, *decode_notes(cfg, model)]))
+    assumed = tuple([*notes, *decode_notes(cfg, model), *tier_notes(cfg, model)])
+    result = planner.describe(costs, w, chosen, dtype, model, notes=assumed)
     return {**result, "budget_bytes": budget}

@@ -7,7 +7,9 @@ training split, spread over it, forwarded through the stages, each stage's outpu
 storage format (uint8 with a scale calibrated on those outputs, as a caching pass would), cut into the
 chunks a store of that stage would hold (`cache.chunk_mib`) and compressed with zstd at `cache.level`,
 the codec the writer uses (zarr's ZstdCodec is numcodecs' Zstd). Decompressing them back is timed too:
-it is the reader's work for every chunk of every epoch.
+it is the reader's work for every chunk of every epoch. Both are timed in this thread's CPU seconds
+(time.thread_time): zstd runs on one thread, and on a shared machine its wall time would count the other
+processes' turns on the core too.
 
 The stages are the trained ones where the caller has them (`trained(j)`: a run's stage j with its
 weights, or None), else the initialised ones, whose outputs can compress very differently; each
@@ -118,12 +120,12 @@ def measure_codec(cfg: Config, source: Source, device: torch.device,
             raw = packed = 0
             for chunk in _chunks(fmt.encode(y, quant), cfg.cache.chunk_mib):
                 best_c = best_d = float("inf")
-                for _ in range(repeats):  # the fastest of a few: on a shared machine, the least disturbed
-                    t0 = time.perf_counter()
+                for _ in range(repeats):  # the fastest of a few
+                    t0 = time.thread_time()
                     data = codec.encode(chunk)
-                    t1 = time.perf_counter()
+                    t1 = time.thread_time()
                     codec.decode(data)
-                    best_c, best_d = min(best_c, t1 - t0), min(best_d, time.perf_counter() - t1)
+                    best_c, best_d = min(best_c, t1 - t0), min(best_d, time.thread_time() - t1)
                 t_compress, t_decompress = t_compress + best_c, t_decompress + best_d
                 raw, packed = raw + chunk.nbytes, packed + len(data)
             ratios[dtype].append(raw / packed)

@@ -53,6 +53,13 @@ class Workload:
     epochs: int  # per stage
     views: int = 1  # cached training views (disk and caching passes scale with it)
     train_eval: int = 0  # plain training samples evaluated every epoch (the train - val gap), read like the test
+    eval_passes: int = 1  # passes over the data each epoch's evaluation starts (test, validation, training subset)
+    eval_stores: int = 1  # the test split's store, and the validation split's where there is one
+
+    @property
+    def stores(self) -> int:
+        """Stores a caching pass writes, one pass over the data each: every training view, val and test."""
+        return self.views + self.eval_stores
 
 
 def sample_bytes(out_shape: tuple[int, ...]) -> dict[str, int]:
@@ -94,5 +101,9 @@ def workload_of(cfg: Config, n_train: int, n_test: int, n_val: int = 0) -> Workl
     """The workload of a greedy run of `cfg` on splits of these sizes: every epoch trains on the training
     split and evaluates the validation and test splits and a plain subset of the training split as large as
     the validation split (5,000 samples without one), as cachetrain/train/trainer.py does."""
-    return Workload(n_train, n_test + n_val, cfg.train.epochs, cfg.cache.views,
-                    min(n_train, n_val or TRAIN_EVAL_DEFAULT))
+    train_eval = min(n_train, n_val or TRAIN_EVAL_DEFAULT)
+    # the training subset is read in one pass when it is the whole split, else batch by batch from spread starts
+    subset_passes = 1 if train_eval >= n_train else -(-train_eval // (2 * cfg.train.batch_size))
+    eval_stores = (1 if n_val else 0) + 1
+    return Workload(n_train, n_test + n_val, cfg.train.epochs, cfg.cache.views, train_eval,
+                    eval_stores + subset_passes, eval_stores)

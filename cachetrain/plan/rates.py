@@ -85,6 +85,7 @@ class MachineRates:
     decode_samples_per_s: float | None = None  # the stage-0 pipeline, training batches (augmented)
     decode_eval_samples_per_s: float | None = None  # ... plain batches (evaluation, caching passes)
     data: str = ""  # which dataset's pipeline
+    decode_start_seconds: float = 0.0  # a pass over the images starting its pipeline (worker processes)
     stage_seconds: list[list[float]] | None = None  # per stage: training step, evaluation, block forward; s/sample
     zstd_ratios: dict[str, list[float]] | None = None  # storage dtype -> per stage, raw / stored
     compress_bytes_per_s: dict[str, float] | None = None  # storage dtype -> raw bytes/s, one thread
@@ -110,6 +111,7 @@ class MachineRates:
                      disk_read_bytes_per_s=landed(self.disk_read_bytes_per_s), free_ram_bytes=self.free_ram_bytes,
                      source=source, decode_samples_per_s=self.decode_samples_per_s,
                      decode_eval_samples_per_s=self.decode_eval_samples_per_s,
+                     decode_start_seconds=self.decode_start_seconds,
                      decompress_bytes_per_s=decompress * max(1, codec_threads) if decompress else None,
                      compress_bytes_per_s=(self.compress_bytes_per_s or {}).get(dtype),
                      remote_read_bytes_per_s=landed(self.remote_read_bytes_per_s) if remote else None,
@@ -275,10 +277,10 @@ def measure_stage_seconds(cfg: Config, in_shape: tuple[int, int, int], num_class
             batch = max(probe, min(batch, int(max_call_seconds / max(per_sample, 1e-9))))
         x = torch.randn(batch, *net.in_shapes[j], device=device)
         y = torch.zeros(batch, dtype=torch.long, device=device)
-        step = step_seconds(model, x, y, t.amp, t.channels_last) / batch
+        step = step_seconds(model, x, y, t.amp, t.channels_last, repeats=3) / batch
         x2 = torch.randn(2 * batch, *net.in_shapes[j], device=device)
-        evaluation = forward_seconds(model, x2, t.amp) / len(x2)
-        block = forward_seconds(model[0], x2, t.amp) / len(x2)
+        evaluation = forward_seconds(model, x2, t.amp, repeats=3) / len(x2)
+        block = forward_seconds(model[0], x2, t.amp, repeats=3) / len(x2)
         out.append([step, evaluation, block])
     return out
 
@@ -310,9 +312,11 @@ def measure(cfg: Config, in_shape: tuple[int, int, int], disk_folder: Path, devi
             report(f"stage {j} block forward samples/s", 1 / block)
         decode = measure_decode(source, cfg.train.batch_size, probe_seconds)
         extra.update(decode_samples_per_s=decode.train_samples_per_s, decode_eval_samples_per_s=decode.eval_samples_per_s,
+                     decode_start_seconds=decode.start_seconds,
                      data=f"{cfg.data.name}" + (f" at {cfg.data.resolved_root}" if cfg.data.name == "imagefolder" else ""))
         report("stage-0 input images/s, training (augmented)", decode.train_samples_per_s)
         report("stage-0 input images/s, plain", decode.eval_samples_per_s)
+        report("stage-0 input, seconds to start a pass", decode.start_seconds)
         codec = measure_codec(cfg, source, device, trained)
         extra.update(zstd_ratios=codec.ratios, compress_bytes_per_s=codec.compress_bytes_per_s,
                      decompress_bytes_per_s=codec.decompress_bytes_per_s, zstd_note=codec.source())

@@ -14,7 +14,9 @@ What each term comes from:
 - decoding: `decode_samples_per_s` (images/s of the configured stage-0 pipeline: decode, augmentation,
   transfer; `--decode-rate`, or measured). Every pass that starts from the images is capped by it: a
   stage trained on them or recomputing from them, a caching pass with no cache before it, evaluations.
-  None: decoding is taken to keep up (say so where it matters: image folders);
+  None: decoding is taken to keep up (say so where it matters: image folders). Each such pass also
+  pays the pipeline's start (`decode_start_seconds`, its worker processes; measured), which a run of a
+  few thousand images notices and an ImageNet epoch does not;
 - compression: bytes a sample takes on disk come from the storage format and, for zstd, the measured
   ratio (cachetrain/plan/costs.py `StageCost.stored`); the codec's own work from
   `decompress_bytes_per_s` / `compress_bytes_per_s` (raw bytes a second; None: free);
@@ -55,6 +57,8 @@ class Rates:
     host_shares_compute: bool = False  # the device is the host's CPU: decoding and codecs take its cores
     # measured on this device, per stage: seconds a sample of a training step, an evaluation, a block forward
     stage_seconds: tuple[tuple[float, float, float], ...] | None = None
+    # seconds the stage-0 pipeline takes to start a pass over the images (worker processes), before its rate
+    decode_start_seconds: float = 0.0
     unit = "s"
 
     # -- the storage tier -------------------------------------------------------------------------------
@@ -149,6 +153,8 @@ class Rates:
             read = self._read(costs, w, a, dtype, epoch)
             total += w.train * self.sample_seconds(step, host_train, read) + \
                 (w.test + w.train_eval) * self.sample_seconds(evaluation, host_eval, read)
+        if a < 0:  # every pass over the images starts the pipeline: training and each evaluation, every epoch
+            total += w.epochs * (1 + w.eval_passes) * self.decode_start_seconds
         return total
 
     def build(self, costs: list[StageCost], w: Workload, a: int, j: int, dtype: str) -> float:
@@ -156,7 +162,8 @@ class Rates:
         host = self._input_host(costs, a, dtype, False) + self._compress(costs[j], dtype)
         per_sample = self.sample_seconds(self._forward(costs, a, j + 1), host, self._read(costs, w, a, dtype, w.epochs),
                                          costs[j].stored(dtype) / self.write_rate())
-        return (w.train * w.views + w.test) * per_sample
+        start = w.stores * self.decode_start_seconds if a < 0 else 0.0
+        return (w.train * w.views + w.test) * per_sample + start
 
     def constant(self, costs: list[StageCost], w: Workload) -> float:
         return 0.0  # the stages' own training is inside `train`: it overlaps the reads
