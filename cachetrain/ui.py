@@ -61,33 +61,70 @@ def status_table(rows, title: str = "stages") -> Table:
     return table
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:,.1f} h" if seconds >= 3600 else f"{seconds:,.0f} s"
+
+
+def _rate(n: float | None) -> str:
+    """Bytes/s in decimal units, three significant digits: '4.34 GB/s' (disks and networks are sold so)."""
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.3g} {unit}/s"
+        n /= 1000
+    return f"{n:.3g} TB/s"
+
+
 def plan_table(plan: dict, title: str) -> Table:
-    """Per stage: output shape, store size per storage format, FLOPs, and where its input comes from."""
+    """Per stage: output shape, store size per storage format, FLOPs, and where its input comes from; in
+    seconds also what its input cache must deliver, where its own cache would be read from at what rate, and
+    the break-even read rate above which caching it pays. The caption: totals, then the plan's notes."""
     table = Table(title=title)
     formats = list(plan["stages"][0]["store_bytes"]) if plan["stages"] else []  # every format the planner knows
     rates = plan["cost_unit"] != "FLOP"  # measured rates: what each stage must read its input cache at
+    timed_cols = ["input read/s needed", "its cache read from", "at", "break-even"] if rates else []
     for col in ("j", "output", "bytes/sample", *(f"{d} store" for d in formats), "GFLOP/sample",
-                "cached", "input of stage j", *(["input read/s needed"] if rates else [])):
-        table.add_column(col, justify="left" if col in ("output", "input of stage j") else "right")
+                "cached", "input of stage j", *timed_cols):
+        table.add_column(col, justify="left" if col in ("output", "input of stage j", "its cache read from")
+                         else "right")
+    dtype = plan["dtype"]
     for s in plan["stages"]:
         through = s["recompute_through"]
         span = "" if not through else f"{through[0]}" if len(through) == 1 else f"{through[0]}..{through[-1]}"
         source = s["input"] + (f" + recompute {span}" if through else "")
-        table.add_row(str(s["stage"]), "x".join(map(str, s["out_shape"])), _size(s["sample_bytes"][plan["dtype"]]),
+        stored = s.get("stored_bytes_per_sample", s["sample_bytes"][dtype])
+        per_sample = _size(s["sample_bytes"][dtype]) + \
+            (f" ({_size(stored)} zstd)" if stored < s["sample_bytes"][dtype] else "")
+        timed = []
+        if rates:
+            timed.append(_rate(s.get("input_bytes_per_s")))
+            if "tier" in s:
+                first, later = s["tier_first_read_bytes_per_s"], s["tier_read_bytes_per_s"]
+                at = _rate(later) if first == later else f"{_rate(first)}, then {_rate(later)}"
+                even = "never" if s["never_pays"] else _rate(s["break_even_read_bytes_per_s"])
+                timed += [s["tier"], at, even]
+            else:
+                timed += ["-", "-", "-"]
+        table.add_row(str(s["stage"]), "x".join(map(str, s["out_shape"])), per_sample,
                       *(_size(s["store_bytes"][d]) for d in formats), f"{s['forward_flops'] / 1e9:.2f}",
-                      "yes" if s["cached"] else "-", source,
-                      *([_size(s["input_bytes_per_s"]) + "/s" if s.get("input_bytes_per_s") else "-"] if rates else []))
+                      "yes" if s["cached"] else "-", source, *timed)
     if plan["cost_unit"] == "FLOP":
         cost = (f"recompute + caching {plan['cost_plan'] / 1e15:,.1f} PFLOP vs "
                 f"{plan['cost_recompute_everything'] / 1e15:,.1f} PFLOP recomputing everything "
                 f"(saves {plan['cost_saved'] / 1e15:,.1f}); whole run incl. training")
     else:
         r = plan["rates"]
-        cost = (f"at {r['flops_per_s'] / 1e12:,.0f} TFLOP/s, reads {_size(r['read_bytes_per_s'])}/s, writes "
-                f"{_size(r['write_bytes_per_s'])}/s: {plan['cost_plan'] / 3600:,.1f} h vs "
-                f"{plan['cost_recompute_everything'] / 3600:,.1f} h recomputing everything; whole run")
-    table.caption = (f"cache {plan['cached'] or 'nothing'}: {_size(plan['disk_bytes'])} on disk; {cost} "
-                     f"{100 * plan['total_vs_recompute_everything']:.0f}% of the recompute-everything run")
+        compute = "measured stage times" if r.get("stage_seconds") else f"{r['flops_per_s'] / 1e12:,.0f} TFLOP/s"
+        cost = (f"at {compute}, reads {_size(r['read_bytes_per_s'])}/s, writes "
+                f"{_size(r['write_bytes_per_s'])}/s: {_duration(plan['cost_plan'])} vs "
+                f"{_duration(plan['cost_recompute_everything'])} recomputing everything; whole run")
+    lines = [f"cache {plan['cached'] or 'nothing'}: {_size(plan['disk_bytes'])} on disk (raw); {cost} "
+             f"{100 * plan['total_vs_recompute_everything']:.0f}% of the recompute-everything run"]
+    if rates and any("tier" in s for s in plan["stages"]):
+        lines.append("break-even: the read rate of a stage's cache above which caching it beats recomputing its "
+                     "outputs, the rest of the plan as it is")
+    table.caption = "\n".join([*lines, *plan.get("notes", [])])
     return table
 
 

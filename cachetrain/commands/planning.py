@@ -11,7 +11,8 @@ from cachetrain.cache.formats import FORMATS
 from cachetrain.commands.base import Command, Invocation
 from cachetrain.config import Config
 from cachetrain.errors import ConfigError
-from cachetrain.run import Access, Run
+from cachetrain.run import Access, Run, StageState
+from cachetrain.train.inputs import StageInputs
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -26,10 +27,22 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    "(e.g. 300T); needs --read-rate and --write-rate too")
     p.add_argument("--read-rate", help="bytes/s the cache loader delivers while a stage trains (e.g. 20GB)")
     p.add_argument("--write-rate", help="bytes/s a caching pass writes (e.g. 150MB)")
+    p.add_argument("--decode-rate", help="images/s the stage-0 input pipeline delivers (decode + augmentation + "
+                   "transfer), e.g. 2500; every pass that reads the images is capped by it (default: measured by "
+                   "--measure, else assumed to keep up)")
+    p.add_argument("--compression-ratio", help="zstd's raw / stored bytes for every stage's cache, e.g. 2.0 "
+                   "(default: measured by --measure on the stages' outputs, else 1)")
+    p.add_argument("--decompress-rate", help="raw bytes/s the loader decompresses zstd chunks at (e.g. 8GB; "
+                   "default: measured by --measure)")
+    p.add_argument("--remote-read-rate", help="bytes/s the object store at cache.location delivers to the loader "
+                   "(e.g. 2GB; default: measured by --measure); with cache.remote_copies only the first epoch")
+    p.add_argument("--remote-write-rate", help="bytes/s a caching pass writes to the object store")
     p.add_argument("--measure", action="store_true",
-                   help="plan in seconds from this machine's rates, measured now (a few seconds each: forward "
-                        "FLOP/s of the first stage, the run directory's disk, host-to-device copies) and saved to "
-                        "<run>/rates.json, which later plans of the run use unless rates are given")
+                   help="plan in seconds from this machine's rates, measured now and saved to <run>/rates.json, "
+                        "which later plans of the run use unless rates are given: forward FLOP/s and each "
+                        "stage's step times, the disk the caches are read from, the object store at "
+                        "cache.location, host-to-device copies, the stage-0 input pipeline's images/s and zstd's "
+                        "ratio and rates on the stages' outputs (trained ones where the run has them)")
     p.add_argument("--gpu-memory", help="also show what fits in this much GPU memory (e.g. 24GiB, 80GB): each "
                    "stage's and the end-to-end network's training peak and the largest batch, with and without "
                    "the options that lower it")
@@ -37,40 +50,37 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def plan(inv: Invocation) -> int:
-    from cachetrain.plan import planner
+    from cachetrain.plan import command, rates as machine
     from cachetrain.ui import plan_table
 
     args, run, console = inv.args, inv.run, inv.console
     cfg = run.cfg
     gpu_budget = _gpu_budget(args, cfg)  # a bad --gpu-memory or --batch fails before any work
-    if args.samples is None:
-        # the validation split is cached once and evaluated every epoch, like the test split (Workload.test)
-        n_train = run.data.num_samples("train")
-        n_test = run.data.num_samples("test") + run.data.num_samples("val")
-        num_classes = run.data.num_classes
-    else:
-        n_train, n_test = args.samples, args.test_samples or 0
-        num_classes = cfg.data.num_classes if cfg.data.name == "synthetic" else 1000 if n_train > 10**6 else 10
     budget = (2**63 - 1) if args.disk_budget == "inf" else _size(args.disk_budget)
     dtype = args.dtype or cfg.cache.dtype
-    workload = planner.Workload(n_train, n_test, cfg.train.epochs, cfg.cache.views)
-    costs = planner.stage_costs(cfg, planner.input_shape(cfg, args.image_size), num_classes)
-    model = _rates(args, run, console)
-    chosen = planner.plan(costs, workload, budget, dtype, model)
-    result = {**planner.describe(costs, workload, chosen, dtype, model), "budget_bytes": budget}
-    table = plan_table(result, title=f"{cfg.name}: cache plan for {n_train:,} + {n_test:,} samples, "
+    given = command.parse_given(flops_per_s=args.flop_rate, read_bytes_per_s=args.read_rate,
+                                write_bytes_per_s=args.write_rate, decode_samples_per_s=args.decode_rate,
+                                compression_ratio=args.compression_ratio, decompress_bytes_per_s=args.decompress_rate,
+                                remote_read_bytes_per_s=args.remote_read_rate,
+                                remote_write_bytes_per_s=args.remote_write_rate)
+    # the validation split is cached once and evaluated every epoch, like the test split (Workload.test)
+    source = run.data if args.samples is None or args.measure else None
+    workload, num_classes = command.workload(cfg, source, args.samples, args.test_samples)
+    measured, source_text = _rates(args, run, console, given, source)
+    model = command.seconds_model(cfg, dtype, given, measured, source_text)
+    in_shape = command.input_shape(cfg, args.image_size)
+    costs, notes = command.plan_costs(cfg, in_shape, num_classes, dtype, given, measured)
+    result = command.make_plan(cfg, costs, workload, budget, dtype, model, notes)
+    table = plan_table(result, title=f"{cfg.name}: cache plan for {workload.train:,} + {workload.test:,} samples, "
                                      f"budget {args.disk_budget}, {dtype}")
-    if isinstance(model, planner.Rates):  # which rates, from where, and which caches they read from the disk
-        from cachetrain.plan.rates import caption
-
-        table.caption = f"{table.caption}\n{caption(model, result)}"
+    if model is not command.planner.FLOPS:  # which rates, from where, and which caches they read from the disk
+        table.caption = f"{table.caption}\n{machine.caption(model, result)}"
     console.print(table)
     run.layout.path.mkdir(parents=True, exist_ok=True)
     run.records.save_plan(result)  # atomic and durable (cachetrain.durable)
     console.print(f"saved {run.layout.plan}; train with it: --set cache.mode=plan")
     if gpu_budget is not None:
-        _memory_plan(cfg, args, console, planner.input_shape(cfg, args.image_size), num_classes, gpu_budget,
-                     run.device)
+        _memory_plan(cfg, args, console, in_shape, num_classes, gpu_budget, run.device)
     return 0
 
 
@@ -110,38 +120,33 @@ def _size(text: str, option: str = "--disk-budget", example: str = "a size like 
         raise ConfigError(str(e)) from None
 
 
-def _rates(args: argparse.Namespace, run: Run, console: Console):
-    """The planner's seconds model from this machine's rates measured now (--measure, then saved to
-    <run>/rates.json), from all three rates given, or from the rates an earlier --measure saved; else
-    its FLOP model."""
-    from cachetrain.plan import rates as machine
-    from cachetrain.plan.planner import FLOPS, Rates, input_shape
+def _rates(args: argparse.Namespace, run: Run, console: Console, given, source):
+    """(this machine's rates, where they came from): measured now (--measure, saved to <run>/rates.json), or
+    saved by an earlier --measure unless rates are given; (None, "") when neither."""
+    from cachetrain.plan import command, rates as machine
 
-    given = {"--flop-rate": args.flop_rate, "--read-rate": args.read_rate, "--write-rate": args.write_rate}
+    path = run.layout.path
     if args.measure:
-        if any(given.values()):
+        if given.machine or given.flops_per_s or given.read_bytes_per_s or given.write_bytes_per_s:
             raise ConfigError("plan: --measure measures the rates that --flop-rate, --read-rate and --write-rate "
                               "give; pass one or the other")
-        cfg, path = run.cfg, run.layout.path
         console.print(f"measuring {run.device} and the disk of {path}:", highlight=False)
-        measured = machine.measure(cfg, input_shape(cfg, args.image_size), path, run.device,
-                                   report=lambda what, value: console.print(f"  {what}: {value:,.4g}", highlight=False))
-        path = machine.save(measured, path)
-        console.print(f"saved {path}; later plans of this run use these rates", highlight=False)
-        return measured.to_rates(f"measured now on {measured.device} ({path})")
-    if not any(given.values()):
-        saved = machine.load(run.layout.path)
-        if saved is None:
-            return FLOPS
-        return saved.to_rates(f"measured {saved.measured_at} on {saved.device} ({machine.rates_path(run.layout.path)})")
-    if not all(given.values()):
-        missing = " ".join(k for k, v in given.items() if not v)
-        raise ConfigError(f"plan: planning in seconds needs --flop-rate, --read-rate and --write-rate; missing {missing}")
-    values = {k: _size(v, k, "a rate like 300T (FLOP/s) or 20GB (bytes/s)") for k, v in given.items()}
-    if not all(values.values()):
-        raise ConfigError(f"plan: rates must be above zero, got {given}")
-    return Rates(values["--flop-rate"], values["--read-rate"], values["--write-rate"],
-                 source="given on the command line")
+        trained = None
+        if run.identity.started():  # zstd's ratio on a trained stage's outputs where the run has one
+            inputs = StageInputs(run)
+            trained = lambda j: inputs.trained_stage(j) if run.state.stage_state(j) is StageState.TRAINED else None  # noqa: E731
+        measured = command.measure_rates(run.cfg, source, path, run.device, trained, args.image_size,
+                                         report=lambda what, value: console.print(f"  {what}: {value:,.4g}",
+                                                                                  highlight=False))
+        saved = machine.save(measured, path)
+        console.print(f"saved {saved}; later plans of this run use these rates", highlight=False)
+        return measured, f"measured now on {measured.device} ({saved})"
+    if given.machine:
+        return None, ""
+    saved = machine.load(path)
+    if saved is None:
+        return None, ""
+    return saved, f"measured {saved.measured_at} on {saved.device} ({machine.rates_path(path)})"
 
 
 COMMANDS = [

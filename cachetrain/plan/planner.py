@@ -10,11 +10,16 @@ the budget, under one of two cost models:
   the scarce thing (a CPU, or deep narrow stages). This is also the FLOP prediction of the
   greedy-cached / greedy-recompute time ratio that `cachetrain bench` and benchmarks/gpu_bench.py
   report (`cost_ratio`), so there is one FLOP model in the package.
-- Seconds, from a machine's measured rates (FLOP/s, cache read and write bytes/s): a stage's epoch
-  takes the longer of its compute and reading its input cache (the loader prefetches while the step
-  runs), a caching pass the longest of its forward, read and write. On an H200 this is what decides:
-  the wide early stages of the ImageNet layout train faster recomputed than read back (3.2 MB a
-  sample at ~25 GB/s), and a caching pass is bound by the writer, not the forward.
+- Seconds, from a machine's rates (cachetrain/plan/seconds.py `Rates`): every pass takes, a sample,
+  the longest of its compute, its host work (decoding images where it starts from them, zstd where it
+  reads or writes compressed chunks) and its storage (reading the input cache from the tier it lives
+  on, writing the output one). On an H200 this is what decides: the wide early stages of the ImageNet
+  layout train faster recomputed than read back (3.2 MB a sample at ~25 GB/s), unless decoding the
+  images is slower still, which is where caching an early stage pays.
+
+With rates, each stage also gets its break-even read rate (`break_even`): the rate at which its
+cache must be read for caching it to cost the same as recomputing its outputs, the rest of the plan
+as it is; a tier faster than that makes the cache pay.
 
 Exact search: stages are decided in order and the only thing the future depends on is the last
 cached stage, so a dynamic programme keeps, for each possible last cached stage, the Pareto front of
@@ -25,33 +30,14 @@ so a plan that fits stays within budget whatever zstd achieves.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import asdict, dataclass
 
-import torch
-
-from cachetrain.cache.formats import FORMATS
-from cachetrain.config import Config
-from cachetrain.models import build_network, make_head
-from cachetrain.plan.profile import forward_flops, train_step_flops
-
-
-@dataclass(frozen=True)
-class StageCost:
-    stage: int
-    out_shape: tuple[int, int, int]
-    forward_flops: float  # per sample, the block alone (what recomputing it costs)
-    train_flops: float  # per sample, one training step of block + head (forward + backward): the same in every plan
-    sample_bytes: dict[str, int]  # per storage dtype
-    eval_flops: float = 0.0  # per sample, a forward of block + head (each epoch's test evaluation): every plan
-
-
-@dataclass(frozen=True)
-class Workload:
-    train: int  # training samples
-    test: int
-    epochs: int  # per stage
-    views: int = 1  # cached training views (disk and caching passes scale with it)
+# the cost table and the seconds model live in their own modules; their names are the planner's API too
+from cachetrain.plan.costs import (StageCost, Workload, input_shape, recompute_flops, sample_bytes,  # noqa: F401
+                                   stage_costs, with_compression, workload_of)
+from cachetrain.plan.seconds import PinnedRead, Rates
 
 
 @dataclass(frozen=True)
@@ -69,63 +55,18 @@ class FlopCost:
 
     def train(self, costs: list[StageCost], w: Workload, a: int, j: int, dtype: str) -> float:
         """Producing stage j's input from the last cached stage a, every epoch."""
-        return w.epochs * (w.train + w.test) * _recompute(costs, a, j)
+        return w.epochs * (w.train + w.test + w.train_eval) * recompute_flops(costs, a, j)
 
     def build(self, costs: list[StageCost], w: Workload, a: int, j: int, dtype: str) -> float:
         """Caching stage j's outputs, forwarding from stage a's cache (or the images)."""
-        return (w.train * w.views + w.test) * _recompute(costs, a, j + 1)
+        return (w.train * w.views + w.test) * recompute_flops(costs, a, j + 1)
 
     def constant(self, costs: list[StageCost], w: Workload) -> float:
-        """Each stage's own training steps and test evaluations, every epoch."""
-        return sum(w.epochs * (w.train * c.train_flops + w.test * c.eval_flops) for c in costs)
+        """Each stage's own training steps and evaluations, every epoch."""
+        return sum(w.epochs * (w.train * c.train_flops + (w.test + w.train_eval) * c.eval_flops) for c in costs)
 
 
 FLOPS = FlopCost()  # stateless: the default cost model
-
-
-@dataclass(frozen=True)
-class Rates:
-    """Seconds from a machine's measured rates (see the module docstring). Reading the images is taken
-    to keep up in every plan. A cache is read at the page-cache rate while its stores fit in free RAM;
-    given the disk's cold read rate and free RAM (`cachetrain plan --measure`, cachetrain/plan/rates.py),
-    a cache bigger than free RAM cannot stay cached between epochs and is read at the disk's rate."""
-
-    flops_per_s: float  # what the training steps reach
-    read_bytes_per_s: float  # what the cache loader lands on the device while a stage trains (page cache)
-    write_bytes_per_s: float  # what a caching pass writes
-    disk_read_bytes_per_s: float | None = None  # the same from the disk, cold (None: read_bytes_per_s always)
-    free_ram_bytes: int | None = None  # a cache whose stores are bigger is read from the disk
-    source: str = "given"  # where the rates came from, for the plan's caption
-    unit = "s"
-
-    def from_disk(self, store_bytes: float) -> bool:
-        """Whether a cache of `store_bytes` (all its stores: every view and the test split) is read from the
-        disk every epoch: it does not fit in free RAM, and the disk's rate is known."""
-        return self.disk_read_bytes_per_s is not None and self.free_ram_bytes is not None \
-            and store_bytes > self.free_ram_bytes
-
-    def read_rate(self, store_bytes: float) -> float:
-        """Bytes/s a stage reads a cache of `store_bytes` at."""
-        return self.disk_read_bytes_per_s if self.from_disk(store_bytes) else self.read_bytes_per_s
-
-    def _read(self, costs: list[StageCost], w: Workload, a: int, dtype: str) -> float:
-        if a < 0:
-            return 0.0
-        per_sample = costs[a].sample_bytes[dtype]
-        return per_sample / self.read_rate((w.train * w.views + w.test) * per_sample)
-
-    def train(self, costs: list[StageCost], w: Workload, a: int, j: int, dtype: str) -> float:
-        recompute, read = _recompute(costs, a, j) / self.flops_per_s, self._read(costs, w, a, dtype)
-        own, own_eval = costs[j].train_flops / self.flops_per_s, costs[j].eval_flops / self.flops_per_s
-        return w.epochs * (w.train * max(own + recompute, read) + w.test * max(own_eval + recompute, read))
-
-    def build(self, costs: list[StageCost], w: Workload, a: int, j: int, dtype: str) -> float:
-        return (w.train * w.views + w.test) * max(_recompute(costs, a, j + 1) / self.flops_per_s,
-                                                  self._read(costs, w, a, dtype),
-                                                  costs[j].sample_bytes[dtype] / self.write_bytes_per_s)
-
-    def constant(self, costs: list[StageCost], w: Workload) -> float:
-        return 0.0  # the stages' own training is inside `train`: it overlaps the reads
 
 
 def parse_size(text: str, option: str = "--disk-budget", example: str = "a size like 2TB, 500GB or 1.5TiB") -> int:
@@ -136,34 +77,6 @@ def parse_size(text: str, option: str = "--disk-budget", example: str = "a size 
     number, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
     power = "KMGTP".index(unit) + 1 if unit else 0
     return int(number * (1024 if binary else 1000) ** power)
-
-
-def input_shape(cfg: Config, image_size: int | None = None) -> tuple[int, int, int]:
-    d = cfg.data
-    c, h, w = {"fmnist": (1, 28, 28), "imagefolder": (3, d.image_size, d.image_size), "synthetic": tuple(d.shape)}[d.name]
-    return (c, image_size, image_size) if image_size else (c, h, w)
-
-
-def sample_bytes(out_shape: tuple[int, ...]) -> dict[str, int]:
-    """Bytes of one stored sample of shape `out_shape`, per storage format (cachetrain/cache/formats.py)."""
-    return {name: fmt.sample_bytes(out_shape) for name, fmt in FORMATS.items()}
-
-
-def stage_costs(cfg: Config, in_shape: tuple[int, int, int], num_classes: int = 10) -> list[StageCost]:
-    net = build_network(cfg.model, in_shape, cfg.train.seed)
-    costs = []
-    for j, stage in enumerate(net.stages):
-        x = torch.zeros(2, *net.in_shapes[j])  # batch 2: BN in training mode needs more than one value
-        model = torch.nn.Sequential(stage, make_head(cfg.model, net, j, cfg.model.k, num_classes, 0))
-        costs.append(StageCost(j, net.out_shapes[j], forward_flops(stage, x) / 2,
-                               train_step_flops(model, x, torch.zeros(2, dtype=torch.long)) / 2,
-                               sample_bytes(net.out_shapes[j]), forward_flops(model, x) / 2))
-    return costs
-
-
-def _recompute(costs: list[StageCost], a: int, j: int) -> float:
-    """Per-sample FLOPs to produce stage j's input from stage a's output (a = -1: the images)."""
-    return sum(c.forward_flops for c in costs[a + 1:j])
 
 
 def evaluate(costs: list[StageCost], w: Workload, cached: tuple[int, ...], dtype: str, model=FLOPS) -> Plan:
@@ -226,30 +139,63 @@ def _pareto(points: list[tuple[int, float, tuple[int, ...]]]) -> list[tuple[int,
 
 
 def _input_rate(costs: list[StageCost], a: int, j: int, dtype: str, model) -> float | None:
-    """Bytes/s stage j must read from its input cache (stage a's) to keep its training steps busy at the
-    model's FLOP/s: what the disk, the shared file system or the object store holding that cache must
-    deliver (README, "Scaling out"). None without measured rates, or when stage j reads the images."""
+    """Bytes/s stage j must read from its input cache (stage a's) to keep its training steps busy: what the
+    disk, the shared file system or the object store holding that cache must deliver (README, "Scaling
+    out"). None without rates, or when stage j reads the images."""
     if not isinstance(model, Rates) or a < 0:
         return None
-    return costs[a].sample_bytes[dtype] * model.flops_per_s / (costs[j].train_flops + _recompute(costs, a, j))
+    return model.input_rate(costs, a, j, dtype)
 
 
-def describe(costs: list[StageCost], w: Workload, chosen: Plan, dtype: str, model=FLOPS) -> dict:
-    """The plan as saved to <run>/plan.json and printed: per stage, where its input comes from."""
+def break_even(costs: list[StageCost], w: Workload, cached, s: int, dtype: str, rates: Rates) -> float | None:
+    """The read rate of stage s's cache (bytes/s, the same every epoch) at which the run caching s costs what
+    the run without it costs, every other stage cached as in `cached`: above it, caching s pays. None when it
+    cannot pay at any rate (its caching pass, the codec's work or one epoch leave nothing to win)."""
+    without = tuple(sorted(set(cached) - {s}))
+    with_s = tuple(sorted(set(cached) | {s}))
+    target = evaluate(costs, w, without, dtype, rates).cost
+
+    def cost(rate: float) -> float:
+        return evaluate(costs, w, with_s, dtype, PinnedRead.of(rates, s, rate)).cost
+
+    if cost(math.inf) >= target * (1 - 1e-12):
+        return None
+    lo, hi = -60.0, 60.0  # log10 of bytes/s, far past any storage either way
+    if cost(10.0 ** hi) >= target:
+        return None
+    for _ in range(100):  # the cost falls as the rate rises: bisect for where it crosses the target
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(10.0 ** mid) >= target else (lo, mid)
+    return 10.0 ** hi
+
+
+def describe(costs: list[StageCost], w: Workload, chosen: Plan, dtype: str, model=FLOPS,
+             notes: tuple[str, ...] = ()) -> dict:
+    """The plan as saved to <run>/plan.json and printed: per stage, where its input comes from; with rates,
+    also the tier its cache would be read from, at what rate, and the break-even read rate that makes
+    caching it pay. `notes`: what the plan assumed, in words (cachetrain/plan/command.py writes them)."""
     stages, a = [], -1
+    timed = isinstance(model, Rates)
     for c in costs:
         j = c.stage
         source = "images" if a < 0 else f"cache {a}"
         through = list(range(a + 1, j))
-        stages.append({**asdict(c), "cached": j in chosen.cached, "input": source, "recompute_through": through,
-                       "store_bytes": {d: (w.train * w.views + w.test) * b for d, b in c.sample_bytes.items()},
-                       "input_bytes_per_s": _input_rate(costs, a, j, dtype, model)})
+        store = (w.train * w.views + w.test) * c.stored(dtype)
+        row = {**asdict(c), "cached": j in chosen.cached, "input": source, "recompute_through": through,
+               "store_bytes": {d: (w.train * w.views + w.test) * b for d, b in c.sample_bytes.items()},
+               "stored_bytes_per_sample": c.stored(dtype), "input_bytes_per_s": _input_rate(costs, a, j, dtype, model)}
+        if timed and j < len(costs) - 1:
+            rate = break_even(costs, w, chosen.cached, j, dtype, model)
+            row.update(tier=model.tier(store), tier_first_read_bytes_per_s=model.read_rate(store, 0),
+                       tier_read_bytes_per_s=model.read_rate(store, 1), break_even_read_bytes_per_s=rate,
+                       never_pays=rate is None)
+        stages.append(row)
         if j in chosen.cached:
             a = j
     none = evaluate(costs, w, (), dtype, model)
     return {"cached": list(chosen.cached), "dtype": dtype, "disk_bytes": chosen.disk_bytes,
-            "cost_unit": model.unit, "rates": asdict(model) if isinstance(model, Rates) else None,
+            "cost_unit": model.unit, "rates": asdict(model) if timed else None,
             "cost_plan": chosen.cost, "cost_recompute_everything": none.cost, "cost_saved": none.cost - chosen.cost,
             "cost_constant": model.constant(costs, w),
             "total_vs_recompute_everything": cost_ratio(costs, w, chosen.cached, dtype, model),
-            "workload": asdict(w), "stages": stages}
+            "workload": asdict(w), "notes": list(notes), "stages": stages}

@@ -13,13 +13,16 @@ Memory is accounted two ways in one step, without sampling anything:
 On CUDA the allocator's own peak is read too. Both run on meta tensors (a model built under
 `with torch.device("meta"):`) and on fake ones (torch._subclasses.FakeTensorMode, which also takes
 CPU autocast), where nothing is allocated whatever the size: storages are told apart by identity
-there, since their data pointers are all 0. FLOPs come from torch.utils.flop_counter. Every figure runs
-the trainer's own step (`cachetrain.step.train_step`), so it counts what training does.
+there, since their data pointers are all 0. FLOPs come from torch.utils.flop_counter. Seconds
+(`step_seconds`, `forward_seconds`: the planner's measured per-stage times) are the fastest of a few
+calls after a warm-up. Every figure runs the trainer's own step (`cachetrain.step.train_step`),
+so it counts what training does.
 """
 
 from __future__ import annotations
 
 import resource
+import time
 import weakref
 from dataclasses import asdict, dataclass
 
@@ -29,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from cachetrain.device import autocast
 from cachetrain.step import train_step
 
 
@@ -158,6 +162,42 @@ def train_step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
         train_step(model, x, y, torch.optim.SGD(model.parameters(), lr=0.0))
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
+
+
+def _timed(run, device: torch.device, repeats: int) -> float:
+    """The fastest of `repeats` calls of run() after one warm-up, in seconds (CUDA synchronised): on a shared
+    machine the fastest is the one least disturbed."""
+    def once() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    once()
+    return min(once() for _ in range(max(1, repeats)))
+
+
+def step_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool = False, channels_last: bool = False,
+                 repeats: int = 2) -> float:
+    """Seconds one training step of `model` on the batch (x, y) takes on its device: the trainer's own step,
+    with SGD and momentum at a zero learning rate, so the weights stay as they were."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    seconds = _timed(lambda: train_step(model, x, y, optimizer, amp=amp, channels_last=channels_last), x.device,
+                     repeats)
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
+def forward_seconds(module: nn.Module, x: torch.Tensor, amp: bool = False, repeats: int = 2) -> float:
+    """Seconds one forward of `module` on x takes in eval mode without autograd (evaluations, recomputing
+    frozen stages, caching passes), on x's device."""
+    module.eval()
+    with torch.no_grad(), autocast(x.device, amp):
+        return _timed(lambda: module(x), x.device, repeats)
 
 
 def peak_rss_bytes() -> int:
