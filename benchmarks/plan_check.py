@@ -8,7 +8,7 @@ zstd on the stages' outputs), predicts every stage's training and caching pass w
 command timed whole, in this process) and prints predicted / measured per stage and in total.
 
 Regimes (each a pair of arms where both are asked for):
-- `j8`: configs/imagenet_shaped_cpu.yaml (the ImageNet layout shrunk to a CPU, J=8), every stage cached
+- `j8`: the built-in imagenet_shaped_cpu (the ImageNet layout shrunk to a CPU, J=8), every stage cached
   vs every stage recomputing its input from the images (cache.mode all / none);
 - `jpeg`: the same layout on an image folder: a tree of JPEGs generated under OUT/jpegs (class-dependent
   smooth patterns with noise, 320x240 px, quality 90: decoding is real work), decoded by PIL and
@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0.15
 
 
-def arm_config(base: Path, overrides: list[str], run: Path) -> tuple[object, list[str]]:
+def arm_config(base: str, overrides: list[str], run: Path) -> tuple[object, list[str]]:
     """The resolved config of one arm, and the --set options that make it from `base`."""
     sets = [*overrides, f"run_dir={run}"]
     return load_config(base, sets), sets
@@ -148,7 +148,7 @@ def predict(model, costs, w, cached: tuple[int, ...], dtype: str) -> list[dict]:
     return rows
 
 
-def run_arm(base: Path, sets: list[str], run: Path, cached: tuple[int, ...], depth: int, cold: bool,
+def run_arm(base: str, sets: list[str], run: Path, cached: tuple[int, ...], depth: int, cold: bool,
             console: Console) -> list[dict]:
     """The greedy run, stage by stage through the CLI; per stage the wall seconds of training and caching."""
     opts = ["--config", str(base), *(x for s in sets for x in ("--set", s))]
@@ -169,7 +169,7 @@ def run_arm(base: Path, sets: list[str], run: Path, cached: tuple[int, ...], dep
 
 
 def regime(name: str, args, out: Path, console: Console) -> dict:
-    base = ROOT / "configs" / "imagenet_shaped_cpu.yaml"
+    base = "imagenet_shaped_cpu"
     jpegs = out / "jpegs"
     if name == "jpeg":
         make_jpegs(jpegs, 10, *((8, 4, (96, 80)) if args.quick else (110, 26, (320, 240))))
@@ -254,11 +254,11 @@ FORMATS_ROWS = {"float16": ("float16", "none", None), "uint8": ("uint8", "none",
 
 def imagenet_plan(costs: list, dtype: str, codec: str, ratio: float | None, tier: dict, decode: float | None,
                   budget: float, decompress: float) -> dict:
-    """One `cachetrain plan` of configs/imagenet_k3.yaml with these rates (cachetrain/plan/command.py, as the
+    """One `cachetrain plan` of the built-in imagenet_k3 with these rates (cachetrain/plan/command.py, as the
     command line runs it), on its stage costs `costs` (counted once: stage_costs runs each stage at 224 px)."""
     sets = [f"cache.codec={codec}"] + (["cache.location=s3://bucket/caches", "cache.remote_copies=/nvme/copies",
                                         "cache.remote_copies_gib=10000"] if "remote" in tier else [])
-    cfg = load_config(ROOT / "configs" / "imagenet_k3.yaml", sets)
+    cfg = load_config("imagenet_k3", sets)
     given = command.Given(flops_per_s=300e12, read_bytes_per_s=tier["read"], write_bytes_per_s=2e9,
                           decode_samples_per_s=decode, compression_ratio=ratio,
                           decompress_bytes_per_s=decompress if codec == "zstd" else None,
@@ -275,7 +275,7 @@ def imagenet_plan(costs: list, dtype: str, codec: str, ratio: float | None, tier
 def imagenet_table(decompress_per_thread: dict[str, float], workers: int = 8) -> list[str]:
     """The README's table: every storage format on every tier at the decode rate assumed, and fp16 on NVMe
     with decoding taken to keep up (the model before it counted decoding)."""
-    cfg = load_config(ROOT / "configs" / "imagenet_k3.yaml", [])
+    cfg = load_config("imagenet_k3", [])
     costs = stage_costs(cfg, input_shape(cfg), command.workload(cfg, None, 1281167, 50000)[1])
     lines = ["| format | cache on | budget | caches stages | on disk | whole run | recompute everything | "
              "cached / recompute | break-even read rate, stages 0..6 (GB/s; - never pays) |",
@@ -330,7 +330,7 @@ def imagenet_main(args, out: Path) -> dict:
     from cachetrain.plan.compression import measure_codec
 
     # zstd's decompression rate on ReLU outputs (the demo's synthetic data through an initialised J=8 layout)
-    cfg = load_config(ROOT / "configs" / "imagenet_shaped_cpu.yaml", ["data.synthetic_train=64"])
+    cfg = load_config("imagenet_shaped_cpu", ["data.synthetic_train=64"])
     data = open_dataset(cfg.data, 0, torch.device("cpu"))
     codec = measure_codec(cfg, data, torch.device("cpu"), batch_size=32, batches=2)
     per_thread = codec.decompress_bytes_per_s

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from cachetrain.cli import main as cachetrain  # noqa: E402
 
-CONFIG = str(ROOT / "configs" / "fmnist.yaml")
+CONFIG = "fmnist"  # the built-in config (cachetrain/configs/fmnist.yaml)
 GRIDS = str(ROOT / "benchmarks" / "study_grids.yaml")
 # the single-seed study's base (benchmarks/layerwise_study.py) with 2 epochs per stage instead of 3, and the
 # probes recorded afterwards for the reference runs only (`cachetrain probe`): what fits the machine's time

@@ -73,6 +73,8 @@ def spell(fix: Fix, named: list[str]) -> str:
         raise ValueError(f"no command {fix.command!r} to suggest")
     command, *options = fix.words()
     run = [f"--run {shlex.quote(str(fix.run))}"] if fix.run is not None else named
+    if not COMMANDS[fix.command].config:
+        run = []  # `configs` names no run
     return " ".join(["cachetrain", command, *run, *options])
 
 

@@ -275,4 +275,4 @@ def test_plan_check_predicts_and_measures_whole_runs(tmp_path):
     assert arms[("jpeg", "cached")]["stages"][0]["measured_cache_s"] > 0  # stage 0 cached, then read
     assert arms[("jpeg", "cached")]["rates"]["decode_samples_per_s"] > 0  # the JPEG pipeline was measured
     assert arms[("cold", "cached")]["stages"][1]["input"] == "cache 0"
-    assert (tmp_path / "out" / "results.md").read_text().count("| jpeg |") == 4 + 1  # 4 stage rows, one total
+    assert (tmp_path / "out" / "results.md").read_text().count("| jpeg |") == 4 + 2  # 4 stage rows (2 arms x 2 stages), 2 totals

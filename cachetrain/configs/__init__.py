@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from cachetrain.errors import ConfigError
+from cachetrain.errors import ConfigError, Fix
 
 # the folder of this file: package data lies beside the module in a wheel's install and in the checkout alike
 HERE = Path(__file__).resolve().parent
@@ -56,7 +56,7 @@ def resolve(spec: str | Path) -> Path:
     if path.parent != Path("."):  # a path with a folder in it was meant as a file, not as a name
         raise ConfigError(f"{spec}: config file not found")
     raise ConfigError(f"{spec}: config file not found, and no built-in config has that name "
-                      f"(built in: {', '.join(names())}; `cachetrain configs` lists them)")
+                      f"(built in: {', '.join(names())})", Fix.of("configs"))
 
 
 def table() -> list[tuple[str, str]]:
@@ -69,7 +69,7 @@ def listing() -> str:
     (to copy one and change it)."""
     rows = table()
     width = max(len(name) for name, _ in rows)
-    lines = ["built-in configs (cachetrain train --config NAME):"]
+    lines = ["built-in configs (--config NAME):"]
     lines += [f"  {name:<{width}}  {text}" for name, text in rows]
     lines.append(f"their files: {HERE}")
     return "\n".join(lines)

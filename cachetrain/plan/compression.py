@@ -35,7 +35,8 @@ from cachetrain.device import autocast
 from cachetrain.models import build_network
 from cachetrain.source import Source
 
-TRAINED, INITIALISED = "trained", "initialised"
+# which weights a stage's outputs came from when its ratio was measured
+TRAINED, INITIALISED = "trained weights", "initialised weights"
 
 
 @dataclass(frozen=True)

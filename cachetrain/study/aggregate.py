@@ -161,5 +161,5 @@ def read_sweep(path: Path) -> list[tuple[Path, str]] | None:
         runs = json.loads(meta.read_text())["runs"]
         found = [(Path(path) / r["path"], r["group"]) for r in runs]
     except (ValueError, KeyError, TypeError):
-        raise ConfigError(f"{meta}: unreadable; expected the sweep description cachetrain sweep writes") from None
+        raise ConfigError(f"{meta}: unreadable; expected the sweep description a sweep writes") from None
     return [(p, name) for p, name in found if (p / "stages").is_dir()]
