@@ -1,32 +1,47 @@
 """Every error a user can fix, in one module: each is raised with one line that names the file, key or
-value and what was expected; the CLI prints it as `error: <line>` and exits 2."""
+value and what was expected; the CLI prints it as `error: <line>` and exits 2.
+
+Their messages are redacted when raised (`cachetrain.redact`): whatever location a message quotes, URL
+credentials and query strings in it never reach a terminal, a log or a file.
+"""
+
+from cachetrain.redact import redact
 
 
-class ConfigError(ValueError):
+class _Redacted(Exception):
+    """Redacts its message (its first argument, when it is a string) as it is raised."""
+
+    def __init__(self, *args):
+        if args and isinstance(args[0], str):
+            args = (redact(args[0]), *args[1:])
+        super().__init__(*args)
+
+
+class ConfigError(_Redacted, ValueError):
     """A config problem: an unknown key, a wrong type, a value out of range, a config a run does not accept."""
 
 
-class DataError(RuntimeError):
+class DataError(_Redacted, RuntimeError):
     """A missing or malformed dataset: a file, a folder, an image."""
 
 
-class CacheError(RuntimeError):
+class CacheError(_Redacted, RuntimeError):
     """A cache store that cannot be used as asked: absent, incomplete, stale, corrupt."""
 
 
-class StageError(RuntimeError):
+class StageError(_Redacted, RuntimeError):
     """A stage that cannot be trained or cached yet, with the command that fixes it."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(_Redacted, RuntimeError):
     """A checkpoint that cannot be used: unreadable, unsafe, or for another network."""
 
 
-class RunLocked(RuntimeError):
+class RunLocked(_Redacted, RuntimeError):
     """Another process holds the run directory."""
 
 
-class DaliMissing(RuntimeError):
+class DaliMissing(_Redacted, RuntimeError):
     """NVIDIA DALI was asked for and is not installed."""
 
 
