@@ -128,8 +128,10 @@ class _RawChunks:
                     f.write(payload)
                     f.write(google_crc32c.value(payload).to_bytes(4, "little"))
                 os.replace(tmp, file)
-            except BaseException:
+            except BaseException as e:
                 tmp.unlink(missing_ok=True)
+                if isinstance(e, OSError) and e.filename is None:  # write() names no file: a full disk must
+                    e.filename = str(file)
                 raise
 
 
@@ -168,11 +170,16 @@ class BackgroundWriter:
         self._write_chunks(start, block)
 
     def _write_chunks(self, start: int, block: np.ndarray) -> None:
+        cs = self._array.chunks[0]
         if self._raw is not None:
             self._raw.write(start, block)
         else:
-            self._array[start:start + len(block)] = block
-        cs = self._array.chunks[0]
+            try:
+                self._array[start:start + len(block)] = block
+            except OSError as e:  # zarr's writes name no file: a full disk names the first chunk of the block
+                if e.filename is None and self._chunk_path is not None:
+                    e.filename = str(self._chunk_path(start // cs))
+                raise
         for c in range(start // cs, -(-(start + len(block)) // cs)):
             if self._writeback is not None:
                 self._writeback.written(self._chunk_path(c))
@@ -234,6 +241,8 @@ def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn
         return _write_store(path, info, labels, stage, batches, layout, device, amp, on_progress, dist)
     except Exception as e:  # noqa: BLE001 - only an object store's transport errors are translated
         raise_if_transport(e, path, "writing the store")
+        if isinstance(e, OSError) and e.filename is None:  # zarr's metadata writes name no file: name the store
+            e.filename = str(path)
         raise
 
 
