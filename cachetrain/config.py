@@ -215,7 +215,8 @@ class CacheConfig:
     level: int = 1
     chunk_mib: float = 4.0  # target chunk size; a chunk always holds a whole number of samples
     batch_size: int = 256  # forward batch of the caching pass, rounded to whole chunks
-    # where the stores go: "" -> <run>/cache; else <location>/<run name>/stage_<j>, with location a folder
+    # where the stores go: "" -> <run>/cache; else <location>/<run folder name>/stage_<j> (the last part of
+    # the run directory, not `name`), with location a folder
     # or an object store URL, s3://bucket/prefix (credentials and endpoint: the AWS_* environment)
     location: str = ""
     # a remote store's chunk objects, once fetched, kept on this local folder for the next epochs ("" = off),

@@ -118,3 +118,10 @@ def test_control_characters_in_a_string_are_refused(tmp_path, key, value):
     with pytest.raises(ConfigError, match=f"{key}: expected a string without control characters") as e:
         load_config(path)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("assignment", ["train.lr=.inf", "train.lr=.nan", "cache.remote_copies_gib=.inf"])
+def test_a_number_that_is_not_finite_is_refused(tiny_config_file, assignment):
+    key = assignment.split("=")[0]
+    with pytest.raises(ConfigError, match=f"{key}: expected a finite number"):
+        load_config(tiny_config_file, [assignment])

@@ -123,3 +123,10 @@ def test_an_endpoint_url_with_credentials_is_not_echoed(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert SECRET not in proc.stdout + proc.stderr
+
+
+def test_user_errors_are_one_line_whatever_they_quote():
+    # found by tests/test_robustness.py (--set 'name=<newline>' echoed the newline into the error line)
+    assert str(ConfigError("x.yaml with --set name=\n: name: expected a string")) == \
+        "x.yaml with --set name=\\n: name: expected a string"
+    assert "\n" not in str(DataError("data.root: train/a/new\nline.png: truncated"))
