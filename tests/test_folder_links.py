@@ -1,6 +1,6 @@
 """Links in image folders (issue 25): a file link is followed (its label is the class folder it is in), a
 folder link is never followed (refused, or left out with data.skip_bad_images), no file is a sample twice,
-and whatever is refused is named in one short line, relative to data.root."""
+and whatever is refused is named in one short line."""
 
 from __future__ import annotations
 

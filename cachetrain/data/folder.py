@@ -241,8 +241,8 @@ class FolderImages:
                     seen[real] = f
                     images.append(f)
             if not images:
-                raise DataError(f"data.root: class folder {shown(split_dir / name, self.root)} holds no images; add "
-                                f"images to it or remove the folder")
+                raise DataError(f"data.root: class folder {shown(split_dir / name)} holds no images; add images to "
+                                f"it or remove the folder")
             samples += [(f, label) for f in images]
         samples = _subset(samples, subset)
         if skip and samples:
@@ -270,7 +270,7 @@ class FolderImages:
     def _bad(self, path: str, why: str, skip: bool, refusal: str | None = None) -> None:
         """A file or folder that is not a sample: refused in one line, or with `skip` left out and counted."""
         if not skip:
-            raise DataError(f"data.root: {shown(path, self.root)}: {refusal or why}; {FIX}")
+            raise DataError(f"data.root: {shown(path)}: {refusal or why}; {FIX}")
         self.skipped_files.append((os.path.relpath(path, self.root), why))
 
     def _check_class_links(self, split_dir: Path, present: set[str] | None) -> None:
@@ -281,12 +281,12 @@ class FolderImages:
                 if present is None or name in present}
         for name, folder in real.items():
             if os.path.islink(split_dir / name) and Path(split_real).is_relative_to(folder):
-                raise DataError(f"data.root: {shown(split_dir / name, self.root)}: a link to a folder holding "
+                raise DataError(f"data.root: {shown(split_dir / name)}: a link to a folder holding "
                                 f"{shown(split_dir, self.root)} itself; a class folder holds the images of one class")
             for other, other_folder in real.items():
                 if other != name and (Path(folder).is_relative_to(other_folder) or folder == other_folder):
                     link = name if os.path.islink(split_dir / name) else other
-                    raise DataError(f"data.root: {shown(split_dir / link, self.root)}: a link to the folder of class "
+                    raise DataError(f"data.root: {shown(split_dir / link)}: a link to the folder of class "
                                     f"{other if link == name else name} (or into it): its files would be samples "
                                     f"of two classes; give each class a folder of its own")
 
@@ -318,7 +318,7 @@ class FolderImages:
         for x, y in loader:
             if (y < 0).any():  # a file that did not decode (ImageFiles.__getitem__): name it, in one line
                 path = ds.samples[-1 - int(y[y < 0][0])][0]
-                raise bad_image_error(path, image_problem(path) or "could not be decoded while loading", self.root)
+                raise bad_image_error(path, image_problem(path) or "could not be decoded while loading")
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _dali(self, name: str, train: bool, batch_size: int, epoch: int, start: int) -> Iterator[Batch]:

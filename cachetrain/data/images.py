@@ -31,9 +31,10 @@ def image_problem(path: str, fast: bool = False) -> str | None:
     return None
 
 
-def shown(path: str, root: str | os.PathLike | None = None, most: int = 120) -> str:
-    """A file's name for a one-line message: relative to `root` when it is under it, control characters
-    (a newline in a file name) and undecodable bytes escaped, the middle cut out of a very long one."""
+def shown(path: str, root: str | os.PathLike | None = None, most: int = 240) -> str:
+    """A file's name for a one-line message: relative to `root` when given and it is under it, control
+    characters (a newline in a file name) and undecodable bytes escaped, the middle cut out of a very long
+    one (links to folders are not followed, so a real path is rarely that long)."""
     if root is not None:
         rel = os.path.relpath(path, root)
         path = rel if not rel.startswith("..") else path
