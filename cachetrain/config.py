@@ -9,6 +9,7 @@ sees an invalid config. The resolved config (file + overrides) is saved into the
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -21,6 +22,7 @@ import yaml
 
 from cachetrain.configs import resolve as resolve_config
 from cachetrain.errors import ConfigError
+from cachetrain.redact import has_secret, redact
 
 
 # Field metadata of a key that cannot change what is computed: where things live, how many processes
@@ -84,7 +86,24 @@ def free_keys(cls: type | None = None, prefix: str = "") -> frozenset[str]:
 
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:
     if not ok:
-        raise ConfigError(f"{key}: expected {expected}, got {got!r}")
+        shown = repr(got)
+        if len(shown) > 120:  # one readable line, whatever was pasted into the value
+            shown = shown[:100] + f"... ({len(shown)} characters)"
+        raise ConfigError(f"{key}: expected {expected}, got {shown}")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as the config files and `--set` values are read: PyYAML's safe loader (YAML 1.1), which reads
+    `1e-9` or `5e-2` (no dot) as text, plus YAML 1.2's floats, so they are numbers as users expect."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass(frozen=True)
@@ -272,7 +291,8 @@ class CacheConfig:
     # target chunk size; a chunk always holds a whole number of samples
     chunk_mib: float = field(default=4.0, metadata=CACHED)
     batch_size: int = field(default=256, metadata=CACHED)  # forward batch of the caching pass, rounded to whole chunks
-    # where the stores go: "" -> <run>/cache; else <location>/<run name>/stage_<j>, with location a folder
+    # where the stores go: "" -> <run>/cache; else <location>/<run folder name>/stage_<j> (the last part of
+    # the run directory, not `name`), with location a folder
     # or an object store URL, s3://bucket/prefix (credentials and endpoint: the AWS_* environment)
     location: str = field(default="", metadata=FREE)
     # a remote store's chunk objects, once fetched, kept on this local folder for the next epochs ("" = off),
@@ -401,6 +421,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             try:
                 return _coerce(arg, value, key)
             except ConfigError:
+                # the value has this member's type but not its form (a string with a control character):
+                # that member's own error says what is wrong, "a string or null" would not
+                if arg in (str, float) and isinstance(value, arg):
+                    raise
                 continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is dict:  # stages.<j>: integer keys (YAML ints, or "2" from --set stages.2.lr=...)
@@ -427,9 +451,18 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return value
     if tp is float:
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
+        _check(math.isfinite(value), key, "a finite number", value)
         return float(value)
     if tp is str:
         _check(isinstance(value, str), key, "a string", value)
+        # names and folders: a newline or an escape would break the one-line errors that quote them, a
+        # NUL fails every file system call
+        _check(not any(ord(c) < 32 or ord(c) == 127 for c in value), key, "a string without control characters",
+               value)
+        # a secret in a config would be saved in the run's config.yaml and run.json and printed by status:
+        # credentials come from the environment (AWS_*), never from a config
+        _check(not has_secret(value), key, "no credentials (user:password@) or query string (?...) in it; "
+               "credentials come from the AWS_* environment variables", redact(value))
         return value
     raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this module, not user input
 
@@ -459,7 +492,13 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {dotted}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(text)
+    try:
+        value = _yaml(text)
+    except yaml.YAMLError as e:
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"--set {dotted.strip()}={text}: the value {text!r} is not valid YAML ({why}); quote it "
+                          f"to mean text, e.g. --set '{dotted.strip()}=\"...\"'") from None
+    node[parts[-1]] = value
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -469,14 +508,22 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     source = str(path) if path else "<defaults>"
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = _yaml(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except OSError as e:  # a folder, unreadable: not a write problem (the CLI's OSError handling says so)
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}); expected a YAML config") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        raw = loaded or {}
+        # an empty file would silently start the default (full-size) run: say so instead
+        if loaded is None:
+            raise ConfigError(f"{path}: the config file is empty; expected a mapping of sections (see configs/)")
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level, got a "
+                              f"{type(loaded).__name__}")
+        raw = loaded
         raw.setdefault("name", Path(path).stem)
     for assignment in overrides:
         apply_override(raw, assignment)

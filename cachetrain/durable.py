@@ -16,7 +16,9 @@ write, not piled up), so two processes writing the same file would share it. The
 (cachetrain.run.lock) guarantees that for everything inside a run directory.
 
 `UNWRITABLE` and `unwritable_message` turn a read-only or permission-denied write (EROFS, EACCES,
-EPERM) into the one line the command line prints.
+EPERM) into the one line the command line prints; `disk_full_message` does the same for ENOSPC. Every
+writer names its file on the OSError it raises (`atomic_write`, `append_line`, the cache writer), so the
+line names the file being written.
 """
 
 from __future__ import annotations
@@ -134,3 +136,10 @@ def unwritable_message(e: OSError, run_dir: Path | None = None, data_dir: Path |
         return (f"cannot write {where}: {why}; checkpoints, metrics and caches go in the run directory "
                 f"{run_dir}: use a writable one with --run DIR (or run_dir in the config)")
     return f"{where}: {why}; cachetrain needs a writable run directory: --run DIR (or run_dir in the config)"
+
+
+def disk_full_message(e: OSError) -> str:
+    """The one line for ENOSPC (or EDQUOT): the file being written, and that nothing half-written is kept."""
+    where = e.filename or "the run directory"
+    return (f"disk full while writing {where}: free some space and rerun the same command; finished checkpoints "
+            f"and cache chunks are kept, nothing half-written is marked complete")

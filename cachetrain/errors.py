@@ -5,12 +5,26 @@ An error may name the commands that fix it (`fixes`): each is a `Fix`, a command
 table by name with its options, never a command line written into the message. The message ends with
 "; run: A, then B"; the CLI spells each Fix and adds the options that name the user's run
 (`--config`, `--run`, `--set`), so the suggestion pastes back as it stands (cachetrain.cli).
+
+Their messages are made safe to print when raised: redacted (`cachetrain.redact`: whatever location a
+message quotes, URL credentials and query strings in it never reach a terminal, a log or a file), and one
+line whatever they quote (a newline or an escape in a file name or a `--set` value is shown escaped).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from cachetrain.redact import redact
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """`text` with its control characters (newline, tab, escape, NUL) written as escapes: one printable line."""
+    return _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,7 @@ class UserError(Exception):
     """Base of the errors below: a message, and the commands that fix it (`fixes`, in order)."""
 
     def __init__(self, message: str = "", *fixes: Fix):
+        message = one_line(redact(message))  # safe to print, whatever it quotes
         super().__init__(message)
         self.message, self.fixes = message, tuple(fixes)
 

@@ -307,3 +307,22 @@ def fsyncs(monkeypatch) -> list[Path]:
 def child_pids() -> set[int]:
     """The pids of this process's live child processes (DataLoader workers among them)."""
     return {p.pid for p in multiprocessing.active_children()}
+
+
+# -- property-based tests (hypothesis) -------------------------------------------------------------------
+# one profile for every property test: the same examples on every run and machine (derandomize: CI is
+# deterministic, a failure reproduces), no example database written into the checkout, no per-example
+# deadline (a shared 2-core machine varies), and a small default budget so the suite stays within its time.
+# HYPOTHESIS_PROFILE=search runs many more examples, randomized, for a hunt by hand.
+try:
+    from hypothesis import HealthCheck, settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile(
+        "cachetrain", derandomize=True, database=None, deadline=None, max_examples=25, print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                               HealthCheck.data_too_large, HealthCheck.filter_too_much])
+    _hypothesis_settings.register_profile("search", parent=_hypothesis_settings.get_profile("cachetrain"),
+                                          derandomize=False, max_examples=500)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cachetrain"))
+except ImportError:  # the property tests skip themselves (pytest.importorskip)
+    pass

@@ -69,3 +69,60 @@ def test_every_shipped_config_loads(repo_root):
     for path in paths:
         assert load_config(path).name == path.stem
         assert load_config(path.stem) == load_config(path)  # and by its name, from anywhere
+
+
+# -- issue 25: --set values that are not YAML, numbers YAML 1.1 reads as strings, empty configs --------
+
+@pytest.mark.parametrize("assignment, key, value", [
+    ("train.epochs=[1", "train.epochs", "[1"),
+    ("model.downsample={", "model.downsample", "{"),
+    ("train.lr=: x", "train.lr", ": x"),
+])
+def test_set_value_that_is_not_yaml_is_one_line_naming_key_and_value(tiny_config_file, assignment, key, value):
+    with pytest.raises(ConfigError) as e:
+        load_config(tiny_config_file, [assignment])
+    message = str(e.value)
+    assert "\n" not in message and f"--set {key}=" in message and repr(value) in message and "YAML" in message
+
+
+def test_scientific_notation_is_a_number_and_its_range_is_named(tiny_config_file):
+    with pytest.raises(ConfigError, match=r"cache\.chunk_mib: expected a number in \[0\.0625, 64\], got 1e-09$"):
+        load_config(tiny_config_file, ["cache.chunk_mib=1e-9"])
+    assert load_config(tiny_config_file, ["train.lr=5e-2"]).train.lr == 0.05  # YAML 1.1 would read '5e-2' as text
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "---\n", "- a\n- b\n", "just text\n", "3\n"])
+def test_empty_or_non_mapping_config_file_is_one_line(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    message = str(e.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message and "mapping" in message
+
+
+def test_unreadable_config_file_is_one_line(tmp_path):
+    (tmp_path / "dir.yaml").mkdir()
+    (tmp_path / "latin1.yaml").write_bytes(b"name: caf\xe9\n")
+    for path in (tmp_path / "dir.yaml", tmp_path / "latin1.yaml"):
+        with pytest.raises(ConfigError, match=rf"^{path}: ") as e:
+            load_config(path)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("key, value", [("name", "a\x00b"), ("run_dir", "runs/a\nb"), ("data.root", "/d\x1b[31m")])
+def test_control_characters_in_a_string_are_refused(tmp_path, key, value):
+    raw = synthetic_raw(tmp_path / "run")
+    section, _, name = key.rpartition(".")
+    (raw.setdefault(section, {}) if section else raw)[name] = value
+    path = write_config(tmp_path / "ctl.yaml", raw)
+    with pytest.raises(ConfigError, match=f"{key}: expected a string without control characters") as e:
+        load_config(path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("assignment", ["train.lr=.inf", "train.lr=.nan", "cache.remote_copies_gib=.inf"])
+def test_a_number_that_is_not_finite_is_refused(tiny_config_file, assignment):
+    key = assignment.split("=")[0]
+    with pytest.raises(ConfigError, match=f"{key}: expected a finite number"):
+        load_config(tiny_config_file, [assignment])

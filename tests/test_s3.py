@@ -319,3 +319,31 @@ def test_two_runs_of_one_name_cannot_share_a_cache_location(tmp_path, prefix):
     out = cli_in_process(["stage", "--config", str(config_b)])
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert f"holds the caches of run {(tmp_path / 'a' / 'exp').resolve()}" in out.stderr
+
+
+@pytest.mark.parametrize("url, env, reason", [
+    ("s3://Bad_Bucket!/x", {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"},
+     'Invalid bucket name "Bad_Bucket!"'),
+    ("s3://bucket/x", {}, "Unable to locate credentials"),
+])
+def test_an_error_no_retry_can_change_is_not_said_to_be_retried(monkeypatch, url, env, reason):
+    # issue 25: missing credentials and an invalid bucket name fail before any request; their line said
+    # "retried, 5 attempts" and cut botocore's reason at "Parameter validation failed:"
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup for credentials
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    _filesystem.cache_clear()
+    try:
+        with pytest.raises(CacheError) as e:
+            RemotePath(url).read_bytes()
+    finally:
+        _filesystem.cache_clear()
+    line = str(e.value)
+    assert reason in line and "\n" not in line
+    assert "retried" not in line.replace("not retried", "") and "attempts" not in line

@@ -111,8 +111,24 @@ def _close_async(fs) -> None:
 
 
 def _one_line(e: BaseException) -> str:
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return text[:200]
+    """The error's text on one line, all of it up to 240 characters: botocore puts the reason on the line
+    after "Parameter validation failed:"."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+# what botocore raises before any request is sent, or for a request no retry can change: nothing was retried
+_NOT_RETRIED = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "ParamValidationError",
+                "NoRegionError", "InvalidRegionError", "ProfileNotFound", "InvalidConfigError",
+                "UnknownSignatureVersionError", "InvalidS3AddressingStyleError"}
+_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "ProfileNotFound"}
+
+
+def _retried(e: BaseException) -> bool:
+    """Whether botocore's standard mode retried `e` (a connection error, a timeout, a throttle, a 5xx)."""
+    if isinstance(e, (PermissionError, ValueError)):  # s3fs: 403 -> PermissionError, a bad argument -> ValueError
+        return False
+    return type(e).__name__ not in _NOT_RETRIED
 
 
 def is_transport_error(e: BaseException) -> bool:
@@ -131,6 +147,12 @@ def transport_failure(e: BaseException, url: str, what: str) -> CacheError:
     if isinstance(e, PermissionError):
         return CacheError(f"{url}: {what}: access denied ({_one_line(e)}); credentials come from the AWS_* "
                           f"environment variables")
+    if type(e).__name__ in _CREDENTIALS:
+        return CacheError(f"{url}: {what} failed ({type(e).__name__}: {_one_line(e)}); credentials come from the "
+                          f"AWS_* environment variables (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                          f"AWS_PROFILE); nothing was changed")
+    if not _retried(e):  # a retry could not change it: saying "retried" would send the user after the network
+        return CacheError(f"{url}: {what} failed ({type(e).__name__}: {_one_line(e)}); nothing was changed")
     attempts = os.environ.get("AWS_MAX_ATTEMPTS", ATTEMPTS)
     return CacheError(f"{url}: {what} failed ({type(e).__name__}: {_one_line(e)}); connection errors, timeouts "
                       f"and 5xx are retried, {attempts} attempts in all (AWS_MAX_ATTEMPTS); nothing was changed "

@@ -28,6 +28,9 @@ expects; nothing is read), so `status` can afford it. A chunk whose bytes are wr
 whole is found when read (reader.py) or by `cachetrain verify`, and `--repair` drops and rewrites it.
 A store whose group metadata (`zarr.json`) is missing or unreadable is ABSENT or STALE: nothing in it
 can be trusted, and it is rebuilt; readers and `verify` call it "store metadata missing".
+A store whose arrays' metadata disagrees with its record (the group attributes), or whose record was
+changed after it was written, is DAMAGED (`metadata_mismatch`): refused on open before any chunk is read,
+named by `verify` as "store metadata disagrees with its record: ...", and rebuilt by a caching pass.
 
 A store is only ever read as input in state COMPLETE. WRITING survives a crash: zarr's local store
 writes each chunk file atomically (temp file + rename), so after a process crash a chunk file that
@@ -39,6 +42,7 @@ its expected size, and COMPLETE is set only once everything it vouches for is fs
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
 import math
@@ -100,7 +104,29 @@ class StoreInfo:
         if fields.get("dtype") not in FORMATS:  # read as unreadable metadata (`_read_attrs`), not a KeyError later
             raise ValueError(f"dtype {fields.get('dtype')!r} is not a storage format (expected one of "
                              f"{', '.join(FORMATS)})")
-        return cls(**fields)
+        info = cls(**fields)
+        info.check()
+        return info
+
+    def check(self) -> None:
+        """Raise ValueError naming the first attribute that no caching pass writes (a wrong type, a count
+        below its least value): everything that sizes a read or a loop is sane before anything uses it."""
+        def ok(name: str, good: bool) -> None:
+            if not good:
+                raise ValueError(f"attribute {name} is {getattr(self, name)!r}")
+
+        def count(x, least: int) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool) and x >= least
+        for name, least in (("stage", 0), ("k", 0), ("num_samples", 1), ("chunk_samples", 1), ("level", 0),
+                            ("bitround", 0), ("view", 0), ("format_version", 1)):
+            ok(name, count(getattr(self, name), least))
+        ok("sample_shape", len(self.sample_shape) == 3 and all(count(d, 1) for d in self.sample_shape))
+        for name in ("split", "fingerprint", "weights_hash", "input_fingerprint", "codec"):
+            ok(name, isinstance(getattr(self, name), str))
+        ok("codec", self.codec in ("zstd", "none"))
+        q = self.quant
+        ok("quant", q is None or (len(q) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      for part in q for v in part)))
 
     @property
     def storage_format(self) -> StorageFormat:
@@ -159,6 +185,100 @@ def plan_layout(sample_bytes: int, chunk_mib: float, num_samples: int, batch_siz
     return Layout(min(num_samples, target), group, min(num_samples, target) * group)
 
 
+# -- the record and the arrays it describes ----------------------------------------------------------
+INFO_DIGEST = "info_digest"  # group attribute: `info_digest(info)` of the StoreInfo written with the store
+
+
+def info_digest(info: StoreInfo) -> str:
+    """16 hex digits over the store's record (`StoreInfo.to_attrs`), written beside it: a record changed
+    after the store was written (any one attribute) no longer matches it."""
+    return hashlib.sha256(json.dumps(info.to_attrs(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def array_specs(info: StoreInfo) -> dict[str, dict]:
+    """How the caching pass creates a store's `features` and `labels` arrays (zarr `create_array` keyword
+    arguments): the one definition the writer creates them from and the checks compare them with."""
+    from zarr.codecs import BitRound, Crc32cCodec, ZstdCodec
+
+    codecs = [ZstdCodec(level=info.level)] if info.codec == "zstd" else []
+    return {
+        "features": dict(shape=(info.num_samples, *info.sample_shape), chunks=(info.chunk_samples, *info.sample_shape),
+                         dtype=info.storage_format.numpy_dtype, fill_value=0,
+                         filters=[BitRound(keepbits=info.bitround)] if info.bitround else [],
+                         compressors=[*codecs, Crc32cCodec()]),
+        # the labels: one chunk; the manifest: one crc per features chunk, then the labels'
+        "labels": dict(shape=(info.num_samples,), chunks=(info.num_samples,), dtype=np.int64, fill_value=0,
+                       compressors=[Crc32cCodec()]),
+        CHECKSUMS: dict(shape=(info.num_chunks + 1,), chunks=(info.num_chunks + 1,), dtype=np.uint32, fill_value=0,
+                        compressors=[Crc32cCodec()]),
+    }
+
+
+@functools.lru_cache(maxsize=64)
+def _expected_metadata(info: StoreInfo) -> dict[str, dict]:
+    """The zarr metadata (as JSON) the caching pass writes for each array of a store with this record,
+    made by zarr itself in memory, so it is exactly what zarr would write and read back."""
+    from zarr.storage import MemoryStore
+
+    group = zarr.open_group(MemoryStore(), mode="w")
+    return {name: _as_json(group.create_array(name, **spec).metadata) for name, spec in array_specs(info).items()}
+
+
+def _as_json(metadata) -> dict:
+    return json.loads(json.dumps(metadata.to_dict(), default=str))
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:50] + "..."
+
+
+def metadata_mismatch(path: Path, info: StoreInfo, attrs: dict) -> str | None:
+    """What in the store at `path` disagrees with its record `info` (its group attributes `attrs`), in
+    words, or None. Reads the arrays' zarr.json (and, in a complete store, the checksum manifest), never a
+    chunk, and uses nothing of `info` that it has not first found consistent, so a record claiming 10**12
+    samples is refused before anything counts its chunks:
+    - the record is the one written with the store (`info_digest`; stores older than it have none);
+    - the features, labels and manifest arrays' metadata is what the caching pass creates for that record
+      (`array_specs`): dtype, shape, chunk shape, codecs, fill value, every field zarr reads;
+    - a complete store's `content_digest` is its manifest's."""
+    recorded = attrs.get(INFO_DIGEST)
+    if recorded is not None and recorded != info_digest(info):
+        return "its attributes disagree with the record written with it (info_digest): an attribute was changed"
+    if info.format_version != FORMAT_VERSION:
+        return f"attributes: format_version is {info.format_version}, expected {FORMAT_VERSION}"
+    try:
+        expected = _expected_metadata(info)
+    except Exception as e:  # noqa: BLE001 - a record no caching pass could have written (an older store's)
+        return f"its record describes no store zarr can create ({_one_line(e)})"
+    for name, want in expected.items():
+        if name == CHECKSUMS and not _exists(path / CHECKSUMS / "zarr.json"):
+            if attrs.get("complete") is True and "content_digest" in attrs:  # a store with a digest has one
+                return f"{CHECKSUMS}/zarr.json is missing"
+            continue
+        try:
+            got = _as_json(zarr.open_array(zarr_store(path / name, read_only=True), mode="r").metadata)
+        except Exception as e:  # noqa: BLE001 - not JSON, a field zarr cannot read, no file
+            raise_if_transport(e, path, "reading its metadata")
+            return f"{name}/zarr.json is unreadable ({_one_line(e)})"
+        if got != want:
+            field = next(k for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k))
+            return (f"{name}/zarr.json: {field} is {_shown(got.get(field))}, the store's record says "
+                    f"{_shown(want.get(field))}")
+    if attrs.get("complete") is True and "content_digest" in attrs:
+        try:
+            manifest = read_manifest(path, info)
+        except ValueError as e:
+            return f"its checksum manifest is unreadable ({e})"
+        if manifest is not None and digest_of(manifest) != attrs["content_digest"]:
+            return "attributes: content_digest is not its checksum manifest's digest"
+    return None
+
+
+def _exists(file: Path | RemotePath) -> bool:
+    return file.is_file() if isinstance(file, RemotePath) else file.exists()
+
+
 def _read_attrs(path: Path) -> tuple[dict | None, str | None]:
     """(the group's attributes, None), or (None, what is wrong with its metadata)."""
     if isinstance(path, RemotePath):
@@ -185,17 +305,33 @@ def _read_attrs(path: Path) -> tuple[dict | None, str | None]:
 
 
 def metadata_problem(path: Path) -> str | None:
-    """What is wrong with the group metadata of the store at `path` (which exists), or None."""
-    return _read_attrs(path)[1]
+    """What is wrong with the metadata of the store at `path` (which exists), or None: its group metadata
+    missing or unreadable, or metadata that disagrees with its record (`metadata_mismatch`)."""
+    attrs, problem = _read_attrs(path)
+    if attrs is None:
+        return problem
+    mismatch = metadata_mismatch(path, StoreInfo.from_attrs(attrs), attrs)
+    return f"store metadata disagrees with its record: {mismatch}" if mismatch else None
+
+
+def recorded_stage(path: Path) -> int | None:
+    """The stage a store's attributes name (for the repair command of a store whose record is not trusted)."""
+    attrs, _ = _read_attrs(path)
+    stage = attrs.get("stage") if attrs else None
+    return stage if isinstance(stage, int) and not isinstance(stage, bool) else None
 
 
 def store_state(path: Path, expected_fingerprint: str | None) -> tuple[CacheState, StoreInfo | None]:
+    """The store's state and its record (None when there is none to trust). A store whose metadata disagrees
+    with its record is DAMAGED with no record: it is refused, and a caching pass rebuilds it."""
     attrs, problem = _read_attrs(path)
     if attrs is None:  # no metadata: nothing to resume; unreadable metadata, or an older format: rebuild it
         return (CacheState.ABSENT if problem.endswith("(zarr.json not found)") else CacheState.STALE), None
     info = StoreInfo.from_attrs(attrs)
     if expected_fingerprint is not None and info.fingerprint != expected_fingerprint:
         return CacheState.STALE, info
+    if metadata_mismatch(path, info, attrs) is not None:
+        return CacheState.DAMAGED, None
     if attrs.get("complete") is not True:
         return CacheState.WRITING, info
     return (CacheState.DAMAGED if damage(path, info) else CacheState.COMPLETE), info

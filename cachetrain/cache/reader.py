@@ -42,7 +42,8 @@ from cachetrain.cache.copies import LocalCopies
 from cachetrain.errors import Fix
 from cachetrain.cache.location import RemotePath, is_remote, location, raise_if_transport, zarr_store
 from cachetrain.cache.manifest import (CacheError, CacheState, StoreInfo, chunk_file, damage, digest_of, labels_file,
-                                       metadata_problem, read_manifest, store_state, trailing_crc32c)
+                                       metadata_problem, read_manifest, recorded_stage, store_state,
+                                       trailing_crc32c)
 
 
 _ZSTD = Zstd()  # decodes what zarr's ZstdCodec wrote (it wraps the same numcodecs codec); level: encode only
@@ -99,6 +100,9 @@ class CacheReader:
         state, info = store_state(self.path, expected_fingerprint)
         hint = (rebuild,) if rebuild else ()
         if info is None and self.path.exists():
+            if state is CacheState.DAMAGED:  # its metadata disagrees with its record: a repair rebuilds it
+                stage = recorded_stage(self.path)
+                hint = (Fix.of("cache", j=stage, repair=True),) if stage is not None else hint
             raise CacheError(f"{self.path}: {metadata_problem(self.path) or 'store metadata missing'}", *hint)
         if state is CacheState.ABSENT:
             raise CacheError(f"{self.path}: cache store not found", *hint)

@@ -32,13 +32,13 @@ import google_crc32c
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BitRound, Crc32cCodec, ZstdCodec
 
 from cachetrain.dist import Dist
 from cachetrain.durable import fsync_path
 from cachetrain.cache.location import RemotePath, location, raise_if_transport, remove_tree, zarr_store
-from cachetrain.cache.manifest import (CHECKSUMS, CacheState, Layout, StoreInfo, chunk_file, digest_of,
-                                       file_checksums, labels_file, missing_chunks, store_state)
+from cachetrain.cache.manifest import (CHECKSUMS, INFO_DIGEST, CacheState, Layout, StoreInfo, array_specs, chunk_file,
+                                       digest_of, file_checksums, info_digest, labels_file, missing_chunks,
+                                       store_state)
 from cachetrain.device import autocast
 from cachetrain.faults import fault_point
 from cachetrain.stop import StopRequests
@@ -137,8 +137,10 @@ class _RawChunks:
                     f.write(payload)
                     f.write(google_crc32c.value(payload).to_bytes(4, "little"))
                 os.replace(tmp, file)
-            except BaseException:
+            except BaseException as e:
                 tmp.unlink(missing_ok=True)
+                if isinstance(e, OSError) and e.filename is None:  # write() names no file: a full disk must
+                    e.filename = str(file)
                 raise
 
 
@@ -182,11 +184,16 @@ class BackgroundWriter:
         self._write_chunks(start, block)
 
     def _write_chunks(self, start: int, block: np.ndarray) -> None:
+        cs = self._array.chunks[0]
         if self._raw is not None:
             self._raw.write(start, block)
         else:
-            self._array[start:start + len(block)] = block
-        cs = self._array.chunks[0]
+            try:
+                self._array[start:start + len(block)] = block
+            except OSError as e:  # zarr's writes name no file: a full disk names the first chunk of the block
+                if e.filename is None and self._chunk_path is not None:
+                    e.filename = str(self._chunk_path(start // cs))
+                raise
         for c in range(start // cs, -(-(start + len(block)) // cs)):
             if self._writeback is not None:
                 self._writeback.written(self._chunk_path(c))
@@ -209,23 +216,20 @@ class BackgroundWriter:
 
 def _create(path: Path, info: StoreInfo, labels: np.ndarray) -> zarr.Group:
     remove_tree(path)
-    group = zarr.open_group(zarr_store(path), mode="w", attributes={**info.to_attrs(), "complete": False})
-    codecs = [ZstdCodec(level=info.level)] if info.codec == "zstd" else []
-    filters = [BitRound(keepbits=info.bitround)] if info.bitround else []
-    group.create_array(
-        "features", shape=(info.num_samples, *info.sample_shape), chunks=(info.chunk_samples, *info.sample_shape),
-        dtype=info.storage_format.numpy_dtype, fill_value=0, filters=filters, compressors=[*codecs, Crc32cCodec()])
-    _write_labels(group, labels, create=True)
+    # the record, and its digest: any attribute changed later no longer matches it (manifest.metadata_mismatch)
+    group = zarr.open_group(zarr_store(path), mode="w",
+                            attributes={**info.to_attrs(), "complete": False, INFO_DIGEST: info_digest(info)})
+    group.create_array("features", **array_specs(info)["features"])  # what metadata_mismatch expects
+    _write_labels(group, labels, info, create=True)
     return group
 
 
-def _write_labels(group: zarr.Group, labels: np.ndarray, create: bool = False) -> None:
+def _write_labels(group: zarr.Group, labels: np.ndarray, info: StoreInfo, create: bool = False) -> None:
     """The labels, always as a file: zarr skips (or deletes) a chunk equal to the fill value, and all-zero
     labels would then read back as zeros with no file for the checksum manifest to vouch for."""
     with zarr.config.set({"array.write_empty_chunks": True}):
         if create:
-            group.create_array("labels", data=labels.astype(np.int64), chunks=(len(labels),),
-                               compressors=[Crc32cCodec()])
+            group.create_array("labels", **array_specs(info)["labels"])[:] = labels.astype(np.int64)
         else:
             group["labels"][:] = labels.astype(np.int64)  # opened under the setting: it is not stored
 
@@ -252,6 +256,8 @@ def write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.nn
         return _write_store(path, info, labels, stage, batches, layout, device, amp, on_progress, dist, stop)
     except Exception as e:  # noqa: BLE001 - only an object store's transport errors are translated
         raise_if_transport(e, path, "writing the store")
+        if isinstance(e, OSError) and e.filename is None:  # zarr's metadata writes name no file: name the store
+            e.filename = str(path)
         raise
 
 
@@ -357,10 +363,10 @@ def _prepare(path: Path, info: StoreInfo, labels: np.ndarray) -> list[int] | Non
     if state in (CacheState.WRITING, CacheState.DAMAGED) and found == info and _resumable(path):
         # same producer and same layout: resume it (a DAMAGED store is WRITING again until it is whole)
         group = zarr.open_group(zarr_store(path), mode="r+")
-        if state is CacheState.DAMAGED:
-            group.attrs["complete"] = False
+        # its record checked (store_state), rewritten with its digest (a store older than the digest gets one)
+        group.update_attributes({"complete": False, INFO_DIGEST: info_digest(info)})
         if not _labels_match(path, group, labels):
-            _write_labels(group, labels)
+            _write_labels(group, labels, info)
     else:
         _create(path, info, labels)
     return [int(c) for c in missing_chunks(path, info)]
@@ -370,7 +376,8 @@ def _write_manifest(path: Path, group: zarr.Group, info: StoreInfo) -> str:
     """Record the trailing crc32c of every chunk file and of the labels (the checksum manifest), durably;
     returns the store's content digest. Read back from the files, so it describes what is on disk."""
     crcs = file_checksums(path, info)
-    group.create_array(CHECKSUMS, data=crcs, chunks=(len(crcs),), compressors=[Crc32cCodec()], overwrite=True)
+    with zarr.config.set({"array.write_empty_chunks": True}):  # a file even for crcs that are all zero
+        group.create_array(CHECKSUMS, **array_specs(info)[CHECKSUMS], overwrite=True)[:] = crcs
     if isinstance(path, RemotePath):  # stored by its PUTs
         return digest_of(crcs)
     files = [p for p in (path / CHECKSUMS).rglob("*") if p.is_file()]

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cachetrain.stop import ignore_in_worker
 from cachetrain.config import DataConfig
-from cachetrain.data.images import IMAGE_EXTENSIONS, FIX, bad_image_error, image_problem
+from cachetrain.data.images import IMAGE_EXTENSIONS, FIX, bad_image_error, image_problem, shown
 from cachetrain.data.jpeg import folder_files, image_batches
 from cachetrain.data.split import hold_out
 from cachetrain.device import dali_available, require_dali
@@ -54,14 +54,61 @@ def _class_folders(split_dir: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
 
 
-def _class_files(class_dir: Path) -> list[str]:
-    """Every file under a class folder, in torchvision ImageFolder's order (os.walk following links, sorted)."""
-    def walk():
-        for dirpath, dirnames, fnames in os.walk(class_dir, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            yield dirpath, fnames
-    return [os.path.join(dirpath, f) for dirpath, fnames in sorted(walk()) for f in sorted(fnames)
-            if not f.startswith(".")]
+# not followed: a loop, or a folder outside the class folder, would add samples the class does not hold
+FOLDER_LINK = "a link to a folder ({target}), which is not followed"
+
+
+def _class_files(class_dir: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Every file under a class folder, in torchvision ImageFolder's order (folders sorted by path, files by
+    name; names starting with "." left out), and (path, why) of each entry that is not a sample's file.
+
+    What a link means: a link to a file is followed (the file is a sample of the class folder the link is
+    in); a link to a folder is never followed, wherever it leads (back into the tree, a loop, or outside the
+    class folder); a broken link, or anything that is not a regular file (a FIFO would block the reader), is
+    not a file. The class folder itself may be a link (a class assembled elsewhere)."""
+    found: list[tuple[str, list[str]]] = []
+    refused: list[tuple[str, str]] = []
+
+    def visit(folder: str) -> None:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as e:  # os.walk would leave an unreadable folder out without a word
+            refused.append((folder, f"cannot list this folder ({e.strerror})"))
+            return
+        names = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    visit(e.path)
+                elif e.is_symlink() and e.is_dir():
+                    refused.append((e.path, FOLDER_LINK.format(target=f"-> {_short(os.readlink(e.path))}")))
+                elif e.is_file():  # a regular file, or a link to one
+                    names.append(e.name)
+                elif e.is_symlink() and not os.path.exists(e.path):
+                    refused.append((e.path, f"a broken link (-> {_short(os.readlink(e.path))})"))
+                else:
+                    refused.append((e.path, "not a regular file"))
+            except OSError as err:
+                refused.append((e.path, f"cannot read it ({err.strerror})"))
+        found.append((folder, names))
+
+    visit(str(class_dir))
+    files = [os.path.join(folder, f) for folder, names in sorted(found) for f in sorted(names)]
+    return files, sorted(refused)
+
+
+def _short(text: str, most: int = 40) -> str:
+    return text if len(text) <= most else f"...{text[-most:]}"
+
+
+def _real_files(class_dir: Path, files: list[str]) -> list[str]:
+    """The real path of each file: the class folder's, resolved once, joined with the file's path below it
+    (no folder link is followed below it), except for file links, which are resolved each."""
+    real_class = os.path.realpath(class_dir)
+    return [os.path.realpath(f) if os.path.islink(f) else os.path.join(real_class, os.path.relpath(f, class_dir))
+            for f in files]
 
 
 class ImageFiles(Dataset):
@@ -175,20 +222,28 @@ class FolderImages:
         """(path, label) of the split's images, subset applied; bad files raise DataError or, with `skip`,
         are added to self.skipped_files."""
         samples = []
+        seen: dict[str, str] = {}  # real path -> the sample file that is it: no file is a sample twice
+        self._check_class_links(split_dir, present)
         for label, name in enumerate(self.classes):
             if present is not None and name not in present:
                 continue
-            files = _class_files(split_dir / name)
-            images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-            for f in files:
+            files, refused = _class_files(split_dir / name)
+            for f, why in refused:  # folder links, broken links, FIFOs, unreadable folders
+                self._bad(f, why, skip)
+            images = []
+            for f, real in zip(files, _real_files(split_dir / name, files)):
                 if not f.lower().endswith(IMAGE_EXTENSIONS):
-                    if not skip:
-                        raise DataError(f"data.root: {f}: not an image file (expected a name ending in "
-                                        f"{', '.join(IMAGE_EXTENSIONS)}); {FIX}")
-                    self.skipped_files.append((os.path.relpath(f, self.root), "not an image file name"))
+                    self._bad(f, "not an image file name", skip, f"not an image file (expected a name ending in "
+                                                                  f"{', '.join(IMAGE_EXTENSIONS)})")
+                elif real in seen:
+                    self._bad(f, f"the same file as {shown(seen[real], self.root)} (a link): a file is one sample",
+                              skip)
+                else:
+                    seen[real] = f
+                    images.append(f)
             if not images:
-                raise DataError(f"data.root: class folder {split_dir / name} holds no images; add images to it or "
-                                f"remove the folder")
+                raise DataError(f"data.root: class folder {shown(split_dir / name)} holds no images; add images to "
+                                f"it or remove the folder")
             samples += [(f, label) for f in images]
         samples = _subset(samples, subset)
         if skip and samples:
@@ -212,6 +267,33 @@ class FolderImages:
                                 f"be decoded (data.skip_bad_images left them all out); replace them or remove the "
                                 f"folder")
         return samples
+
+    def _bad(self, path: str, why: str, skip: bool, refusal: str | None = None) -> None:
+        """A file or folder that is not a sample: refused in one line, or with `skip` left out and counted."""
+        if not skip:
+            raise DataError(f"data.root: {shown(path)}: {refusal or why}; {FIX}")
+        self.skipped_files.append((os.path.relpath(path, self.root), why))
+
+    def _check_class_links(self, split_dir: Path, present: set[str] | None) -> None:
+        """A class folder may be a link, but not to a folder another class folder of the split is, holds or
+        is in, nor to one holding the split: its files would be samples twice, under two labels."""
+        split_real = os.path.realpath(split_dir)
+        real = {name: os.path.realpath(split_dir / name) for name in self.classes
+                if present is None or name in present}
+        for name, folder in real.items():
+            if os.path.islink(split_dir / name) and Path(split_real).is_relative_to(folder):
+                raise DataError(f"data.root: {shown(split_dir / name)}: a link to a folder holding "
+                                f"{shown(split_dir, self.root)} itself; a class folder holds the images of one class")
+            for other, other_folder in real.items():
+                if other != name and (Path(folder).is_relative_to(other_folder) or folder == other_folder):
+                    link = name if os.path.islink(split_dir / name) else other
+                    raise DataError(f"data.root: {shown(split_dir / link)}: a link to the folder of class "
+                                    f"{other if link == name else name} (or into it): its files would be samples "
+                                    f"of two classes; give each class a folder of its own")
+
+    def files(self, split: str) -> list[str]:
+        """The image file of each sample of a split ("train", "val" or "test"), in sample order."""
+        return [path for path, _ in self._sets[split].samples]
 
     def metadata(self) -> dict:
         """What a run should record about its data: label i is classes[i]; the files left out and why; which

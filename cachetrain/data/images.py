@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from cachetrain.errors import DataError
 
 # torchvision's ImageFolder extensions (all of them decode in PIL and in DALI)
@@ -29,6 +31,19 @@ def image_problem(path: str, fast: bool = False) -> str | None:
     return None
 
 
-def bad_image_error(path: str, reason: str) -> DataError:
+def shown(path: str, root: str | os.PathLike | None = None, most: int = 240) -> str:
+    """A file's name for a one-line message: relative to `root` when given and it is under it, control
+    characters (a newline in a file name) and undecodable bytes escaped, the middle cut out of a very long
+    one (links to folders are not followed, so a real path is rarely that long)."""
+    if root is not None:
+        rel = os.path.relpath(path, root)
+        path = rel if not rel.startswith("..") else path
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in str(path))
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates from undecodable bytes
+    return text if len(text) <= most else f"{text[:most // 2 - 2]}...{text[-(most // 2 - 2):]}"
+
+
+def bad_image_error(path: str, reason: str, root: str | os.PathLike | None = None) -> DataError:
     reason = " ".join(str(reason).split())  # one line whatever the library said
-    return DataError(f"data.root: {path}: {reason}; {FIX}")
+    return DataError(f"data.root: {shown(path, root)}: {reason}; {FIX}")

@@ -121,10 +121,15 @@ def verify(stores: list[tuple[str, int, Path]], expected: bool) -> dict[str, lis
 
 def drop_corrupt_chunks(stores: list[tuple[str, int, Path]]) -> list[ChunkProblem]:
     """Delete the chunk files of these stores that fail verification and mark those stores incomplete, so
-    the next caching pass recomputes exactly them."""
+    the next caching pass recomputes exactly them. Returns what it found, a store's whole-store problem too
+    (metadata missing, or disagreeing with its record): the caching pass rebuilds such a store, as
+    `store_state` calls it DAMAGED with no record to resume from."""
     dropped = []
     for problems in verify(stores, expected=False).values():
-        if not problems or problems[0].whole_store:  # missing, or no usable metadata: the caching pass rebuilds it
+        if not problems:
+            continue
+        if problems[0].whole_store:  # nothing in it is trusted: not dropped chunk by chunk, rebuilt
+            dropped += problems
             continue
         zarr.open_group(zarr_store(problems[0].store), mode="r+").attrs["complete"] = False
         for p in problems:
