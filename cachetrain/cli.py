@@ -28,7 +28,8 @@ from cachetrain.commands import COMMANDS, Command, Invocation
 from cachetrain.commands.base import stage_checks
 from cachetrain.config import Config, load_config
 from cachetrain.dist import Dist, lost_peer
-from cachetrain.errors import USER_ERRORS, ConfigError, Fix
+from cachetrain.errors import USER_ERRORS, ConfigError, Fix, one_line
+from cachetrain.redact import redact
 from cachetrain.run import Run, RunLayout
 from cachetrain.stop import Interrupted, Stopped, raise_interrupted
 
@@ -121,32 +122,37 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
             return command.work(inv)
     except USER_ERRORS as e:
         rank = f"rank {dist.rank}: " if dist.world > 1 else ""
-        print(f"error: {rank}{e.render(spelled)}", file=sys.stderr)
+        _err(f"error: {rank}{e.render(spelled)}")
         return 2
     except Stopped as e:  # the loop checkpointed where it stopped
         if dist.writer:
-            print(f"{e}; resume with: cachetrain {shlex.join(argv)}", file=sys.stderr)
+            _err(f"{e}; resume with: cachetrain {shlex.join(argv)}")
         return 128 + e.signum
     except (KeyboardInterrupt, Interrupted) as e:
         signum = getattr(e, "signum", signal.SIGINT)
         if dist.writer:
-            print(f"interrupted by {signal.Signals(signum).name}: what was finished is kept, nothing half-written "
-                  f"counts as done; resume with: cachetrain {shlex.join(argv)}", file=sys.stderr)
+            _err(f"interrupted by {signal.Signals(signum).name}: what was finished is kept, nothing half-written "
+                 f"counts as done; resume with: cachetrain {shlex.join(argv)}")
         return 128 + signum
     except Exception as e:  # noqa: BLE001 - what the OS, an object store and torchrun say, in one line
         if dist.world > 1 and lost_peer(e):
-            print(f"error: rank {dist.rank}: another rank of the job is gone ({type(e).__name__}); torchrun restarts "
-                  f"the group from the last checkpoint if --max-restarts allows, else rerun the same command",
-                  file=sys.stderr)
+            _err(f"error: rank {dist.rank}: another rank of the job is gone ({type(e).__name__}); torchrun restarts "
+                 f"the group from the last checkpoint if --max-restarts allows, else rerun the same command")
             return 2
         line = _system_error(e, cfg)
         if line is None:
             raise
-        print(f"error: {line}", file=sys.stderr)
+        _err(f"error: {line}")
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
         dist.close()
+
+
+def _err(line: str) -> None:
+    """Print a line to stderr as every error line goes out: one line, its locations' secrets redacted (a
+    `--set cache.location=s3://KEY:SECRET@...` repeated in a resume command included)."""
+    print(one_line(redact(line)), file=sys.stderr)
 
 
 def _system_error(e: Exception, cfg: Config | None) -> str | None:
@@ -158,14 +164,13 @@ def _system_error(e: Exception, cfg: Config | None) -> str | None:
         return str(transport_failure(e, str(root), "a request to the object store"))
     if not isinstance(e, OSError):
         return None
-    from cachetrain.durable import UNWRITABLE, unwritable_message
+    from cachetrain.durable import UNWRITABLE, disk_full_message, unwritable_message
 
     if e.errno in UNWRITABLE:  # a read-only or not-ours run directory or data root
         return unwritable_message(e, cfg and cfg.run_path, cfg and cfg.data.resolved_root)
-    if e.errno != errno.ENOSPC:
-        return None
-    return (f"disk full while writing {e.filename or 'the run directory'}: free some space and rerun the same "
-            f"command; finished checkpoints and cache chunks are kept, nothing half-written is marked complete")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return disk_full_message(e)
+    return None
 
 
 def entry() -> None:

@@ -305,10 +305,6 @@ class FolderImages:
     def num_samples(self, split: str) -> int:
         return len(self._sets[split])
 
-    def files(self, split: str) -> list[tuple[str, int]]:
-        """(path, label) of every sample of a split, in sample order (the order of `labels`)."""
-        return list(self._sets[split].samples)
-
     def labels(self, split: str) -> np.ndarray:
         return np.asarray(self._sets[split].targets, dtype=np.int64)
 
