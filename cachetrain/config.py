@@ -42,6 +42,13 @@ def after(stage: int | None, e2e: bool = False) -> dict:
     return {"first_stage": stage, "e2e": e2e}
 
 
+# Field metadata of a result key added after runs were first identified by their config hash: while it holds
+# its default, `cachetrain.run.identity.config_hash` leaves it out, so a run started before the key existed
+# keeps the hash it printed then (its config, read through the current schema, gets the default).
+def added(meta: dict) -> dict:
+    return {**meta, "added": True}
+
+
 @dataclass(frozen=True)
 class KeyScope:
     """What a config key can change: greedy stages first_stage.. (None: none of them), and the end-to-end network."""
@@ -82,6 +89,19 @@ def free_keys(cls: type | None = None, prefix: str = "") -> frozenset[str]:
         elif dataclasses.is_dataclass(hints[f.name]):
             out |= free_keys(hints[f.name], f"{prefix}{f.name}.")
     return frozenset(out)
+
+
+def added_keys(cls: type | None = None, prefix: str = "") -> dict[str, Any]:
+    """{dotted name: default} of every key marked `added` in the config schema."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("added"):
+            out[prefix + f.name] = f.default
+        elif dataclasses.is_dataclass(hints[f.name]):
+            out.update(added_keys(hints[f.name], f"{prefix}{f.name}."))
+    return out
 
 
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:
@@ -208,8 +228,8 @@ class TrainConfig:
     # what the end-to-end network starts from: "scratch" (its seeded initial weights: the baseline) or "greedy"
     # (the run's trained greedy stages and the last stage's head: fine-tuning the assembled network end to end,
     # which needs every stage trained first and holds the whole network's activations, as the baseline does)
-    e2e_init: Literal["scratch", "greedy"] = field(default="scratch", metadata=after(None, e2e=True))
-    e2e_lr: float | None = field(default=None, metadata=after(None, e2e=True))  # None: train.lr
+    e2e_init: Literal["scratch", "greedy"] = field(default="scratch", metadata=added(after(None, e2e=True)))
+    e2e_lr: float | None = field(default=None, metadata=added(after(None, e2e=True)))  # None: train.lr
     # also checkpoint every N optimizer steps within an epoch (0: per epoch only)
     checkpoint_steps: int = field(default=0, metadata=FREE)
     # feature-space augmentation for stages j > 0, applied per batch on the device (off by default)

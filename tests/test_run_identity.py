@@ -168,3 +168,18 @@ def test_the_e2e_baseline_is_retrained_after_a_config_change(run_dir, capsys):
     assert "already trained" not in out
     ck = torch.load(run / "e2e" / "checkpoint.pt", weights_only=True)
     assert ck["config"]["train"]["lr"] == 0.01 and ck["epoch"] == ck["epochs"]
+
+
+def test_keys_added_since_leave_an_older_runs_config_hash_unchanged():
+    """`status` prints a run's config hash; a key added to the schema since the run started must not change it
+    while the key holds its default (the old config.yaml has no such key), and must once it is set."""
+    from cachetrain.config import Config, added_keys
+    from cachetrain.run.identity import config_hash
+
+    assert added_keys() == {"train.e2e_init": "scratch", "train.e2e_lr": None}
+    old = Config().to_dict()
+    for key in added_keys():
+        section, name = key.split(".")
+        del old[section][name]  # the config.yaml a run wrote before the key existed
+    assert config_hash(old) == config_hash(Config()) == "3dbfacf99ac1"  # what 8960268 printed for the defaults
+    assert config_hash(Config.from_dict({"train": {"e2e_init": "greedy"}})) != config_hash(Config())

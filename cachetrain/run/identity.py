@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cachetrain.config import Config, ConfigError, free_keys, load_config, save_config
+from cachetrain.config import Config, ConfigError, added_keys, free_keys, load_config, save_config
 from cachetrain.durable import write_json
 from cachetrain.run.layout import RunLayout
 
@@ -55,7 +55,11 @@ def result_keys(cfg: Config | dict) -> dict[str, Any]:
 
 
 def config_hash(cfg: Config | dict) -> str:
-    blob = json.dumps(result_keys(cfg), sort_keys=True, default=str)
+    """12 hex digits over the result keys; a key marked `added` (cachetrain.config) counts only once set to
+    something other than its default, so a run started before it existed keeps its hash."""
+    added = added_keys()
+    keys = {k: v for k, v in result_keys(cfg).items() if k not in added or v != added[k]}
+    blob = json.dumps(keys, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
