@@ -126,6 +126,7 @@ def test_a_corrupt_zstd_chunk_is_one_line_from_a_worker_process_too(tmp_path, wo
                             f"bytes ({file}); run: cachetrain cache --j 0 --repair")
 
 
+@pytest.mark.slow
 def test_a_corrupt_chunk_read_by_a_dali_worker_process_is_one_line(tmp_path):
     """DALI's feature loader reads chunks in spawned worker processes and re-raises their errors as a plain
     Exception with the worker's traceback in its text: the loader gives the CacheError back, one line."""

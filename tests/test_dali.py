@@ -34,6 +34,7 @@ def batches_of_ids(batches):
     return [x[:, 0, 0, 0].long().tolist() for x, _ in batches]
 
 
+@pytest.mark.slow
 def test_dali_yields_the_same_batches_as_numpy_for_each_epoch(readers):
     numpy_src, dali_src = source(readers, "numpy"), source(readers, "dali")
     for epoch in (0, 1):  # consecutive epochs reuse one DALI pipeline

@@ -218,6 +218,7 @@ def e2e_state(run_dir: Path) -> dict[str, bytes]:
     return {**state, "test_acc": repr(ck["test_acc"]).encode()}
 
 
+@pytest.mark.slow
 def test_e2e_killed_mid_epoch_resumes_bit_identically(tmp_path):
     # the uninterrupted reference in this process (a run's results may not depend on which process made them);
     # every killed run and the resumed one are real processes
@@ -312,6 +313,7 @@ def _first_mismatch(a: torch.nn.Module, b: torch.nn.Module) -> tuple[str, list, 
                 if v.shape != b.state_dict()[k].shape)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_for_another_width_is_one_line_naming_file_parameter_and_shapes(tmp_path, capsys):
     narrow_raw = synthetic_raw(tmp_path / "narrow", train={"checkpoint_steps": 3})
     wide_raw = synthetic_raw(tmp_path / "wide", model={"width": 12}, train={"checkpoint_steps": 3})

@@ -34,6 +34,7 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_quick_study_records_diagnostics_as_it_trains(study):
     out, summary = study
     ref = out / "runs" / "layercnn_k2"

@@ -215,6 +215,7 @@ def test_on_cuda_the_table_reads_the_allocators_peaks(monkeypatch):
     assert cell["largest_batch"] == Line(**cell["live_line"]).largest_batch(5000)
 
 
+@pytest.mark.slow
 def test_plan_prints_what_fits_and_the_largest_batch(tmp_path, capsys):
     raw = synthetic_raw(tmp_path / "run")
     path = write_config(tmp_path / "tiny.yaml", raw)

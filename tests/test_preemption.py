@@ -58,7 +58,8 @@ def reference(tmp_path_factory) -> dict[str, dict]:
     return {"stage": unit_checkpoint(tmp / "ref", "stages/stage_0"), "e2e": unit_checkpoint(tmp / "ref", "e2e")}
 
 
-@pytest.mark.parametrize("command,unit", [(["stage", "--no-cache"], "stage"), (["e2e"], "e2e")])
+@pytest.mark.parametrize("command,unit", [pytest.param(["stage", "--no-cache"], "stage", marks=pytest.mark.slow),
+                                          (["e2e"], "e2e")])
 def test_sigterm_checkpoints_at_the_step_it_came_and_the_rerun_ends_bit_identical(tmp_path, reference, command,
                                                                                   unit):
     points = POINTS if unit == "stage" else POINTS[:1]
@@ -80,6 +81,7 @@ def test_sigterm_checkpoints_at_the_step_it_came_and_the_rerun_ends_bit_identica
         assert [json.loads(row)["epoch"] for row in metrics.read_text().splitlines()] == [1, 2]  # none twice
 
 
+@pytest.mark.slow
 def test_sigterm_in_a_caching_pass_keeps_whole_chunks_and_the_rerun_finishes_the_same_store(tmp_path):
     ref, run = config(tmp_path, "ref", train={"epochs": 1}), config(tmp_path, "run", train={"epochs": 1})
     for path in (ref, run):

@@ -82,6 +82,7 @@ def reference(tmp_path_factory) -> dict:
     return snapshot(d / "run")
 
 
+@pytest.mark.slow
 def test_sigkill_chain_resumes_bit_identically(reference, tmp_path, capsys):
     path = write_config(tmp_path / "c.yaml", raw_config(tmp_path / "run"))
     for i, fault in enumerate(KILL_CHAIN):

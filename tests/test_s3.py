@@ -100,6 +100,7 @@ def test_a_store_on_s3_holds_the_local_store_s_bytes_and_loads_the_same_batches(
     assert sorted(sample_ids(got).tolist()) == list(range(local.info.num_samples))
 
 
+@pytest.mark.slow
 def test_a_run_with_its_caches_on_s3_trains_as_one_with_local_caches(tmp_path, prefix):
     two = {"arch": "layercnn", "stages": 2, "width": 8, "downsample": [1], "k": 2}
     rows_local = tiny_greedy(tmp_path / "local", model=two).train_all()
@@ -127,6 +128,7 @@ def test_a_run_with_its_caches_on_s3_trains_as_one_with_local_caches(tmp_path, p
         assert content_digest(prefix / "child" / "stage_0" / name) == content_digest(prefix / "remote" / "stage_0" / name)
 
 
+@pytest.mark.slow
 def test_verify_names_a_corrupt_object_and_repair_rewrites_it(tmp_path, prefix):
     two = {"arch": "layercnn", "stages": 2, "width": 8, "downsample": [1], "k": 2}
     config, _ = tiny_run(tmp_path, model=two, cache={"location": str(prefix)})

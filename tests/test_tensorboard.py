@@ -189,7 +189,7 @@ def uninterrupted(tmp_path_factory) -> dict[str, list[tuple[int, float]]]:
     ("train_step:5", "1, batch 4", 4),  # killed after step 5: its checkpoint at step 4, its events up to there
     # killed writing the checkpoint of epoch 2's step 4 (the 5th: steps 2 and 4, the end of epoch 1, epoch 2's
     # step 2): events up to unit step 9 on disk, resumes at step 2 of epoch 2 (unit step 7)
-    ("checkpoint_write:5", "2, batch 2", 9),
+    pytest.param("checkpoint_write:5", "2, batch 2", 9, marks=pytest.mark.slow),
 ])
 def test_a_killed_run_resumed_continues_its_curves_without_a_duplicated_or_missing_step(
         tmp_path, uninterrupted, fault, checkpointed, written):

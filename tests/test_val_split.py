@@ -135,6 +135,7 @@ def resume_raw(run: Path) -> dict:
     return synthetic_raw(run, model={"stages": 2}, train={"checkpoint_steps": 3})
 
 
+@pytest.mark.slow
 def test_split_and_val_store_are_the_same_after_a_mid_stage_kill_and_resume(tmp_path, capsys):
     ref = write_config(tmp_path / "ref.yaml", resume_raw(tmp_path / "ref"))
     assert main(["train", "--config", str(ref)]) == 0
