@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cachetrain.cli import main
@@ -24,6 +25,7 @@ def test_cache_none_recomputes_through_frozen_stages_and_writes_no_cache(tmp_pat
     assert torch.equal(x, expected) and src.forward_calls == 1
 
 
+@pytest.mark.slow
 def test_recompute_and_cache_train_the_same_architecture_to_similar_accuracy(tmp_path):
     accs = {}
     for mode in ("all", "none"):

@@ -23,6 +23,8 @@ def load_study():
     return module
 
 
+pytestmark = pytest.mark.slow  # every test here reads one quick run of the study's script (a benchmark smoke)
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
@@ -34,7 +36,6 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.slow
 def test_quick_study_records_diagnostics_as_it_trains(study):
     out, summary = study
     ref = out / "runs" / "layercnn_k2"
