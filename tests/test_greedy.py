@@ -94,6 +94,7 @@ def test_stage_j_without_its_input_cache_names_the_command(tmp_path, capsys):
         capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_retraining_a_stage_marks_later_stages_and_caches_stale(tmp_path):
     path, cfg = tiny_run(tmp_path)
     assert main(["train", "--config", str(path)]) == 0

@@ -141,6 +141,7 @@ def test_truncated_checkpoint_without_a_previous_one_is_a_clear_error(trained, c
                    f"previous one; delete {stage_dir / 'checkpoint.pt'} to retrain stage 1 from scratch")
 
 
+@pytest.mark.slow
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path):
     """The full disk in a real process (the command a user types: exit 2, one line); the rerun in this one.
     One stage is enough: the second checkpoint write is the end of stage 0's epoch 2 at any depth."""

@@ -179,6 +179,7 @@ def test_count_is_linear_in_the_batch_and_grows_with_the_width():
         assert broad.total_bytes > narrow.total_bytes and broad.live_peak > narrow.live_peak, name
 
 
+@pytest.mark.slow
 def test_largest_batch_and_width_fit_and_one_more_does_not():
     cfg, budget = tiny(), 2**20
     table = memory_table(cfg, (3, 16, 16), 4, batch=8, budget=budget)

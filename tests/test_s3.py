@@ -242,6 +242,7 @@ def test_location_parses_urls_and_paths(tmp_path):
     assert p.bucket == "bucket" and (p / "c").parent == p and (p / "x/y").relative_to(p).as_posix() == "x/y"
 
 
+@pytest.mark.slow
 def test_local_copies_serve_later_epochs_stay_under_their_limit_and_are_checked(tmp_path, prefix, monkeypatch):
     make_store(prefix / "train.zarr", codec="none")  # 10 chunks of 576 B samples: 18 KiB + 4 B each
     gets: list[str] = []
