@@ -58,6 +58,8 @@ def finished_run(tmp_path_factory) -> Path:
     for command in ("train", "e2e"):
         done = cli_in_process([command, "--config", str(config)])
         assert done.returncode == 0, done.stdout + done.stderr
+        if command == "train":  # it ends with the command that opens the curves of every run beside it
+            assert f"curves: tensorboard --logdir {root / 'runs'} " in done.stdout
     return run
 
 

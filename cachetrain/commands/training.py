@@ -27,6 +27,8 @@ def train(inv: Invocation) -> int:
     greedy = Greedy(inv.run)
     rows = greedy.train_all(after_stage=probes_after(greedy))
     inv.console.print(status_table(rows, title=f"{inv.cfg.run_path}: per-stage test accuracy"))
+    if inv.run.layout.tb.is_dir():  # written as it trained (cachetrain.run.events), unless tensorboard is missing
+        inv.say(f"curves: tensorboard --logdir {inv.cfg.run_path.parent} (every run under it, side by side)")
     return 0
 
 
