@@ -163,6 +163,7 @@ def _mount_tmpfs(where: Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
+@pytest.mark.slow  # tests/test_disk_full.py fills a real tmpfs in make test
 def test_disk_full_while_caching_never_marks_a_store_complete(tmp_path):
     """On a real, small tmpfs where this machine allows mounting one (root); else an injected ENOSPC
     raised where the writer thread writes a chunk. Either way the rerun after freeing space resumes."""
