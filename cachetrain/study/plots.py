@@ -132,13 +132,17 @@ def plot_cka(runs: list[dict], path: Path) -> None:
 PLOTS = {"accuracy": plot_accuracy, "probes": plot_probes, "gap": plot_gap, "cka": plot_cka}
 
 
-def write_plots(runs: list[dict], out: Path) -> dict[str, str]:
-    """Write every plot in PLOTS as out/<name>.png (a plot no run has data for says so); name -> file name."""
+def _write(plots: dict, data: list[dict], out: Path) -> dict[str, str]:
     written = {}
-    for name, draw in PLOTS.items():
-        draw(runs, out / f"{name}.png")
+    for name, draw in plots.items():
+        draw(data, out / f"{name}.png")
         written[name] = f"{name}.png"
     return written
+
+
+def write_plots(runs: list[dict], out: Path) -> dict[str, str]:
+    """Write every plot in PLOTS as out/<name>.png (a plot no run has data for says so); name -> file name."""
+    return _write(PLOTS, runs, out)
 
 
 # -- seeds aggregated: means with their 95% intervals as bands (report.json's "groups") -------------------------
@@ -201,8 +205,4 @@ GROUP_PLOTS = {
 
 def write_group_plots(groups: list[dict], out: Path) -> dict[str, str]:
     """Every plot in GROUP_PLOTS as out/<name>.png, one colour per setting; name -> file name."""
-    written = {}
-    for name, draw in GROUP_PLOTS.items():
-        draw(groups, out / f"{name}.png")
-        written[name] = f"{name}.png"
-    return written
+    return _write(GROUP_PLOTS, groups, out)
