@@ -321,7 +321,7 @@ def measure(cfg: Config, in_shape: tuple[int, int, int], disk_folder: Path, devi
         extra.update(zstd_ratios=codec.ratios, compress_bytes_per_s=codec.compress_bytes_per_s,
                      decompress_bytes_per_s=codec.decompress_bytes_per_s, zstd_note=codec.source())
         for j, ratio in enumerate(codec.ratios[cfg.cache.dtype]):
-            report(f"stage {j} zstd-{codec.level} ratio ({cfg.cache.dtype}, {codec.weights[j]} weights)", ratio)
+            report(f"stage {j} zstd-{codec.level} ratio ({cfg.cache.dtype}, {codec.weights[j]})", ratio)
         report(f"zstd decompress B/s ({cfg.cache.dtype}, one thread)", codec.decompress_bytes_per_s[cfg.cache.dtype])
     if remote is not None:
         store = measure_object_store(remote)
