@@ -9,7 +9,7 @@ buffer. Where that gather runs depends on who is idle during the step:
 - CPU: the step runs on every core, so the gather (a memcpy out of the page cache) runs in the
   consumer's thread between steps. Beside the step, an assembling thread preempted one of the step's
   OpenMP threads, and the whole parallel region waited for it: 1.04-1.23x the step time
-  (benchmarks/feed_bench.py). Only a store this process decodes itself (compressed, workers=0)
+  (benchmarks/step_bench.py feed). Only a store this process decodes itself (compressed, workers=0)
   keeps the thread there, for the decode.
 Either way the kernel is asked to read the next batch's chunks ahead, and batches are then converted
 to float32 on their device. A batch is a set of samples: which samples
@@ -101,7 +101,7 @@ class CacheLoader:
         self.reader, self.device = self.readers[0], device
         # who assembles batches (module docstring): a background thread where the host is idle during the
         # step (CUDA) or where this process decodes chunks itself; else the consumer, between steps.
-        # `background` overrides the choice (benchmarks/feed_bench.py measures both)
+        # `background` overrides the choice (benchmarks/step_bench.py feed measures both)
         self.background = background if background is not None else (
             device.type == "cuda" or (workers == 0 and not self.reader.memmappable))
         self.workers, self.prefetch = workers, prefetch_chunks
@@ -212,7 +212,7 @@ class CacheLoader:
         """A batch in the storage dtype -> a new float32 batch in channels-last layout, in one pass. The
         layout matters on the CPU too: oneDNN's convolutions run NHWC, and a step fed NCHW features
         took up to 1.15x as long as the same step fed the NHWC tensors a frozen forward produces
-        (benchmarks/layout_bench.py, 2-core CPU). The store stays C-order NCHW."""
+        (benchmarks/step_bench.py layout, 2-core CPU). The store stays C-order NCHW."""
         layout = torch.channels_last if x.dim() == 4 else torch.contiguous_format
         # uint8 stores dequantise in place on the float copy (elementwise ops keep its layout)
         return self.reader.to_float(torch.empty(x.shape, dtype=torch.float32, device=x.device,
