@@ -177,10 +177,19 @@ def test_credentials_in_the_url_are_refused_without_echoing_them(tmp_path):
     assert out.returncode == 2 and "cache.location" in out.stderr and "supersecret" not in out.stderr
 
 
-def test_a_read_retries_while_the_server_is_down_then_fails_in_one_line(prefix, s3):
+def attempts(monkeypatch, n: int) -> None:
+    """AWS_MAX_ATTEMPTS=n from the next request on (the file system is made again with it)."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", str(n))
+    _filesystem.cache_clear()
+
+
+def test_a_read_retries_while_the_server_is_down_then_fails_in_one_line(prefix, s3, monkeypatch):
     reader = make_store(prefix / "train.zarr", codec="none")
     want = reader.fetch_chunk(3).clone()
-    # down for a moment: botocore's backoff retries until it is back
+    # down for a moment: botocore's backoff retries until it is back. Its waits are jittered (uniform in
+    # [0, 1), [0, 2), [0, 4), ... s), so 3 attempts can all fall inside a restart that a loaded machine
+    # makes slow (seen in CI); 12 wait 0.5 + 1 + 2 + ... s on average, far longer than any restart
+    attempts(monkeypatch, 12)
     s3.stop()
     restart = threading.Timer(0.3, s3.start)
     restart.start()
@@ -188,6 +197,7 @@ def test_a_read_retries_while_the_server_is_down_then_fails_in_one_line(prefix, 
         assert torch.equal(reader.fetch_chunk(3), want)
     finally:
         restart.join()
+        attempts(monkeypatch, 3)
     # down for good: AWS_MAX_ATTEMPTS (3) attempts, then one line naming the object
     s3.stop()
     try:
