@@ -9,6 +9,7 @@ sees an invalid config. The resolved config (file + overrides) is saved into the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -78,30 +79,30 @@ def key_scope(key: str) -> KeyScope:
     return KeyScope(0, True)
 
 
-def free_keys(cls: type | None = None, prefix: str = "") -> frozenset[str]:
-    """The dotted names of every FREE key of the config schema (its sections walked through their types)."""
-    cls = cls or Config
-    hints = typing.get_type_hints(cls)
-    out: set[str] = set()
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("free"):
-            out.add(prefix + f.name)
-        elif dataclasses.is_dataclass(hints[f.name]):
-            out |= free_keys(hints[f.name], f"{prefix}{f.name}.")
-    return frozenset(out)
+@functools.cache
+def marked_keys(flag: str) -> dict[str, Any]:
+    """{dotted name: default} of every key of the config schema whose field metadata sets `flag` ("free",
+    "added"), its sections walked through their types. Cached: the schema does not change in a process, and
+    every config hash reads it."""
+    def walk(cls: type, prefix: str) -> dict[str, Any]:
+        hints, out = typing.get_type_hints(cls), {}
+        for f in dataclasses.fields(cls):
+            if f.metadata.get(flag):
+                out[prefix + f.name] = f.default
+            elif dataclasses.is_dataclass(hints[f.name]):
+                out.update(walk(hints[f.name], f"{prefix}{f.name}."))
+        return out
+    return walk(Config, "")
 
 
-def added_keys(cls: type | None = None, prefix: str = "") -> dict[str, Any]:
-    """{dotted name: default} of every key marked `added` in the config schema."""
-    cls = cls or Config
-    hints = typing.get_type_hints(cls)
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("added"):
-            out[prefix + f.name] = f.default
-        elif dataclasses.is_dataclass(hints[f.name]):
-            out.update(added_keys(hints[f.name], f"{prefix}{f.name}."))
-    return out
+def free_keys() -> frozenset[str]:
+    """The keys that cannot change results (`metadata=FREE` where each is declared)."""
+    return frozenset(marked_keys("free"))
+
+
+def added_keys() -> dict[str, Any]:
+    """{key: default} of the keys marked `added`: they count in a config's hash only once set otherwise."""
+    return dict(marked_keys("added"))
 
 
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:
