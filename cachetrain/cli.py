@@ -28,7 +28,7 @@ from cachetrain.commands import COMMANDS, Command, Invocation
 from cachetrain.commands.base import stage_checks
 from cachetrain.config import Config, load_config
 from cachetrain.dist import Dist, lost_peer
-from cachetrain.errors import USER_ERRORS, ConfigError, Fix, one_line
+from cachetrain.errors import ConfigError, Fix, UserError, one_line
 from cachetrain.redact import redact
 from cachetrain.run import Run, RunLayout
 from cachetrain.stop import Interrupted, Stopped, raise_interrupted
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
         with Run.open(cfg, dist, command.access, console, from_stage=getattr(args, "from_stage", None),
                       checks=stage_checks(args, command)) as inv.run:
             return command.work(inv)
-    except USER_ERRORS as e:
+    except UserError as e:
         rank = f"rank {dist.rank}: " if dist.world > 1 else ""
         _err(f"error: {rank}{e.render(spelled)}")
         return 2

@@ -99,5 +99,3 @@ class RunLocked(UserError, RuntimeError):
 class DaliMissing(UserError, RuntimeError):
     """NVIDIA DALI was asked for and is not installed."""
 
-
-USER_ERRORS = (ConfigError, DataError, CacheError, StageError, CheckpointError, RunLocked, DaliMissing)
