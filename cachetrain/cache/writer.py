@@ -330,8 +330,10 @@ def _write_store(path: Path, info: StoreInfo, labels: np.ndarray, stage: torch.n
         torch.set_num_threads(threads)
         writer.close()
     if (dist.world > 1 or stopped) and not remote:  # this rank's chunks are durable before it reports them written
-        mine = [c for g in todo for c in range(g * layout.group_chunks, min(info.num_chunks, (g + 1) * layout.group_chunks))]
-        _make_durable(path, [file for c in mine if c in missing and (file := chunk_file(path, features, c)).exists()])
+        groups = (range(g * layout.group_chunks, min(info.num_chunks, (g + 1) * layout.group_chunks)) for g in todo)
+        mine = [chunk_file(path, features, c) for chunks in groups for c in chunks if c in missing]
+        # a stopped pass left some of its chunks unwritten; a finished one wrote all, and a missing file is an error
+        _make_durable(path, [f for f in mine if f.exists()] if stopped else mine)
     computed, ranks_stopped = dist.sum([computed, stopped])  # also the barrier: every rank's chunks are on disk
     computed = int(computed)
     if ranks_stopped:
