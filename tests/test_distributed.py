@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -184,7 +185,7 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_the_rerun_end
     assert r.returncode != 0
     assert r.stderr.count("stopped by SIGTERM: stage 0 (k=2): checkpoint at epoch 1, batch 5/10 (step 5)") == 1, \
         r.stderr
-    assert "exitcode: 143" in r.stderr or "exit code 143" in r.stderr or "143" in r.stderr
+    assert re.search(r"exitcode\s*:\s*143\b", r.stderr), r.stderr  # torchrun's failure table, one row a rank
     ck = torch.load(tmp_path / "run/stages/stage_0/checkpoint.pt", weights_only=True)
     assert (ck["epoch"], ck["batch"], ck["step"], ck["world"]) == (0, 5, 5, 2)
     r = ok(torchrun(["stage", "--config", str(cfg), "--no-cache"]))

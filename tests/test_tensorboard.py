@@ -20,8 +20,6 @@ import zarr
 
 from tests.conftest import cli, cli_in_process, synthetic_raw, write_config
 
-tensorboard = pytest.importorskip("tensorboard")
-
 SMALL = {"synthetic_train": 192, "val_samples": 32, "synthetic_test": 64}  # 160 training samples: 5 steps of 32
 EPOCH_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "gap", "lr", "samples_per_s")
 
