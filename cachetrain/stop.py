@@ -65,10 +65,11 @@ class StopRequests:
         asked = self.signum is not None
         if dist.world == 1:
             return asked
-        total = dist.sum([float(self.signum or 0), float(asked)])
-        if total[1] and self.signum is None:
-            self.signum = int(total[0] / total[1])  # the signal another rank got
-        return bool(total[1])
+        # how many ranks got each signal (a sum of signal numbers would mix SIGTERM and SIGINT into another)
+        got = dist.sum([float(self.signum == s) for s in SIGNALS])
+        if self.signum is None and any(got):
+            self.signum = next(s for s, n in zip(SIGNALS, got) if n)  # the signal another rank got
+        return bool(any(got))
 
     def stopped(self, kept: str) -> Stopped:
         return Stopped(self.signum or signal.SIGTERM, kept)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cachetrain import stop
 from cachetrain.cache.manifest import content_digest
 from tests.conftest import cli, synthetic_raw, write_config
 
@@ -118,3 +119,30 @@ def test_ctrl_c_to_the_whole_process_group_is_one_line_and_resumes(tmp_path, ref
     resumed = cli(["stage", "--config", str(path), "--no-cache"])
     assert resumed.returncode == 0, resumed.stderr
     assert same_weights(unit_checkpoint(tmp_path / "run", "stages/stage_0"), reference["stage"])
+
+
+class Ranks:
+    """Two ranks' stop requests summed as torchrun's collective would, in one process: `sum` adds the other
+    rank's values, which it computes from its own StopRequests."""
+
+    world, rank = 2, 0
+
+    def __init__(self, other):
+        self.other = other
+
+    def sum(self, values: list[float]) -> list[float]:
+        theirs = [float(self.other.signum == s) for s in stop.SIGNALS]
+        return [a + b for a, b in zip(values, theirs)]
+
+
+def test_ranks_that_got_different_signals_agree_on_a_real_one():
+    """SIGTERM on one rank and Ctrl-C on the other: both stop, each with a real signal, and a rank that got
+    none takes the other's (a sum of signal numbers once averaged 15 and 2 into 8, SIGFPE, in the message and
+    the exit status)."""
+    term, intr, none = stop.StopRequests(), stop.StopRequests(), stop.StopRequests()
+    term.signum, intr.signum = signal.SIGTERM, signal.SIGINT
+    assert term.requested(Ranks(intr)) and term.signum == signal.SIGTERM
+    assert intr.requested(Ranks(term)) and intr.signum == signal.SIGINT  # a rank keeps what it got
+    assert none.requested(Ranks(intr)) and none.signum == signal.SIGINT
+    quiet = stop.StopRequests()
+    assert not quiet.requested(Ranks(stop.StopRequests())) and quiet.signum is None
