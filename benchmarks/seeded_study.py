@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cachetrain.cli import main as cachetrain  # noqa: E402
+from cachetrain.study.report_groups import ci, critical_counts, diff  # noqa: E402
 
 CONFIG = "fmnist"  # the built-in config (cachetrain/configs/fmnist.yaml)
 GRIDS = str(ROOT / "benchmarks" / "study_grids.yaml")
@@ -72,68 +73,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # -- the summary ----------------------------------------------------------------------------------------------------
-def _ci(s: dict | None, scale: float = 100.0) -> str:
-    if not s or s.get("mean") is None:
-        return "—"
-    return f"{scale * s['mean']:.2f}" + ("" if s.get("half") is None else f" ± {scale * s['half']:.2f}")
-
-
-def _diff(d: dict | None) -> str:
-    if not d:
-        return "—"
-    if d.get("half") is None:
-        return f"{100 * d['diff']:+.2f}"
-    text = f"{100 * d['diff']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
-    return text if d["resolved"] else text + " (unresolved)"
-
-
 def cost(out: Path) -> dict:
     """The sweep's own cost: stage trainings and caching passes with sharing (done) and without it (what the
-    same finished runs would have needed alone), wall time measured and the wall time the shared work
-    would have added (each fork's parent's time on the stages and caches the fork reused: its metrics' epoch
-    seconds per stage, and the rest of its training step spread over its caching passes)."""
-    meta = json.loads((out / "sweep.json").read_text())
+    same finished runs would have needed alone: the sweep's plan, sweep.json), wall time measured and the wall
+    time the shared work would have added (each fork's parent's time on the stages and caches the fork
+    reused: its metrics' epoch seconds per stage, and the rest of its training step spread over its caching
+    passes)."""
+    runs = {r["name"]: r for r in json.loads((out / "sweep.json").read_text())["runs"]}
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines() if line.strip()]
     seconds: dict[str, float] = {}
     for r in steps:
         seconds[r["run"]] = seconds.get(r["run"], 0.0) + r["seconds"]
     train_s = {r["run"]: r["seconds"] for r in steps if r["step"] == "train"}
-    runs = {r["name"]: r for r in meta["runs"]}
-    finished = [r for r in meta["runs"] if r["name"] in train_s]
-    out_rows = {"runs": len(finished), "wall_seconds": sum(seconds.get(r["name"], 0.0) for r in finished)}
-    from cachetrain.config import load_config
-
-    def depth_caches(name: str) -> tuple[int, int]:
-        cfg = load_config(out / runs[name]["path"] / "config.yaml")
-        return cfg.model.stages, 0 if cfg.cache.mode == "none" else cfg.model.stages - 1
+    finished = [r for name, r in runs.items() if name in train_s]
 
     def stage_seconds(name: str, j: int) -> float:
         path = out / runs[name]["path"] / "stages" / f"stage_{j}" / "metrics.jsonl"
         rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
         return sum(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in rows)
 
-    shared_stages = shared_caches = 0
     saved_seconds = 0.0
     for r in finished:
         if r["parent"] is None:
             continue
-        _, caches = depth_caches(r["name"])
-        at, parent = r["at"], r["parent"]
-        p_depth, p_caches = depth_caches(parent)
-        # a fork reuses the parent's stages 0..at-1 and the caches of those it caches itself
-        reused_caches = min(at, caches)
-        shared_stages += at
-        shared_caches += reused_caches
-        per_cache = max(0.0, train_s[parent] - sum(stage_seconds(parent, j) for j in range(p_depth))) / max(1, p_caches)
-        saved_seconds += sum(stage_seconds(parent, j) for j in range(at)) + reused_caches * per_cache
-    done_stages = sum(x.get("stages", 0) for x in steps if x["step"] == "train")
-    done_caches = sum(x.get("caches", 0) for x in steps if x["step"] == "train")
-    out_rows.update(stage_trainings=done_stages, caching_passes=done_caches,
-                    stage_trainings_unshared=done_stages + shared_stages,
-                    caching_passes_unshared=done_caches + shared_caches,
-                    wall_seconds_unshared_estimate=out_rows["wall_seconds"] + saved_seconds,
-                    planned=meta.get("described"))
-    return out_rows
+        parent = runs[r["parent"]]
+        own = [stage_seconds(parent["name"], j) for j in range(parent["unshared_stage_trainings"])]
+        per_cache = max(0.0, train_s[parent["name"]] - sum(own)) / max(1, parent["unshared_caching_passes"])
+        reused_caches = r["unshared_caching_passes"] - r["caching_passes"]  # a cache rebuilt (views) is not reused
+        saved_seconds += sum(own[:r["at"]]) + reused_caches * per_cache
+    wall = sum(seconds.get(r["name"], 0.0) for r in finished)
+    return {"runs": len(finished), "wall_seconds": wall,
+            "stage_trainings": sum(x.get("stages", 0) for x in steps if x["step"] == "train"),
+            "caching_passes": sum(x.get("caches", 0) for x in steps if x["step"] == "train"),
+            "stage_trainings_unshared": sum(r["unshared_stage_trainings"] for r in finished),
+            "caching_passes_unshared": sum(r["unshared_caching_passes"] for r in finished),
+            "wall_seconds_unshared_estimate": wall + saved_seconds}
 
 
 def memory(out: Path) -> dict | None:
@@ -174,14 +148,13 @@ def markdown(summary: dict) -> str:
     lines = ["| setting | n | greedy test % | e2e test % | e2e - greedy (pts, paired) | greedy - reference (pts) | "
              "critical layer (seeds) | gap stage 0 -> last (pts) |", "|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in summary["rows"]:
-        crit = ", ".join(f"{k}: {v}x" for k, v in sorted(r["critical"]["counts"].items()))
-        lines.append(f"| {r['setting']} | {r['n']} | {_ci(r['greedy'])} | {_ci(r['e2e'])} | "
-                     f"{_diff(r['within'].get('e2e - greedy'))} | {_diff(r['vs_reference'])} | {crit} | "
-                     f"{_ci(r['gap_first'])} -> {_ci(r['gap_last'])} |")
+        lines.append(f"| {r['setting']} | {r['n']} | {ci(r['greedy'])} | {ci(r['e2e'])} | "
+                     f"{diff(r['within'].get('e2e - greedy'))} | {diff(r['vs_reference'])} | "
+                     f"{critical_counts(r['critical'])} | {ci(r['gap_first'])} -> {ci(r['gap_last'])} |")
     lines += ["", "Averaged heads (test %, and minus the last head alone, paired):", ""]
     for r in summary["rows"]:
         for name, s in r["heads"].items():
-            lines.append(f"- {r['setting']}: {name}: {_ci(s)}, {_diff(r['within'].get(f'{name} - greedy'))}")
+            lines.append(f"- {r['setting']}: {name}: {ci(s)}, {diff(r['within'].get(f'{name} - greedy'))}")
     c = summary["cost"]
     lines += ["", f"Sweep cost for the {c['runs']} finished runs: {c['stage_trainings']} stage trainings and "
                   f"{c['caching_passes']} caching passes with prefix sharing, {c['stage_trainings_unshared']} and "
@@ -189,9 +162,9 @@ def markdown(summary: dict) -> str:
                   f"about {c['wall_seconds_unshared_estimate'] / 60:.0f} min without sharing (estimated)."]
     m = summary.get("memory") or {}
     if "e2e_bytes" in m:
-        lines.append(f"Memory (fp32, batch 128, live peak): largest greedy stage {m['largest_stage']} "
+        lines.append(f"Memory (fp32, batch 128, live peak): the largest greedy stage ({m['largest_stage']}) "
                      f"{m['largest_stage_bytes'] / 2**20:.1f} MiB, end to end (and fine-tuning) "
-                     f"{m['e2e_bytes'] / 2**20:.1f} MiB ({m['largest_stage_over_e2e']:.2f}x).")
+                     f"{m['e2e_bytes'] / 2**20:.1f} MiB, {m['e2e_bytes'] / m['largest_stage_bytes']:.1f}x.")
     return "\n".join(lines) + "\n"
 
 

@@ -196,3 +196,20 @@ def test_the_report_aggregates_seeds_with_hand_computed_intervals(tmp_path):
     assert "+5.00 [+0.47, +9.53] |" in md and "+1.00 [-3.53, +5.53] unresolved" in md
     assert "cannot resolve (the paired interval where there is one, else Welch's, holds 0): model.k=1 (greedy)." in md
     assert (tmp_path / "report" / "runs.md").exists() and (tmp_path / "report" / "accuracy.png").stat().st_size > 0
+
+
+def test_a_setting_that_changes_nothing_is_identical_not_unresolved():
+    """Two outcomes with the same value for every seed (a fork that never touches what is compared): the
+    difference is 0 with a zero-width interval; the report says "identical", and does not list it among the
+    differences the seeds cannot resolve."""
+    from cachetrain.study.report_groups import diff
+    from cachetrain.study.stats import paired, welch
+
+    values = {0: 0.81, 1: 0.83, 2: 0.86}
+    same = paired(values, dict(values))
+    assert same.identical and same.resolved is None and diff(same.to_dict()) == "+0.00 (identical)"
+    # unpaired, the same values are two samples whose spread leaves a 0 difference unresolved
+    apart = welch(list(values.values()), list(values.values()))
+    assert not apart.identical and apart.resolved is False
+    moved = paired(values, {k: v - 0.01 for k, v in values.items()})  # a constant shift: resolved, zero width
+    assert not moved.identical and moved.resolved is True

@@ -19,7 +19,7 @@ def diff(d: dict | None) -> str:
     if not d:
         return DASH
     text = f"{100 * d['diff']:+.2f}"
-    if d["diff"] == 0 and d.get("half") == 0:
+    if d.get("identical"):
         return text + " (identical)"
     if d.get("half") is None:
         return text + " (no interval)"
@@ -27,7 +27,8 @@ def diff(d: dict | None) -> str:
     return text if d["resolved"] else text + " unresolved"
 
 
-def _critical(c: dict) -> str:
+def critical_counts(c: dict) -> str:
+    """`4 (2x), 5 (1x)`: how many seeds called each stage the critical layer."""
     counts = c.get("counts", {})
     order = sorted(counts, key=lambda k: (k == "none", int(k) if k.isdigit() else 0))
     return ", ".join(f"{k} ({counts[k]}x)" for k in order) or DASH
@@ -46,7 +47,7 @@ def groups_markdown(groups: list[dict]) -> list[str]:
         vs = (g["vs_reference"].get("greedy") or {}).get("welch") if g["vs_reference"] else None
         lines.append(f"| {g['label']} | {len(g['runs'])} | {ci(g['summaries'].get('greedy'))} | "
                      f"{ci(g['summaries'].get('e2e'))} | {diff(vs) if g is not groups[0] else 'reference'} | "
-                     f"{_critical(g['critical'])} | {gap} |")
+                     f"{critical_counts(g['critical'])} | {gap} |")
     lines += ["", "## Outcomes against the reference", "",
               "Every outcome of every setting: its mean and interval, its difference from the reference's same "
               "outcome (Welch; and paired by seed where both ran the same seeds: the same split and initial "

@@ -111,13 +111,19 @@ class Difference:
         return None if self.half is None else self.diff + self.half
 
     @property
+    def identical(self) -> bool:
+        """Both sides' values are the same (a setting that changes nothing for this outcome)."""
+        return self.diff == 0 and self.half == 0
+
+    @property
     def resolved(self) -> bool | None:
-        """The interval excludes 0 (None: no interval)."""
-        return None if self.half is None else (self.low > 0 or self.high < 0)
+        """The interval excludes 0 (None: no interval, or nothing to resolve: `identical`)."""
+        return None if self.half is None or self.identical else (self.low > 0 or self.high < 0)
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "n_a": self.n_a, "n_b": self.n_b, "diff": self.diff, "half": self.half,
-                "low": self.low, "high": self.high, "df": self.df, "resolved": self.resolved}
+                "low": self.low, "high": self.high, "df": self.df, "identical": self.identical,
+                "resolved": self.resolved}
 
 
 def welch(a: list[float], b: list[float]) -> Difference | None:

@@ -56,7 +56,11 @@ class Sweep:
                 "described": self.spec.describe(),
                 "runs": [{"name": n.run.name, "group": n.run.group, "seed": n.run.seed,
                           "settings": [[k, v] for k, v in n.run.settings], "path": f"runs/{n.run.name}",
-                          "parent": n.parent, "at": n.at, "e2e": n.run.e2e, "config_hash": config_hash(n.run.cfg)}
+                          "parent": n.parent, "at": n.at, "e2e": n.run.e2e, "config_hash": config_hash(n.run.cfg),
+                          # the plan: what it trains and caches here, and what it would alone
+                          "stage_trainings": n.stage_trainings, "caching_passes": n.caching_passes,
+                          "unshared_stage_trainings": n.unshared_stage_trainings,
+                          "unshared_caching_passes": n.unshared_caching_passes}
                          for n in self.nodes]}
 
     def check_folder(self) -> None:
