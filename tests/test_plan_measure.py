@@ -281,3 +281,19 @@ def test_plan_check_predicts_and_measures_whole_runs(tmp_path):
     assert arms[("jpeg", "cached")]["rates"]["decode_samples_per_s"] > 0  # the JPEG pipeline was measured
     assert arms[("cold", "cached")]["stages"][1]["input"] == "cache 0"
     assert (tmp_path / "out" / "results.md").read_text().count("| jpeg |") == 4 + 2  # 4 stage rows (2 arms x 2 stages), 2 totals
+
+
+def test_each_given_object_store_rate_replaces_only_its_measured_one(tmp_path):
+    """--remote-read-rate alone keeps the measured PUT rate (it once reset it, and caching passes were then
+    counted at the local disk's write rate); --remote-write-rate alone keeps the measured GET rate; either
+    on a local cache is refused in one line."""
+    remote = tiny_cfg(tmp_path, cache={"location": "s3://bucket/caches"})
+    measured = machine.MachineRates(1e9, 2e8, 4e8, 5e9, 2**30, device="cpu (2 cores)",
+                                    remote_read_bytes_per_s=3e8, remote_write_bytes_per_s=1e8)
+    read = command.seconds_model(remote, "float16", command.parse_given(remote_read_bytes_per_s="1GB"), measured)
+    assert (read.remote_read_bytes_per_s, read.write_rate()) == (1e9, 1e8)
+    write = command.seconds_model(remote, "float16", command.parse_given(remote_write_bytes_per_s="50MB"), measured)
+    assert (write.remote_read_bytes_per_s, write.write_rate()) == (3e8, 5e7)
+    local = tiny_cfg(tmp_path / "local")
+    with pytest.raises(ConfigError, match=r"--remote-write-rate: cache.location .* is not an object store"):
+        command.seconds_model(local, "float16", command.parse_given(remote_write_bytes_per_s="50MB"), measured)

@@ -135,17 +135,19 @@ def seconds_model(cfg: Config, dtype: str, given: Given, measured: MachineRates 
                               f"seconds; give --flop-rate, --read-rate and --write-rate too, or measure this "
                               f"machine with --measure")
         return planner.FLOPS
-    if given.remote_read_bytes_per_s is not None and not remote:
-        raise ConfigError(f"--remote-read-rate: cache.location {cfg.cache.location!r} is not an object store; "
-                          f"expected an s3:// URL there (--set cache.location=s3://bucket/prefix)")
+    for key in ("remote_read_bytes_per_s", "remote_write_bytes_per_s"):
+        if getattr(given, key) is not None and not remote:
+            raise ConfigError(f"{OPTIONS[key]}: cache.location {cfg.cache.location!r} is not an object store; "
+                              f"expected an s3:// URL there (--set cache.location=s3://bucket/prefix)")
     overlay = {}
     if given.decode_samples_per_s is not None:
         overlay.update(decode_samples_per_s=given.decode_samples_per_s, decode_eval_samples_per_s=None)
-    if given.decompress_bytes_per_s is not None:
-        overlay["decompress_bytes_per_s"] = given.decompress_bytes_per_s
+    # each given rate replaces its measured one, alone: a read rate given leaves a measured PUT rate in force
+    for key in ("decompress_bytes_per_s", "remote_read_bytes_per_s", "remote_write_bytes_per_s"):
+        if getattr(given, key) is not None:
+            overlay[key] = getattr(given, key)
     if given.remote_read_bytes_per_s is not None:
-        overlay.update(remote_read_bytes_per_s=given.remote_read_bytes_per_s,
-                       remote_write_bytes_per_s=given.remote_write_bytes_per_s, copies_bytes=copies)
+        overlay["copies_bytes"] = copies
     return replace(model, **overlay)
 
 
