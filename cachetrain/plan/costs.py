@@ -20,7 +20,7 @@ import torch
 
 from cachetrain.cache.formats import FORMATS
 from cachetrain.config import Config
-from cachetrain.models import build_network, make_head
+from cachetrain.models.factory import network, stage_model
 from cachetrain.plan.profile import forward_flops, train_step_flops
 
 TRAIN_EVAL_DEFAULT = 5000  # plain training samples evaluated each epoch when there is no validation split
@@ -74,11 +74,13 @@ def input_shape(cfg: Config, image_size: int | None = None) -> tuple[int, int, i
 
 
 def stage_costs(cfg: Config, in_shape: tuple[int, int, int], num_classes: int = 10) -> list[StageCost]:
-    net = build_network(cfg.model, in_shape, cfg.train.seed)
+    net = network(cfg, in_shape)
     costs = []
     for j, stage in enumerate(net.stages):
         x = torch.zeros(2, *net.in_shapes[j])  # batch 2: BN in training mode needs more than one value
-        model = torch.nn.Sequential(stage, make_head(cfg.model, net, j, cfg.model.k, num_classes, 0))
+        # what the trainer steps (a checkpointed stage recomputes its forward in the backward)
+        model = stage_model(cfg, net, j, cfg.model.k, num_classes,
+                            checkpoint_activations=cfg.stage_train(j).checkpoint_activations)
         costs.append(StageCost(j, net.out_shapes[j], forward_flops(stage, x) / 2,
                                train_step_flops(model, x, torch.zeros(2, dtype=torch.long)) / 2,
                                sample_bytes(net.out_shapes[j]), forward_flops(model, x) / 2))

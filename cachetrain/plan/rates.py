@@ -54,7 +54,8 @@ from cachetrain.config import Config
 from cachetrain.device import autocast
 from cachetrain.durable import write_json
 from cachetrain.errors import ConfigError, Fix
-from cachetrain.models import build_network, make_head
+from cachetrain.models import build_network
+from cachetrain.models.factory import network, stage_model
 from cachetrain.plan.compression import measure_codec
 from cachetrain.plan.decode import measure_decode
 from cachetrain.plan.profile import forward_flops, forward_seconds, step_seconds
@@ -263,11 +264,14 @@ def measure_stage_seconds(cfg: Config, in_shape: tuple[int, int, int], num_class
     as long a sample as one of 128 (J=8 layout, stage 1), so a smaller batch would mispredict. Only where a
     step at the training batch would take longer than `max_call_seconds` (a first step of 4 samples says) is
     the batch cut to fit."""
-    net = build_network(cfg.model, in_shape, cfg.train.seed)
-    t = cfg.train
+    net = network(cfg, in_shape)
     out = []
-    for j, stage in enumerate(net.stages):
-        model = nn.Sequential(stage, make_head(cfg.model, net, j, cfg.model.k, num_classes, t.seed)).to(device)
+    for j in range(net.depth):
+        t = cfg.stage_train(j)  # what the trainer builds and steps: stages.<j>.* and activation checkpointing
+        model = stage_model(cfg, net, j, cfg.model.k, num_classes, t.seed,
+                            checkpoint_activations=t.checkpoint_activations).to(device)
+        if t.channels_last and device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
         batch = t.batch_size
         if device.type != "cuda":
             probe = min(batch, 4)
@@ -280,7 +284,7 @@ def measure_stage_seconds(cfg: Config, in_shape: tuple[int, int, int], num_class
         step = step_seconds(model, x, y, t.amp, t.channels_last, repeats=3) / batch
         x2 = torch.randn(2 * batch, *net.in_shapes[j], device=device)
         evaluation = forward_seconds(model, x2, t.amp, repeats=3) / len(x2)
-        block = forward_seconds(model[0], x2, t.amp, repeats=3) / len(x2)
+        block = forward_seconds(model.stage, x2, t.amp, repeats=3) / len(x2)
         out.append([step, evaluation, block])
     return out
 
