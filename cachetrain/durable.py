@@ -120,6 +120,23 @@ def append_line(path: str | os.PathLike, line: str) -> None:
 UNWRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 
 
+def read_lines(path: str | os.PathLike) -> list[dict]:
+    """The JSON objects of a file `append_line` writes, in order ([] when it does not exist). A line that is
+    not one (the last, torn by a crash mid-append) is skipped: what it recorded is computed again."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def _under(path: Path, folder: Path) -> bool:
     return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder))
 

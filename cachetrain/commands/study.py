@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from cachetrain.commands.base import Command, Invocation
@@ -10,14 +11,16 @@ from cachetrain.errors import Fix, StageError
 from cachetrain.run import Access, StageState
 from cachetrain.train.greedy import Greedy
 
+if TYPE_CHECKING:
+    from cachetrain.train.diagnostics import Diagnostics
+
 
 def probe(inv: Invocation) -> int:
     """The probes each trained stage lacks (or stage --j's again), then the end-to-end network's probes and
     greedy-vs-e2e CKA once it is trained."""
     from cachetrain.train.diagnostics import Diagnostics
 
-    greedy, j = Greedy(inv.run), inv.args.j
-    diag = Diagnostics(greedy)
+    diag, j = Diagnostics(Greedy(inv.run)), inv.args.j
     if j is not None:
         state = inv.run.state.stage_state(j)
         if state is not StageState.TRAINED:
@@ -26,23 +29,14 @@ def probe(inv: Invocation) -> int:
         return 0
     for i in diag.missing_stages():
         diag.probe_stage(i)
-    probe_e2e(inv, greedy)
+    probe_e2e(inv, diag)
     return 0
 
 
-def probe_e2e(inv: Invocation, greedy: Greedy) -> None:
+def probe_e2e(inv: Invocation, diag: Diagnostics) -> None:
     """The end-to-end network's probes and CKA, where they are missing for its weights."""
-    from cachetrain.train.diagnostics import Diagnostics
-
-    diag = Diagnostics(greedy)
-    model = diag.e2e_model()
-    if model is None:
+    if not diag.catch_up_e2e():
         inv.say(f"no trained end-to-end network: its probes and CKA come after: {inv.spell(Fix.of('e2e'))}")
-        return
-    if diag.e2e_missing(model):
-        diag.probe_e2e(model)
-    if diag.cka_missing(model):
-        diag.cka(model)
 
 
 def report(inv: Invocation) -> int:

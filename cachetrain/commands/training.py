@@ -19,8 +19,7 @@ def probes_after(greedy: Greedy):
         return None
     from cachetrain.train.diagnostics import Diagnostics
 
-    diag = Diagnostics(greedy)
-    return lambda j: diag.probe_stage(j) if j in diag.missing_stages() else None
+    return Diagnostics(greedy).after_stage
 
 
 def train(inv: Invocation) -> int:
@@ -65,7 +64,8 @@ def e2e(inv: Invocation) -> int:
     inv.say(f"end-to-end test accuracy: {100 * acc:.2f}%")
     if run.cfg.train.probes and inv.dist.writer:
         from cachetrain.commands.study import probe_e2e
-        probe_e2e(inv, Greedy(run))
+        from cachetrain.train.diagnostics import Diagnostics
+        probe_e2e(inv, Diagnostics(Greedy(run)))
     inv.dist.barrier()
     return 0
 

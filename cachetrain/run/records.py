@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 
-from cachetrain.durable import append_line, atomic_write, write_json
+from cachetrain.durable import append_line, atomic_write, read_lines, write_json
 from cachetrain.errors import Fix, StageError
 from cachetrain.run.layout import RunLayout, Unit
 
@@ -27,14 +27,7 @@ class Records:
     def read_metrics(self, unit: Unit) -> list[dict]:
         """The rows of finished epochs; a last line torn by a crash mid-append is skipped (its epoch was
         not checkpointed either, so it is trained again)."""
-        path = self.layout.metrics(unit)
-        rows = []
-        for line in path.read_text().splitlines() if path.exists() else []:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return rows
+        return read_lines(self.layout.metrics(unit))
 
     def append_metrics(self, unit: Unit, row: dict) -> None:
         if self.writer:

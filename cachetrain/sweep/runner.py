@@ -157,19 +157,14 @@ class Sweep:
             self.console.print(f"== {n.run.name}: {settings_line(n.run.settings)}, seed {n.run.seed}", markup=False,
                                highlight=False)
             t0 = time.perf_counter()
-            after = None if diag is None else (lambda j: diag.probe_stage(j) if j in diag.missing_stages() else None)
-            greedy.train_all(after_stage=after)
+            greedy.train_all(after_stage=None if diag is None else diag.after_stage)
             self._record(n.run.name, "train", time.perf_counter() - t0, stages=len(todo["stages"]),
                          caches=len(todo["caches"]))
             if n.run.e2e:
                 t0 = time.perf_counter()
                 train_unit(run, EndToEnd(run))
                 if diag is not None:
-                    model = diag.e2e_model()
-                    if diag.e2e_missing(model):
-                        diag.probe_e2e(model)
-                    if diag.cka_missing(model):
-                        diag.cka(model)
+                    diag.catch_up_e2e()
                 self._record(n.run.name, "e2e", time.perf_counter() - t0, e2e=int(todo["e2e"]))
             ensemble = HeadEnsemble(greedy)
             if ensemble.missing(HEADS):

@@ -31,7 +31,7 @@ from torch import nn
 
 from cachetrain.cache import CacheState, weights_hash
 from cachetrain.device import autocast
-from cachetrain.durable import append_line
+from cachetrain.durable import append_line, read_lines
 from cachetrain.models import stage_seed
 from cachetrain.study.cka import cka_features, linear_cka
 from cachetrain.study.probe import PROBE_POOLS, fit_probe, pool_features
@@ -43,18 +43,6 @@ PROBE_TRAIN_SAMPLES = 10_000
 CKA_SAMPLES = 2_000
 BATCH = 512
 SPLITS = ("train", "val", "test")
-
-
-def _read_rows(path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line a crash cut short: its probe is simply computed again
-    return rows
 
 
 class Diagnostics:
@@ -84,7 +72,7 @@ class Diagnostics:
 
     def missing_stages(self) -> list[int]:
         """Trained stages whose current weights have no probe rows yet."""
-        done = {(r["stage"], r.get("weights_hash")) for r in _read_rows(self.probes_path) if r.get("net") == "greedy"}
+        done = {(r["stage"], r.get("weights_hash")) for r in read_lines(self.probes_path) if r.get("net") == "greedy"}
         return [j for j in range(self.run.depth) if self._trained(j)
                 and (j, self.state.checkpoint(j).weights_hash) not in done]
 
@@ -136,7 +124,7 @@ class Diagnostics:
 
     def e2e_missing(self, model: nn.Sequential) -> bool:
         wh = weights_hash(model)
-        return not any(r.get("net") == "e2e" and r.get("weights_hash") == wh for r in _read_rows(self.probes_path))
+        return not any(r.get("net") == "e2e" and r.get("weights_hash") == wh for r in read_lines(self.probes_path))
 
     def cka(self, model: nn.Sequential) -> list[dict]:
         """Linear CKA between greedy stage j's and the end-to-end network's stage-j output, for every
@@ -168,9 +156,27 @@ class Diagnostics:
 
     def cka_missing(self, model: nn.Sequential) -> bool:
         wh = weights_hash(model)
-        have = {(r["stage"], r.get("weights_hash")) for r in _read_rows(self.cka_path) if r.get("e2e_weights_hash") == wh}
+        have = {(r["stage"], r.get("weights_hash")) for r in read_lines(self.cka_path) if r.get("e2e_weights_hash") == wh}
         trained = [j for j in range(self.run.depth) if self._trained(j)]
         return any((j, self.state.checkpoint(j).weights_hash) not in have for j in trained)
+
+    # -- what the commands and sweeps call ------------------------------------------------------------------
+    def after_stage(self, j: int) -> None:
+        """Stage j's probes, unless they exist for its weights (Greedy.train_all's after_stage)."""
+        if j in self.missing_stages():
+            self.probe_stage(j)
+
+    def catch_up_e2e(self) -> bool:
+        """The end-to-end network's probes and greedy-vs-e2e CKA where they are missing for its weights;
+        False when there is no trained end-to-end network."""
+        model = self.e2e_model()
+        if model is None:
+            return False
+        if self.e2e_missing(model):
+            self.probe_e2e(model)
+        if self.cka_missing(model):
+            self.cka(model)
+        return True
 
     # -- shared --------------------------------------------------------------------------------------
     def _stride(self, split: str) -> int:

@@ -23,7 +23,7 @@ import time
 import torch
 
 from cachetrain.device import autocast
-from cachetrain.durable import append_line
+from cachetrain.durable import append_line, read_lines
 from cachetrain.errors import Fix, StageError
 from cachetrain.train.greedy import Greedy
 
@@ -44,7 +44,7 @@ class HeadEnsemble:
         fp = self.fingerprint()
         if fp is None:
             return False
-        have = {r.get("heads") for r in _rows(self.path) if r.get("fingerprint") == fp}
+        have = {r.get("heads") for r in read_lines(self.path) if r.get("fingerprint") == fp}
         return any(m not in have for m in range(1, min(max_heads, self.run.depth) + 1))
 
     def record(self, max_heads: int) -> list[dict]:
@@ -94,17 +94,3 @@ def _head_probs(stages, heads: dict, batches, device, amp: bool) -> tuple[dict, 
                     probs[j].append(torch.softmax(heads[j](x).float(), 1).cpu())
         labels.append(y.cpu())
     return {j: torch.cat(p) for j, p in probs.items()}, torch.cat(labels)
-
-
-def _rows(path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line a crash cut short: measured again
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
