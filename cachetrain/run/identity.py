@@ -81,7 +81,6 @@ class RunIdentity:
     """`<run>/config.yaml` and `<run>/run.json` of one run directory."""
 
     def __init__(self, layout: RunLayout):
-        self.run = layout.path
         self.config_path = layout.config
         self.meta_path = layout.meta
 
@@ -121,12 +120,12 @@ class RunIdentity:
                               f"can be kept; use --from-stage 0 or start a new run")
         return changes
 
-    def start(self, cfg: Config, data: dict | None = None) -> None:
+    def start(self, cfg: Config, data: dict | None = None, history: list[dict] = (), **extra: Any) -> None:
         """A new run: its config and metadata (with what the dataset says of itself, e.g. an image folder's
-        class list and skipped files), each written atomically."""
+        class list and skipped files; a fork's history and `forked_from`), each written atomically."""
         save_config(cfg, self.config_path)
-        write_json(self.meta_path, {"config_hash": config_hash(cfg), "history": [],
-                                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        write_json(self.meta_path, {"config_hash": config_hash(cfg), "history": list(history),
+                                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra,
                                     **({"data": data} if data else {})})
 
     def record_change(self, cfg: Config, from_stage: int, changes: dict[str, tuple[Any, Any]]) -> None:

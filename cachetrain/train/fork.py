@@ -26,17 +26,16 @@ import errno
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 from rich.console import Console
 
 from cachetrain.cache.location import RemotePath, is_remote, remote_errors
-from cachetrain.config import Config, ConfigError, load_config, save_config
+from cachetrain.config import Config, ConfigError, load_config
 from cachetrain.dist import Dist
-from cachetrain.durable import fsync_path, write_json
+from cachetrain.durable import fsync_path
 from cachetrain.errors import Fix, StageError
-from cachetrain.run import Access, Run, RunLayout, StageState
+from cachetrain.run import Access, Run, RunLayout
 from cachetrain.run.identity import RunIdentity, change_entry, config_hash, describe
 from cachetrain.run.lock import claim_caches
 
@@ -57,11 +56,10 @@ def fork_run(parent: Path, at: int, child: Path, overrides: list[str], console: 
     changes = ident.check(cfg, from_stage=at)  # refuses data./model. changes unless --at 0, naming them
 
     with Run.open(base, Dist(), Access.WRITE, console) as run:  # A locked: nothing changes it while it is linked
-        for j in range(at):
-            state = run.state.stage_state(j)
-            if state is not StageState.TRAINED:
-                raise StageError(f"--at {at}: stage {j} of {parent} is {state.value}; finish it first or fork at an "
-                                 f"earlier stage", Fix.of("stage", run=parent))
+        j = run.state.first_unfinished()
+        if j is not None and j < at:
+            raise StageError(f"--at {at}: stage {j} of {parent} is {run.state.stage_state(j).value}; finish it first "
+                             f"or fork at an earlier stage", Fix.of("stage", run=parent))
         cached = sorted(j for j in run.state.cached_stages() if j < at)
         tmp = child.parent / f".{child.name}.forking-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -74,12 +72,8 @@ def fork_run(parent: Path, at: int, child: Path, overrides: list[str], console: 
             history = list(meta["history"])
             if changes:
                 history.append(change_entry(base, cfg, at, changes))
-            save_config(cfg, tmp / "config.yaml")
-            write_json(tmp / "run.json", {
-                "config_hash": config_hash(cfg), "history": history,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "forked_from": {"run": str(parent.resolve()), "at": at, "config_hash": config_hash(base)},
-                **({"data": meta["data"]} if "data" in meta else {})})
+            RunIdentity(RunLayout.of(tmp)).start(cfg, meta.get("data"), history, forked_from={
+                "run": str(parent.resolve()), "at": at, "config_hash": config_hash(base)})
             if child.exists():
                 child.rmdir()  # empty (checked above)
             os.rename(tmp, child)

@@ -26,7 +26,7 @@ from cachetrain.cache.source import CacheSource
 from cachetrain.errors import Fix, StageError
 from cachetrain.models import Network, make_head, stage_seed
 from cachetrain.models.factory import network
-from cachetrain.run import Run, StageState
+from cachetrain.run import Run
 from cachetrain.train.recompute import RecomputeSource
 
 
@@ -61,10 +61,10 @@ class StageInputs:
         if j == 0:
             return self.data
         state = self.state
-        for i in range(j):
-            if state.stage_state(i) is not StageState.TRAINED:
-                raise StageError(f"stage {j} needs stage {i} trained first ({state.stage_state(i).value})",
-                                 Fix.of("stage", j=i))
+        i = state.first_unfinished()
+        if i is not None and i < j:
+            raise StageError(f"stage {j} needs stage {i} trained first ({state.stage_state(i).value})",
+                             Fix.of("stage", j=i))
         t = self.cfg.stage_train(j)  # stages.<j>.feature_* apply to the stage that reads the input
         a = max((i for i in state.cached_stages() if i < j), default=-1)  # nearest cached ancestor
         seed = stage_seed(t.seed, j)

@@ -114,10 +114,10 @@ class EndToEnd:
         model = e2e_network(run.cfg, data.sample_shape, data.num_classes)
         if run.cfg.train.e2e_init == "greedy":
             last = run.depth - 1
-            untrained = [j for j in range(run.depth) if run.state.stage_state(j) is not StageState.TRAINED]
-            if untrained:
+            untrained = run.state.first_unfinished()
+            if untrained is not None:
                 raise StageError(f"train.e2e_init: 'greedy' fine-tunes the trained greedy stages, and stage "
-                                 f"{untrained[0]} is {run.state.stage_state(untrained[0]).value}", Fix.of("train"))
+                                 f"{untrained} is {run.state.stage_state(untrained).value}", Fix.of("train"))
             for j in range(run.depth):  # names the file and the shapes if they do not fit
                 run.state.checkpoint(j).load_state(model[j], "model")
             run.state.checkpoint(last).load_state(model[run.depth], "head")
