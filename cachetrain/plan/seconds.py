@@ -33,8 +33,6 @@ from dataclasses import dataclass, fields
 
 from cachetrain.plan.costs import StageCost, Workload, recompute_flops
 
-STAGE_SECONDS = ("train step", "evaluation", "block forward")  # the order of each `stage_seconds` entry
-
 
 @dataclass(frozen=True)
 class Rates:

@@ -21,11 +21,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cachetrain.config import free_keys
-from cachetrain.run.identity import flatten
-from cachetrain.study.stats import Difference, Summary, paired, summarise, welch
-
-SEED_KEYS = ("train.seed", "data.split_seed")
+from cachetrain.run.identity import result_keys
+from cachetrain.study.stats import Difference, paired, summarise, welch
+from cachetrain.sweep.spec import SEED_KEYS
 STAGE_METRICS = ("test_acc", "val_acc", "train_eval_acc", "gap", "cka", "probe_greedy_gap", "probe_greedy_2x2",
                  "probe_e2e_gap")
 
@@ -44,9 +42,9 @@ class Group:
 
 
 def result_dict(cfg: dict) -> dict:
-    """A run's config.yaml, flattened, without the keys that change no result and without the seeds."""
-    free = free_keys()
-    return {k: v for k, v in flatten(cfg).items() if k not in free and k not in SEED_KEYS}
+    """A run's config.yaml, flattened and read through the current schema (a key added since counts at its
+    default), without the keys that change no result and without the seeds."""
+    return {k: v for k, v in result_keys(cfg).items() if k not in SEED_KEYS}
 
 
 def seed_of(cfg: dict) -> int | None:
@@ -60,15 +58,16 @@ def group_runs(records: list, configs: list[dict], names: list[str | None]) -> l
     keyed: dict[str, Group] = {}
     dicts: dict[str, dict] = {}
     for rec, cfg, name in zip(records, configs, names):
-        key = json.dumps(result_dict(cfg), sort_keys=True, default=str)
+        d = result_dict(cfg)
+        key = json.dumps(d, sort_keys=True, default=str)
         if key not in keyed:
             keyed[key] = Group(name or "", [], [])
-            dicts[key] = result_dict(cfg)
+            dicts[key] = d
         keyed[key].runs.append(rec)
         keyed[key].seeds.append(seed_of(cfg))
     groups = list(keyed.values())
     ref = next(iter(dicts.values()), {})
-    for (key, g), d in zip(keyed.items(), dicts.values()):
+    for g, d in zip(groups, dicts.values()):
         if not g.label:
             diff = [k for k in sorted(d.keys() | ref.keys()) if d.get(k) != ref.get(k)]
             g.label = ", ".join(f"{k}={_show(d.get(k))}" for k in diff) or "reference"
@@ -143,10 +142,6 @@ def to_json(g: Group) -> dict:
     return {"label": g.label, "runs": [r.label for r in g.runs], "seeds": g.seeds, "stages": g.stages,
             "outcomes": {k: {str(s): v for s, v in vals.items()} for k, vals in g.outcomes.items()},
             "summaries": g.summaries, "critical": g.critical, "vs_reference": g.vs_reference, "within": g.within}
-
-
-def summary_of(d: dict) -> Summary:
-    return Summary(d["n"], d["mean"], d["sd"], d["half"])
 
 
 def read_sweep(path: Path) -> list[tuple[Path, str]] | None:
