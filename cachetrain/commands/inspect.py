@@ -60,7 +60,8 @@ def verify(inv: Invocation) -> int:
 
 
 def evaluate(inv: Invocation) -> int:
-    r = Greedy(inv.run).evaluate_network()
+    greedy = Greedy(inv.run)
+    r = greedy.evaluate_network()
     table = Table(title=f"{inv.cfg.run_path}: assembled network, stages 0..{r['stages'] - 1}")
     table.add_column("path")
     table.add_column("test acc", justify="right")
@@ -72,7 +73,7 @@ def evaluate(inv: Invocation) -> int:
     if inv.args.heads:
         from cachetrain.train.ensemble import HeadEnsemble
 
-        rows = HeadEnsemble(Greedy(inv.run)).record(inv.args.heads)
+        rows = HeadEnsemble(greedy).record(inv.args.heads)
         heads = Table(title="auxiliary heads of the last m stages, class probabilities averaged")
         for name in ("m", "stages", "val acc", "test acc"):
             heads.add_column(name, justify="right")

@@ -51,12 +51,13 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 def plan(inv: Invocation) -> int:
     from cachetrain.plan import command, rates as machine
+    from cachetrain.plan.planner import parse_size
     from cachetrain.ui import plan_table
 
     args, run, console = inv.args, inv.run, inv.console
     cfg = run.cfg
     gpu_budget = _gpu_budget(args, cfg)  # a bad --gpu-memory or --batch fails before any work
-    budget = (2**63 - 1) if args.disk_budget == "inf" else _size(args.disk_budget)
+    budget = (2**63 - 1) if args.disk_budget == "inf" else parse_size(args.disk_budget)
     dtype = args.dtype or cfg.cache.dtype
     given = command.parse_given(flops_per_s=args.flop_rate, read_bytes_per_s=args.read_rate,
                                 write_bytes_per_s=args.write_rate, decode_samples_per_s=args.decode_rate,
@@ -89,7 +90,9 @@ def _gpu_budget(args: argparse.Namespace, cfg: Config) -> int | None:
         raise ConfigError(f"--batch {args.batch}: expected a batch size >= 1")
     if args.gpu_memory is None:
         return None
-    budget = _size(args.gpu_memory, "--gpu-memory", "a memory size like 24GiB or 80GB")
+    from cachetrain.plan.planner import parse_size
+
+    budget = parse_size(args.gpu_memory, "--gpu-memory", "a memory size like 24GiB or 80GB")
     if budget <= 0:
         raise ConfigError(f"--gpu-memory {args.gpu_memory!r}: expected a memory size above zero, like 24GiB")
     return budget
@@ -111,15 +114,6 @@ def _memory_plan(cfg: Config, args: argparse.Namespace, console: Console, in_sha
                                    note="" if mem["regime"] == "cuda_peak" else memory.CPU_NOTE))
 
 
-def _size(text: str, option: str = "--disk-budget", example: str = "a size like 2TB, 500GB or 1.5TiB") -> int:
-    from cachetrain.plan.planner import parse_size
-
-    try:
-        return parse_size(text, option, example)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
 def _rates(args: argparse.Namespace, run: Run, console: Console, given, source):
     """(this machine's rates, where they came from): measured now (--measure, saved to <run>/rates.json), or
     saved by an earlier --measure unless rates are given; (None, "") when neither."""
@@ -127,7 +121,7 @@ def _rates(args: argparse.Namespace, run: Run, console: Console, given, source):
 
     path = run.layout.path
     if args.measure:
-        if given.machine or given.flops_per_s or given.read_bytes_per_s or given.write_bytes_per_s:
+        if any(getattr(given, k) is not None for k in command.BASE):
             raise ConfigError("plan: --measure measures the rates that --flop-rate, --read-rate and --write-rate "
                               "give; pass one or the other")
         console.print(f"measuring {run.device} and the disk of {path}:", highlight=False)

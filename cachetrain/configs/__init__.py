@@ -29,17 +29,6 @@ def find(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def summary(name: str) -> str:
-    """A built-in config's one-line description: the first comment line of its file."""
-    path = find(name)
-    if path is None:
-        raise ConfigError(f"{name}: no such built-in config; expected one of {', '.join(names())}")
-    for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("#").strip()
-    return ""
-
-
 def resolve(spec: str | Path) -> Path:
     """What `--config SPEC` names: an existing file as it is, else the built-in config of that name.
 
@@ -59,15 +48,15 @@ def resolve(spec: str | Path) -> Path:
                       f"(built in: {', '.join(names())})", Fix.of("configs"))
 
 
-def table() -> list[tuple[str, str]]:
-    """(name, description) of every built-in config, for `cachetrain configs` and `--help`."""
-    return [(name, summary(name)) for name in names()]
+def _description(path: Path) -> str:
+    """A built-in config's one-line description: the first comment line of its file."""
+    return next((line.lstrip("#").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
 
 
 def listing() -> str:
     """What `cachetrain configs` prints: each built-in config's name and description, and where they lie
     (to copy one and change it)."""
-    rows = table()
+    rows = [(name, _description(HERE / f"{name}.yaml")) for name in names()]
     width = max(len(name) for name, _ in rows)
     lines = ["built-in configs (--config NAME):"]
     lines += [f"  {name:<{width}}  {text}" for name, text in rows]

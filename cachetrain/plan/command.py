@@ -87,10 +87,7 @@ def parse_given(**texts: str | None) -> Given:
                 raise ConfigError(f"{option} {text!r}: expected a ratio of raw to stored bytes >= 1, like 2.0")
         else:
             example = "a rate like 2500 or 2.5K (images/s)" if name == "decode_samples_per_s" else RATE_EXAMPLE
-            try:
-                value = planner.parse_size(text, option, example)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+            value = planner.parse_size(text, option, example)
             if value <= 0:
                 raise ConfigError(f"{option} {text!r}: expected {example}, above zero")
         values[name] = float(value)

@@ -35,6 +35,7 @@ import re
 from dataclasses import asdict, dataclass
 
 # the cost table and the seconds model live in their own modules; their names are the planner's API too
+from cachetrain.errors import ConfigError
 from cachetrain.plan.costs import (StageCost, Workload, input_shape, recompute_flops, sample_bytes,  # noqa: F401
                                    stage_costs, with_compression, workload_of)
 from cachetrain.plan.seconds import PinnedRead, Rates
@@ -73,7 +74,7 @@ def parse_size(text: str, option: str = "--disk-budget", example: str = "a size 
     """'2TB' (decimal), '1.5TiB' (binary), '500G', '123' (bytes) -> bytes (or '300T' -> FLOP/s)."""
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?)(i?)B?\s*", text, flags=re.IGNORECASE)
     if not m:
-        raise ValueError(f"{option} {text!r}: expected {example}")
+        raise ConfigError(f"{option} {text!r}: expected {example}")
     number, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
     power = "KMGTP".index(unit) + 1 if unit else 0
     return int(number * (1024 if binary else 1000) ** power)
