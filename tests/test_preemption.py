@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,25 +101,43 @@ def test_sigterm_in_a_caching_pass_keeps_whole_chunks_and_the_rerun_finishes_the
         assert content_digest(tmp_path / "run" / name) == content_digest(tmp_path / "ref" / name) is not None
 
 
-def test_ctrl_c_to_the_whole_process_group_is_one_line_and_resumes(tmp_path, reference):
-    """A terminal's Ctrl-C reaches every process of the job (loader workers too): one line, exit 130, no
-    traceback from any process; rerunning resumes and ends with the uninterrupted weights."""
-    path = config(tmp_path, "run", loader={"workers": 1})
+def children(pid: int) -> list[int]:
+    """The processes `pid` started that are alive (Linux: /proc/<pid>/task/<tid>/children)."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").glob("*") for c in (task / "children").read_text().split()]
+
+
+def test_a_signal_to_the_whole_process_group_is_one_line_and_resumes(tmp_path):
+    """A terminal's Ctrl-C, or a scheduler's SIGTERM, reaches every process of the job, the cache loader's
+    worker process too (stage 1 reads stage 0's zstd cache through one): one line, exit 130 / 143, no
+    traceback from any process; rerunning resumes and ends with the weights of stage 1 trained without a
+    stop."""
+    sections = {"loader": {"workers": 1}, "cache": {"codec": "zstd"}}
+    ref = config(tmp_path, "ref", **sections)
+    assert cli(["stage", "--config", str(ref)]).returncode == 0  # stage 0, then its cache
+    for name in ("sigint", "sigterm"):
+        shutil.copytree(tmp_path / "ref", tmp_path / name)  # the same stage 0 and cache: run_dir is per config
+    assert cli(["stage", "--config", str(ref), "--no-cache"]).returncode == 0  # stage 1, not stopped
+    want = unit_checkpoint(tmp_path / "ref", "stages/stage_1")
     env = {k: v for k, v in os.environ.items() if k != "CACHETRAIN_FAULT"}
-    proc = subprocess.Popen([sys.executable, "-m", "cachetrain.cli", "stage", "--config", str(path), "--no-cache"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    metrics = tmp_path / "run" / "stages" / "stage_0" / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while not metrics.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)  # into epoch 2: its first epoch is done
-    os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGINT, err
-    line = one_line(err)
-    assert line.startswith(("stopped by SIGINT: ", "interrupted by SIGINT: ")), line
-    resumed = cli(["stage", "--config", str(path), "--no-cache"])
-    assert resumed.returncode == 0, resumed.stderr
-    assert same_weights(unit_checkpoint(tmp_path / "run", "stages/stage_0"), reference["stage"])
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        path = config(tmp_path, signum.name.lower(), **sections)
+        proc = subprocess.Popen([sys.executable, "-m", "cachetrain.cli", "stage", "--config", str(path), "--no-cache"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        metrics = tmp_path / signum.name.lower() / "stages" / "stage_1" / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while not metrics.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # into epoch 2: its first epoch is done, the worker kept for the next
+        workers = children(proc.pid)
+        os.killpg(proc.pid, signum)
+        out, err = proc.communicate(timeout=120)
+        assert workers, "stage 1 read its cache without a worker process: nothing tested the signal reaching one"
+        assert proc.returncode == 128 + signum, err
+        line = one_line(err)
+        assert line.startswith((f"stopped by {signum.name}: ", f"interrupted by {signum.name}: ")), line
+        resumed = cli(["stage", "--config", str(path), "--no-cache"])
+        assert resumed.returncode == 0, resumed.stderr
+        assert same_weights(unit_checkpoint(tmp_path / signum.name.lower(), "stages/stage_1"), want), signum.name
 
 
 class Ranks:
