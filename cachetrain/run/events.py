@@ -54,6 +54,7 @@ import google_crc32c  # zarr's dependency: the crc32c TFRecord framing needs, in
 from cachetrain.cache import disk_bytes
 from cachetrain.config import Config
 from cachetrain.durable import fsync_path, make_dirs
+from cachetrain.run.identity import flatten
 from cachetrain.run.layout import E2E, RunLayout, Unit
 from cachetrain.run.records import Records
 
@@ -197,19 +198,7 @@ class Protos:
 
 def flat_config(cfg: Config) -> dict[str, float | str | bool]:
     """The config as hparams: `section.key` -> a number, bool or string (lists and None as their JSON)."""
-    out: dict[str, float | str | bool] = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict) and value:
-            for key, v in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), v)
-        elif isinstance(value, (bool, int, float, str)):
-            out[prefix] = value
-        else:
-            out[prefix] = json.dumps(value)
-
-    walk("", cfg.to_dict())
-    return out
+    return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in flatten(cfg.to_dict()).items()}
 
 
 class EventFile:

@@ -67,9 +67,6 @@ class Stage:
     def settings(self) -> TrainConfig:
         return self.run.cfg.stage_train(self.key)  # train.*, the slowdown rule, then stages.<j>.* overrides
 
-    def default_k(self) -> int:
-        return self.run.cfg.model.k
-
     def source(self):
         return self.inputs.input_source(self.key)
 
@@ -103,9 +100,6 @@ class EndToEnd:
         t = self.run.cfg.train
         return replace(t, epochs=t.e2e_epochs or t.epochs, lr=t.e2e_lr or t.lr)
 
-    def default_k(self) -> int:
-        return self.run.cfg.model.k
-
     def source(self):
         return self.run.data
 
@@ -138,7 +132,7 @@ def train_unit(run: Run, unit: Trainable, k: int | None = None, restart: bool = 
         run.console.print(f"{unit.name}: already trained ({ck.epoch} epochs, test acc {ck.test_acc:.4f})")
         return ck.test_acc
     resume = ck if state is StageState.PARTIAL and same_k and not restart else None
-    k = resume.k if resume else (k or unit.default_k())
+    k = resume.k if resume else (k or run.cfg.model.k)
     t = unit.settings()
     source = unit.source()
     built = unit.build(k, t)
